@@ -1,0 +1,255 @@
+"""The :class:`Adan` optimizer: validates arguments, owns state, dispatches to a kernel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
+
+from adan.compat import convert_foreign_state_dict
+from adan.kernels import multi_tensor_adan, single_tensor_adan
+from adan.kernels.common import Scalar
+
+__all__ = ["Adan"]
+
+_STATE_KEYS = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+
+
+def _check_range(name: str, value: float, allowed: str, ok: bool) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+
+
+class Adan(Optimizer):
+    r"""Adan: Adaptive Nesterov Momentum (Xie et al., 2022), a drop-in for ``torch.optim.AdamW``.
+
+    For each step :math:`k` with gradient :math:`g_k` (and :math:`g_0 = g_1`)::
+
+        d = g_k - g_{k-1}
+        m = b1*m + (1-b1)*g_k
+        v = b2*v + (1-b2)*d
+        n = b3*n + (1-b3)*(g_k + b2*d)**2
+        u = (m/(1-b1**k) + b2*v/(1-b2**k)) / (sqrt(n)/sqrt(1-b3**k) + eps)
+        p = (p - lr*u) / (1 + lr*wd)          # no_prox=False (default)
+        p = p*(1 - lr*wd) - lr*u              # no_prox=True
+
+    The betas are decay rates (code convention); the paper writes them as ``1 - beta``.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs, or dicts defining parameter groups.
+        lr: learning rate, a float or a 0-d tensor. Adan usually takes a peak lr several
+            times AdamW's.
+        betas: decay rates ``(b1, b2, b3)`` of the gradient, gradient-difference and
+            second-moment averages, each in ``[0, 1)``.
+        eps: added to the denominator for numerical stability.
+        weight_decay: decoupled weight decay (about 0.02 is a good start).
+        no_prox: apply weight decay as AdamW does (``p*(1-lr*wd)``) instead of the proximal
+            form ``p/(1+lr*wd)``.
+        max_grad_norm: if positive, gradients of all parameters are scaled together by
+            ``min(1, max_grad_norm / (global_norm + eps))`` before the update, with ``eps``
+            the first group's. The factor stays on the device (no host synchronisation) and
+            the ``.grad`` tensors are not modified. It is one value for the whole optimizer.
+        maximize: ascend the objective instead of descending.
+        foreach: use the multi-tensor implementation. ``None`` picks it where it is faster.
+        fused: reserved for the fused single-pass implementation.
+        differentiable: let autograd flow through the step (single-tensor path only).
+        capturable: keep every step-dependent scalar on the device, for CUDA graphs.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        no_prox: bool = False,
+        max_grad_norm: float = 0.0,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+        capturable: bool = False,
+    ) -> None:
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+            _check_range("lr", lr.item(), ">= 0", lr.item() >= 0)
+        else:
+            _check_range("lr", lr, ">= 0", lr >= 0)
+        _check_range("eps", eps, ">= 0", eps >= 0)
+        _check_range("weight_decay", weight_decay, ">= 0", weight_decay >= 0)
+        _check_range("max_grad_norm", max_grad_norm, ">= 0 (0 disables clipping)",
+                     max_grad_norm >= 0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 3:
+            raise ValueError(
+                f"Invalid betas: {betas!r} (allowed: a tuple of 3 decay rates, each in [0, 1))"
+            )
+        for i, beta in enumerate(betas):
+            _check_range(f"betas[{i}]", beta, "[0, 1)", 0.0 <= beta < 1.0)
+        if foreach and fused:
+            raise ValueError("foreach and fused cannot both be True; choose one implementation")
+        if fused:
+            raise RuntimeError(
+                "fused=True is not available yet in this version of adan; use foreach=True"
+            )
+        if differentiable and foreach:
+            raise ValueError("differentiable=True is supported only with foreach=False")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            no_prox=no_prox,
+            max_grad_norm=max_grad_norm,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            differentiable=differentiable,
+            capturable=capturable,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by this class, by sail-sg/Adan or by timm's Adan."""
+        super().load_state_dict(convert_foreign_state_dict(state_dict))
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Reset every moment and step count, as Algorithm 1 of the paper does on restart.
+
+        The next step starts afresh (bias correction from step 1, a zero first difference),
+        keeping the parameters. Useful after a sudden change of the loss landscape, e.g. a new
+        training phase or data distribution, where stale moments would mislead the update.
+        Buffers are zeroed in place, so their memory (and any CUDA graph capturing them) stays.
+        """
+        for state in self.state.values():
+            for key in ("step", "exp_avg", "exp_avg_diff", "exp_avg_sq"):
+                if key in state:
+                    state[key].zero_()
+            state.pop("prev_grad", None)
+
+    def _global_grad_factor(self) -> Tensor | None:
+        """The clipping factor ``min(1, max_norm / (norm + eps))`` as a device tensor, or None."""
+        max_norms = {group["max_grad_norm"] for group in self.param_groups}
+        if len(max_norms) > 1:
+            raise ValueError(
+                f"max_grad_norm must be the same for every param group (got {sorted(max_norms)}):"
+                " clipping uses the global norm over all parameters"
+            )
+        max_norm = max_norms.pop()
+        if max_norm <= 0:
+            return None
+        grads = [
+            torch.view_as_real(p.grad) if torch.is_complex(p.grad) else p.grad
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        if not grads:
+            return None
+        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        device = grads[0].device
+        norms = [torch.linalg.vector_norm(g, dtype=acc).to(device) for g in grads]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        eps = self.param_groups[0]["eps"]
+        return torch.clamp(max_norm / (total + eps), max=1.0)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        grad_factor: Tensor | None,
+        tensors: dict[str, list[Tensor]],
+    ) -> None:
+        """Collect the parameters with gradients, creating their state on first use."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Adan does not support sparse gradients")
+            state = self.state[p]
+            if "step" not in state:
+                on_device = group["capturable"]
+                state["step"] = torch.zeros(
+                    (), dtype=torch.float32, device=p.device if on_device else "cpu"
+                )
+                for key in ("exp_avg", "exp_avg_diff", "exp_avg_sq"):
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if "prev_grad" not in state:
+                # g_0 := g_1: the previous gradient starts as this step's (processed) gradient.
+                prev = p.grad.clone(memory_format=torch.preserve_format)
+                if grad_factor is not None:
+                    prev.mul_(grad_factor.to(prev.device))
+                if group["maximize"]:
+                    prev.neg_()
+                state["prev_grad"] = prev
+            if group["differentiable"] and state["step"].requires_grad:
+                raise RuntimeError(
+                    "`requires_grad` is not supported for `step` in differentiable mode"
+                )
+            tensors["params"].append(p)
+            tensors["grads"].append(p.grad)
+            for key in _STATE_KEYS:
+                tensors[key].append(state[key])
+            tensors["steps"].append(state["step"])
+
+    def _use_foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        if group["foreach"] is not None:
+            return bool(group["foreach"])
+        if group["differentiable"] or torch.jit.is_scripting():
+            return False
+        return all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params)
+
+    @_use_grad_for_differentiable
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one step; ``closure``, if given, re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        grad_factor = self._global_grad_factor()
+        for group in self.param_groups:
+            tensors: dict[str, list[Tensor]] = {
+                k: [] for k in ("params", "grads", *_STATE_KEYS, "steps")
+            }
+            self._init_group(group, grad_factor, tensors)
+            if not tensors["params"]:
+                continue
+            beta1, beta2, beta3 = group["betas"]
+            kernel = (
+                multi_tensor_adan
+                if self._use_foreach(group, tensors["params"])
+                else single_tensor_adan
+            )
+            kernel(
+                tensors["params"],
+                tensors["grads"],
+                tensors["exp_avg"],
+                tensors["exp_avg_diff"],
+                tensors["exp_avg_sq"],
+                tensors["prev_grad"],
+                tensors["steps"],
+                grad_factor=grad_factor,
+                lr=cast(Scalar, group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                beta3=beta3,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                no_prox=group["no_prox"],
+                maximize=group["maximize"],
+                capturable=group["capturable"],
+            )
+        return loss

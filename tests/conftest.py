@@ -1,0 +1,114 @@
+"""Shared fixtures: a two-group problem run through the package and through the reference."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from reference import ReferenceAdan, RefGroup  # noqa: E402
+
+import adan  # noqa: E402
+
+SHAPES = [[(4, 3), (5,)], [(2, 2, 3), (7,)]]
+GROUP_HPARAMS = [
+    dict(lr=0.02, weight_decay=0.05),
+    dict(lr=0.005, weight_decay=0.0, eps=1e-6, betas=(0.9, 0.95, 0.999)),
+]
+
+
+def has_grad(group: int, index: int, step: int) -> bool:
+    """Which parameters get a gradient on a step: one starts late, one skips steps."""
+    if (group, index) == (0, 1):
+        return step >= 5
+    if (group, index) == (1, 0):
+        return step % 4 != 2
+    return True
+
+
+def gradients(steps: int, seed: int = 0, shapes: list[list[tuple[int, ...]]] = SHAPES):
+    """A deterministic gradient sequence (float64), None where a parameter has no gradient."""
+    rng = np.random.default_rng(seed)
+    seq = []
+    for k in range(1, steps + 1):
+        seq.append(
+            [
+                [rng.normal(size=s) * (1 + 0.1 * k) if has_grad(gi, i, k) else None
+                 for i, s in enumerate(group)]
+                for gi, group in enumerate(shapes)
+            ]
+        )
+    return seq
+
+
+def initial_params(seed: int = 1, shapes: list[list[tuple[int, ...]]] = SHAPES):
+    rng = np.random.default_rng(seed)
+    return [[rng.normal(size=s) for s in group] for group in shapes]
+
+
+def run_pair(
+    steps: int,
+    dtype: torch.dtype,
+    opt_kwargs: dict[str, Any],
+    group_hparams: list[dict[str, Any]] = GROUP_HPARAMS,
+    seed: int = 0,
+) -> tuple[list[list[torch.Tensor]], ReferenceAdan, adan.Adan]:
+    """Run the package and the reference on the same gradients; return both end states."""
+    init = initial_params()
+    tparams = [[torch.tensor(p, dtype=dtype) for p in g] for g in init]
+    common = {k: v for k, v in opt_kwargs.items() if k in ("no_prox", "maximize")}
+    groups = [
+        {"params": ps, **hp} for ps, hp in zip(tparams, group_hparams, strict=True)
+    ]
+    opt = adan.Adan(groups, **opt_kwargs)
+    ref_groups = []
+    for ps, hp, g in zip(tparams, group_hparams, opt.param_groups, strict=True):
+        ref_groups.append(
+            RefGroup(
+                [p.detach().double().numpy() for p in ps],
+                lr=hp.get("lr", 1e-3),
+                betas=tuple(g["betas"]),
+                eps=g["eps"],
+                weight_decay=g["weight_decay"],
+                **common,
+            )
+        )
+    ref = ReferenceAdan(ref_groups, max_grad_norm=opt_kwargs.get("max_grad_norm", 0.0))
+    for grads in gradients(steps, seed):
+        cast = [[None if g is None else torch.tensor(g, dtype=dtype) for g in gs] for gs in grads]
+        for ps, gs in zip(tparams, cast, strict=True):
+            for p, g in zip(ps, gs, strict=True):
+                p.grad = g
+        opt.step()
+        ref.step([[None if g is None else g.double().numpy() for g in gs] for gs in cast])
+    return tparams, ref, opt
+
+
+def assert_matches_reference(
+    tparams: list[list[torch.Tensor]], ref: ReferenceAdan, opt: adan.Adan, rtol: float,
+    atol: float,
+) -> None:
+    """Parameters and every state buffer agree with the reference."""
+    for ps, rg in zip(tparams, ref.groups, strict=True):
+        for p, rp, rs in zip(ps, rg.params, rg.states, strict=True):
+            np.testing.assert_allclose(p.detach().double().numpy(), rp, rtol=rtol, atol=atol)
+            if rs.k == 0:
+                assert p not in opt.state or "step" not in opt.state[p]
+                continue
+            st = opt.state[p]
+            assert st["step"].item() == rs.k
+            for key, arr in (("exp_avg", rs.m), ("exp_avg_diff", rs.v), ("exp_avg_sq", rs.n),
+                             ("prev_grad", rs.prev)):
+                np.testing.assert_allclose(st[key].double().numpy(), arr, rtol=rtol,
+                                           atol=atol, err_msg=key)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
