@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
 from adan.compat import convert_foreign_state_dict
+from adan.distributed import global_grad_norm, to_local_shards
 from adan.kernels import multi_tensor_adan, single_tensor_adan
 from adan.kernels.common import Scalar
 
@@ -160,9 +161,7 @@ class Adan(Optimizer):
         if not grads:
             return None
         acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        device = grads[0].device
-        norms = [torch.linalg.vector_norm(g, dtype=acc).to(device) for g in grads]
-        total = torch.linalg.vector_norm(torch.stack(norms))
+        total = global_grad_norm(grads, acc, grads[0].device)
         eps = self.param_groups[0]["eps"]
         return torch.clamp(max_norm / (total + eps), max=1.0)
 
@@ -225,6 +224,7 @@ class Adan(Optimizer):
                 k: [] for k in ("params", "grads", *_STATE_KEYS, "steps")
             }
             self._init_group(group, grad_factor, tensors)
+            to_local_shards(tensors)
             if not tensors["params"]:
                 continue
             beta1, beta2, beta3 = group["betas"]

@@ -1,0 +1,164 @@
+"""Scenarios run in each spawned process by test_distributed.py (gloo on CPU, float64).
+
+Every scenario trains the same tiny model on the same global batches and writes, from rank 0,
+the full (unsharded) gradients seen at each step and the final full parameters, so the parent
+can replay them through the float64 reference.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from adan import Adan
+
+GLOBAL_BATCH = 8
+STEPS = 6
+GROUP_HPARAMS = [dict(lr=0.02, weight_decay=0.05), dict(lr=0.01, weight_decay=0.0)]
+
+
+def make_model() -> nn.Module:
+    """A two-layer MLP; the second layer's 5 rows shard unevenly (3 + 2) over two ranks."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+
+
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Weights (with weight decay) and biases (without, own lr) as two groups."""
+    named = list(model.named_parameters())
+    weights = [p for n, p in named if n.endswith("weight")]
+    biases = [p for n, p in named if n.endswith("bias")]
+    return [{"params": ps, **hp} for ps, hp in zip([weights, biases], GROUP_HPARAMS, strict=True)]
+
+
+def batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of the global batch for ``step`` (the same on every launch)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(GLOBAL_BATCH, 5, generator=gen, dtype=torch.float64)
+    size = GLOBAL_BATCH // world
+    return x[rank * size:(rank + 1) * size], y[rank * size:(rank + 1) * size]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int, world: int,
+          clip: float = 0.0) -> list[list[torch.Tensor]]:
+    """Train on ``steps``; return the full gradients each step hands to the optimizer.
+
+    ``clip`` > 0 clips them first with ``torch.nn.utils.clip_grad_norm_``. The step must leave
+    ``.grad`` as it was.
+    """
+    seen = []
+    for k in steps:
+        x, y = batch(k, rank, world)
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(model(x), y).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        seen.append([full(p.grad) for p in model.parameters()])
+        opt.step()
+        for p, g in zip(model.parameters(), seen[-1], strict=True):
+            assert torch.equal(full(p.grad), g), "the optimizer step modified .grad"
+    return seen
+
+
+def shard(model: nn.Module) -> nn.Module:
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def save(out: Path, name: str, rank: int, model: nn.Module, **extra: Any) -> None:
+    result = {"params": [full(p) for p in model.parameters()], **extra}
+    if rank == 0:
+        torch.save(result, out / f"{name}.pt")
+
+
+def fsdp(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:
+    """FSDP2 with Adan's own clipping, without and with a clipping threshold."""
+    for max_grad_norm in (0.0, 0.05):
+        model = shard(make_model())
+        opt = Adan(param_groups(model), max_grad_norm=max_grad_norm, **opt_kwargs)
+        grads = train(model, opt, range(STEPS), rank, world)
+        state = opt.state[next(iter(model.parameters()))]
+        assert all(isinstance(state[k], DTensor) for k in ("exp_avg", "prev_grad"))
+        save(out, f"fsdp-{max_grad_norm}", rank, model, grads=grads)
+
+
+def ddp(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:
+    model = DistributedDataParallel(make_model())
+    opt = Adan(param_groups(model.module), **opt_kwargs)
+    grads = train(model, opt, range(STEPS), rank, world)
+    save(out, "ddp", rank, model, grads=grads)
+
+
+def zero(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:
+    """ZeRO-1: each rank keeps Adan state for its own partition; clipping done beforehand."""
+    adan_kwargs = dict(opt_kwargs)
+    clip = adan_kwargs.pop("external_clip", 0.0)
+    model = DistributedDataParallel(make_model())
+    opt = ZeroRedundancyOptimizer(param_groups(model.module), optimizer_class=Adan,
+                                  **adan_kwargs)
+    grads = train(model, opt, range(STEPS), rank, world, clip=clip)
+    save(out, "zero", rank, model, grads=grads, local_states=len(opt.optim.state))
+
+
+def dcp_save(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:
+    """Train the first ``stop`` steps with FSDP2 and write a distributed checkpoint."""
+    model = shard(make_model())
+    opt = Adan(param_groups(model), **opt_kwargs["adan"])
+    grads = train(model, opt, range(opt_kwargs["stop"]), rank, world)
+    state = {"model": get_model_state_dict(model),
+             "optim": get_optimizer_state_dict(model, opt)}
+    dcp.save(state, checkpoint_id=out / "ckpt")
+    save(out, "dcp_save", rank, model, grads=grads)
+
+
+def dcp_resume(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:
+    """Fresh processes: load the checkpoint (FSDP2 on 2 ranks, a plain model on 1), continue."""
+    model = shard(make_model()) if world > 1 else make_model()
+    opt = Adan(param_groups(model), **opt_kwargs["adan"])
+    state = {"model": get_model_state_dict(model),
+             "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=out / "ckpt")
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    grads = train(model, opt, range(opt_kwargs["stop"], STEPS), rank, world)
+    save(out, f"dcp_resume-{world}", rank, model, grads=grads)
+
+
+SCENARIOS = {f.__name__: f for f in (fsdp, ddp, zero, dcp_save, dcp_resume)}
+
+
+def entry(rank: int, world: int, port: int, scenario: str, out: str,
+          opt_kwargs: dict[str, Any]) -> None:
+    """Process entry point for ``torch.multiprocessing.start_processes``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        SCENARIOS[scenario](rank, world, Path(out), opt_kwargs)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,139 @@
+"""Adan under torch.distributed (2 gloo processes on CPU): DDP, FSDP2, ZeRO and DCP checkpoints.
+
+Each distributed run records the full gradients it saw; replaying them through the float64
+reference must give its final parameters, and the run must equal one process on the global batch.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import dist_worker
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from reference import ReferenceAdan, RefGroup
+
+from adan import Adan
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available on this platform",
+)
+
+TIMEOUT_S = 90
+PATHS = [dict(foreach=False), dict(foreach=True)]
+STATE_OPTIONS: list[dict[str, Any]] = [{}]
+REF_TOL = dict(rtol=1e-10, atol=1e-12)
+SINGLE_TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def _start_method() -> str:
+    """forkserver where there is one: it imports torch once for every launch of the file.
+
+    (The server does not see this directory on sys.path, so it preloads dist_worker's imports.)
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return "spawn"
+    mp.get_context("forkserver").set_forkserver_preload(
+        ["adan", "torch.distributed.checkpoint", "torch.distributed.fsdp",
+         "torch.distributed.optim", "torch.nn.parallel", "numpy", "pytest"]
+    )
+    return "forkserver"
+
+
+START_METHOD = _start_method()
+
+
+def launch(scenario: str, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:
+    """Run ``scenario`` on ``world`` gloo processes; fail (killing them) past the timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(dist_worker.entry, args=(world, port, scenario, str(out), opt_kwargs),
+                             nprocs=world, join=False, start_method=START_METHOD)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"{scenario} on {world} processes did not finish in {TIMEOUT_S} s")
+
+
+def load(out: Path, name: str) -> dict[str, Any]:
+    return torch.load(out / f"{name}.pt")
+
+
+def replay(grads: list[list[torch.Tensor]], max_grad_norm: float = 0.0) -> list[np.ndarray]:
+    """The reference's parameters after the recorded gradients (model order: w1, b1, w2, b2)."""
+    init = [p.detach().numpy() for p in dist_worker.make_model().parameters()]
+    groups = [RefGroup([init[0], init[2]], **dist_worker.GROUP_HPARAMS[0]),
+              RefGroup([init[1], init[3]], **dist_worker.GROUP_HPARAMS[1])]
+    ref = ReferenceAdan(groups, max_grad_norm=max_grad_norm)
+    for step in grads:
+        g = [t.numpy() for t in step]
+        ref.step([[g[0], g[2]], [g[1], g[3]]])
+    w, b = groups[0].params, groups[1].params
+    return [w[0], b[0], w[1], b[1]]
+
+
+def single_process(opt_kwargs: dict[str, Any], clip: float = 0.0) -> list[torch.Tensor]:
+    """The same training in this process on the whole global batch, without torch.distributed."""
+    model = dist_worker.make_model()
+    opt = Adan(dist_worker.param_groups(model), **opt_kwargs)
+    dist_worker.train(model, opt, range(dist_worker.STEPS), rank=0, world=1, clip=clip)
+    return list(model.parameters())
+
+
+def assert_params(actual: list[torch.Tensor], expected: list[Any], tol: dict[str, float]) -> None:
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        e = e.detach().numpy() if isinstance(e, torch.Tensor) else e
+        np.testing.assert_allclose(a.numpy(), e, err_msg=f"parameter {i}", **tol)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: "-".join(f"{k}={v}" for k, v in p.items()))
+def test_fsdp2_matches_reference_and_single_process(tmp_path, path):
+    """Sharded (uneven) DTensor params and state; clipping uses the norm over all shards."""
+    launch("fsdp", 2, tmp_path, path)
+    for max_grad_norm in (0.0, 0.05):
+        result = load(tmp_path, f"fsdp-{max_grad_norm}")
+        first = torch.linalg.vector_norm(torch.cat([g.flatten() for g in result["grads"][0]]))
+        assert max_grad_norm == 0.0 or first > 2 * max_grad_norm  # clipping is active
+        assert_params(result["params"], replay(result["grads"], max_grad_norm), REF_TOL)
+        expected = single_process(dict(path, max_grad_norm=max_grad_norm))
+        assert_params(result["params"], expected, SINGLE_TOL)
+
+
+def test_ddp_matches_reference_and_single_process(tmp_path):
+    launch("ddp", 2, tmp_path, {})
+    result = load(tmp_path, "ddp")
+    assert_params(result["params"], replay(result["grads"]), REF_TOL)
+    assert_params(result["params"], single_process({}), SINGLE_TOL)
+
+
+def test_zero_redundancy_optimizer_matches_reference(tmp_path):
+    """State is partitioned; global clipping is done by clip_grad_norm_ on the full grads."""
+    launch("zero", 2, tmp_path, dict(external_clip=0.05))
+    result = load(tmp_path, "zero")
+    assert 0 < result["local_states"] < 4
+    assert_params(result["params"], replay(result["grads"]), REF_TOL)
+    assert_params(result["params"], single_process({}, clip=0.05), SINGLE_TOL)
+
+
+@pytest.mark.parametrize("state_option", STATE_OPTIONS, ids=lambda o: repr(o) if o else "default")
+def test_checkpoint_resume_and_reshard_2_to_1(tmp_path, state_option):
+    """Save at step 3 with 2 ranks; new processes (2 ranks FSDP2, or 1 plain) load and go on."""
+    args = dict(adan=dict(state_option, max_grad_norm=0.05), stop=3)
+    launch("dcp_save", 2, tmp_path, args)
+    uninterrupted = single_process(args["adan"])
+    before = load(tmp_path, "dcp_save")["grads"]
+    for world in (2, 1):
+        launch("dcp_resume", world, tmp_path, args)
+        result = load(tmp_path, f"dcp_resume-{world}")
+        assert_params(result["params"], replay(before + result["grads"], 0.05), REF_TOL)
+        assert_params(result["params"], uninterrupted, SINGLE_TOL)
