@@ -29,8 +29,7 @@ pytestmark = pytest.mark.skipif(
 TIMEOUT_S = 90
 PATHS = [dict(foreach=False), dict(foreach=True)]
 STATE_OPTIONS: list[dict[str, Any]] = [{}]
-REF_TOL = dict(rtol=1e-10, atol=1e-12)
-SINGLE_TOL = dict(rtol=1e-6, atol=1e-6)
+TOL = dict(rtol=1e-10, atol=1e-12)  # float64; the runs agree to ~1e-16 on this machine
 
 
 def _start_method() -> str:
@@ -104,16 +103,16 @@ def test_fsdp2_matches_reference_and_single_process(tmp_path, path):
         result = load(tmp_path, f"fsdp-{max_grad_norm}")
         first = torch.linalg.vector_norm(torch.cat([g.flatten() for g in result["grads"][0]]))
         assert max_grad_norm == 0.0 or first > 2 * max_grad_norm  # clipping is active
-        assert_params(result["params"], replay(result["grads"], max_grad_norm), REF_TOL)
+        assert_params(result["params"], replay(result["grads"], max_grad_norm), TOL)
         expected = single_process(dict(path, max_grad_norm=max_grad_norm))
-        assert_params(result["params"], expected, SINGLE_TOL)
+        assert_params(result["params"], expected, TOL)
 
 
 def test_ddp_matches_reference_and_single_process(tmp_path):
     launch("ddp", 2, tmp_path, {})
     result = load(tmp_path, "ddp")
-    assert_params(result["params"], replay(result["grads"]), REF_TOL)
-    assert_params(result["params"], single_process({}), SINGLE_TOL)
+    assert_params(result["params"], replay(result["grads"]), TOL)
+    assert_params(result["params"], single_process({}), TOL)
 
 
 def test_zero_redundancy_optimizer_matches_reference(tmp_path):
@@ -121,8 +120,8 @@ def test_zero_redundancy_optimizer_matches_reference(tmp_path):
     launch("zero", 2, tmp_path, dict(external_clip=0.05))
     result = load(tmp_path, "zero")
     assert 0 < result["local_states"] < 4
-    assert_params(result["params"], replay(result["grads"]), REF_TOL)
-    assert_params(result["params"], single_process({}, clip=0.05), SINGLE_TOL)
+    assert_params(result["params"], replay(result["grads"]), TOL)
+    assert_params(result["params"], single_process({}, clip=0.05), TOL)
 
 
 @pytest.mark.parametrize("state_option", STATE_OPTIONS, ids=lambda o: repr(o) if o else "default")
@@ -135,5 +134,5 @@ def test_checkpoint_resume_and_reshard_2_to_1(tmp_path, state_option):
     for world in (2, 1):
         launch("dcp_resume", world, tmp_path, args)
         result = load(tmp_path, f"dcp_resume-{world}")
-        assert_params(result["params"], replay(before + result["grads"], 0.05), REF_TOL)
-        assert_params(result["params"], uninterrupted, SINGLE_TOL)
+        assert_params(result["params"], replay(before + result["grads"], 0.05), TOL)
+        assert_params(result["params"], uninterrupted, TOL)
