@@ -104,7 +104,28 @@ def fsdp(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:
         grads = train(model, opt, range(STEPS), rank, world)
         state = opt.state[next(iter(model.parameters()))]
         assert all(isinstance(state[k], DTensor) for k in ("exp_avg", "prev_grad"))
-        save(out, f"fsdp-{max_grad_norm}", rank, model, grads=grads)
+        save(out, f"fsdp-{max_grad_norm}", rank, model, grads=grads,
+             plain_state_rejected=plain_state_rejected(model, opt, rank, world))
+
+
+def plain_state_rejected(model: nn.Module, opt: Adan, rank: int, world: int) -> bool:
+    """Whether unsharded state loaded for DTensor params fails clearly, leaving params intact."""
+    state_dict = opt.state_dict()
+    for state in state_dict["state"].values():
+        for key, value in state.items():
+            state[key] = full(value)
+    opt.load_state_dict(state_dict)
+    x, y = batch(0, rank, world)
+    F.mse_loss(model(x), y).backward()
+    before = [full(p) for p in model.parameters()]
+    try:
+        opt.step()
+    except ValueError as error:
+        clear = "set_optimizer_state_dict" in str(error)
+    else:
+        clear = False
+    return clear and all(torch.equal(full(p), b)
+                         for p, b in zip(model.parameters(), before, strict=True))
 
 
 def ddp(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TIMEOUT_S = 90
-PATHS = [dict(foreach=False), dict(foreach=True)]
+PATHS = [dict(foreach=False), dict(foreach=True), dict(foreach=True, capturable=True)]
 STATE_OPTIONS: list[dict[str, Any]] = [{}]
 TOL = dict(rtol=1e-10, atol=1e-12)  # float64; the runs agree to ~1e-16 on this machine
 
@@ -101,6 +101,7 @@ def test_fsdp2_matches_reference_and_single_process(tmp_path, path):
     launch("fsdp", 2, tmp_path, path)
     for max_grad_norm in (0.0, 0.05):
         result = load(tmp_path, f"fsdp-{max_grad_norm}")
+        assert result["plain_state_rejected"]
         first = torch.linalg.vector_norm(torch.cat([g.flatten() for g in result["grads"][0]]))
         assert max_grad_norm == 0.0 or first > 2 * max_grad_norm  # clipping is active
         assert_params(result["params"], replay(result["grads"], max_grad_norm), TOL)
