@@ -71,7 +71,8 @@ def _compiled(serial: bool) -> Callable[..., None]:
 
 def _run(tensors: list[Tensor], s: Tensor) -> None:
     p, g, m, v, n, prev = tensors
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or p.numel() <= 1:
+        # Sizes 0 and 1 would specialise the compiled kernel; eager is as fast for them.
         _adan_math(p, g, m, v, n, prev, s)
         return
     serial = p.device.type == "cpu" and p.numel() < SERIAL_MAX

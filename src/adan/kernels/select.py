@@ -32,7 +32,7 @@ _built: dict[tuple[str, torch.dtype, torch.dtype], BaseException | None] = {}
 
 def _probe(device: torch.device, dtype: torch.dtype, grad_dtype: torch.dtype) -> None:
     """Build and run every fused variant on scratch tensors, so a failure touches no state."""
-    sizes = (SERIAL_MAX, PACK_MAX, 1)
+    sizes = (SERIAL_MAX, PACK_MAX, 2)
     params = [torch.zeros(k, device=device, dtype=dtype) for k in sizes]
     m, v, n, prev = ([torch.zeros_like(p) for p in params] for _ in range(4))
     grads = [torch.ones(k, device=device, dtype=grad_dtype) for k in sizes]

@@ -1,0 +1,1 @@
+"""Benchmarks: optimizer-step speed against the memory floor and the peers."""
