@@ -49,6 +49,28 @@ def test_matches_foreach_path(layout):
             torch.testing.assert_close(value, eager_opt.state[b][key], rtol=1e-6, atol=1e-7)
 
 
+def test_capturable_keeps_scalars_on_device():
+    tparams, ref, opt = run_pair(32, torch.float32, dict(fused=True, capturable=True,
+                                                          max_grad_norm=3.0))
+    assert_matches_reference(tparams, ref, opt, **F32)
+
+
+def test_complex_params_follow_their_real_view():
+    rng = np.random.default_rng(0)
+    p0 = rng.normal(size=(3, 2)) + 1j * rng.normal(size=(3, 2))
+    p = torch.tensor(p0, dtype=torch.complex64)
+    opt = Adan([p], lr=0.05, weight_decay=0.1, fused=True)
+    ref = ReferenceAdan([RefGroup([np.stack([p0.real, p0.imag], -1)], lr=0.05,
+                                  weight_decay=0.1)])
+    for _ in range(12):
+        g = torch.tensor(rng.normal(size=(3, 2)) + 1j * rng.normal(size=(3, 2)),
+                         dtype=torch.complex64)
+        p.grad = g
+        opt.step()
+        ref.step([[torch.view_as_real(g).double().numpy()]])
+    np.testing.assert_allclose(torch.view_as_real(p).numpy(), ref.groups[0].params[0], **F32)
+
+
 def test_bf16_params_within_bf16_rounding():
     """State is kept in bf16 and math in fp32: the drift from float64 stays at bf16 scale."""
     tparams, ref, opt = run_pair(32, torch.bfloat16, dict(fused=True))

@@ -148,7 +148,7 @@ def fused_adan(
         if small and step_value is not None:
             packs.setdefault((p.device, p.dtype, grads[i].dtype, step_value), []).append(i)
             continue
-        compute = torch.promote_types(p.dtype, torch.float32)
+        compute = torch.promote_types(p.dtype.to_real(), torch.float32)
         step = step_as(state_steps[i], p) + 1 if step_value is None else step_value
         s = _scalars(p.device, compute, grad_factor, step, lr, (beta1, beta2, beta3), eps,
                      weight_decay, no_prox, maximize)
@@ -158,7 +158,7 @@ def fused_adan(
         lists = [[_flat(t[i]) for i in index]
                  for t in (params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads)]
         packed = [torch.cat(views) for views in lists]
-        s = _scalars(device, torch.promote_types(dtype, torch.float32), grad_factor,
+        s = _scalars(device, torch.promote_types(dtype.to_real(), torch.float32), grad_factor,
                      step_value, lr, (beta1, beta2, beta3), eps, weight_decay, no_prox, maximize)
         _run(packed, s)
         sizes = [t.numel() for t in lists[0]]
