@@ -71,6 +71,22 @@ def test_complex_params_follow_their_real_view():
     np.testing.assert_allclose(torch.view_as_real(p).numpy(), ref.groups[0].params[0], **F32)
 
 
+def test_non_contiguous_params_are_written_back():
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(6, 5, generator=gen).t(), torch.randn(4, 3, generator=gen).t()]
+    twins = [p.clone() for p in params]
+    opts = Adan(params, fused=True), Adan(twins, foreach=True)
+    for _ in range(4):
+        for p, q in zip(params, twins, strict=True):
+            p.grad = torch.randn(p.shape, generator=gen).t().contiguous().t()
+            q.grad = p.grad.clone()
+        for opt in opts:
+            opt.step()
+    assert not params[0].is_contiguous()
+    for p, q in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def test_bf16_params_within_bf16_rounding():
     """State is kept in bf16 and math in fp32: the drift from float64 stays at bf16 scale."""
     tparams, ref, opt = run_pair(32, torch.bfloat16, dict(fused=True))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adan.kernels.common import Scalar, bias_corrections, step_as, use_tensor_scalars
+from adan.kernels.common import Scalar, bias_corrections, use_tensor_scalars
 
 __all__ = ["fused_adan"]
 
@@ -111,8 +111,8 @@ def _scalars(
     return out
 
 
-def _flat(t: Tensor) -> Tensor:
-    return torch.view_as_real(t).reshape(-1) if torch.is_complex(t) else t.reshape(-1)
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if torch.is_complex(t) else t
 
 
 def fused_adan(
@@ -149,21 +149,23 @@ def fused_adan(
             packs.setdefault((p.device, p.dtype, grads[i].dtype, step_value), []).append(i)
             continue
         compute = torch.promote_types(p.dtype.to_real(), torch.float32)
-        step = step_as(state_steps[i], p) + 1 if step_value is None else step_value
+        step = (state_steps[i].to(p.device, compute) + 1 if step_value is None
+                else step_value)
         s = _scalars(p.device, compute, grad_factor, step, lr, (beta1, beta2, beta3), eps,
                      weight_decay, no_prox, maximize)
-        _run([_flat(t) for t in (p, grads[i], exp_avgs[i], exp_avg_diffs[i], exp_avg_sqs[i],
-                                 prev_grads[i])], s)
+        _run([_real(t).view(-1) for t in (p, grads[i], exp_avgs[i], exp_avg_diffs[i],
+                                          exp_avg_sqs[i], prev_grads[i])], s)
     for (device, dtype, _, step_value), index in packs.items():
-        lists = [[_flat(t[i]) for i in index]
+        lists = [[_real(t[i]) for i in index]
                  for t in (params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads)]
-        packed = [torch.cat(views) for views in lists]
+        packed = [torch.cat([x.reshape(-1) for x in views]) for views in lists]
         s = _scalars(device, torch.promote_types(dtype.to_real(), torch.float32), grad_factor,
                      step_value, lr, (beta1, beta2, beta3), eps, weight_decay, no_prox, maximize)
         _run(packed, s)
         sizes = [t.numel() for t in lists[0]]
         for k in (0, 2, 3, 4, 5):
-            torch._foreach_copy_(lists[k], list(packed[k].split(sizes)))
+            torch._foreach_copy_(lists[k], [chunk.view(x.shape) for chunk, x
+                                            in zip(packed[k].split(sizes), lists[k], strict=True)])
     # Counted last, so a kernel that fails to build leaves the step counts as they were.
     for step in state_steps:
         step += 1
