@@ -223,9 +223,9 @@ def test_invalid_arguments(kwargs, match):
         Adan([torch.zeros(2)], **kwargs)
 
 
-def test_fused_not_yet_available():
-    with pytest.raises(RuntimeError, match="fused"):
-        Adan([torch.zeros(2)], fused=True)
+def test_fused_and_differentiable_conflict():
+    with pytest.raises(ValueError, match="differentiable"):
+        Adan([torch.zeros(2)], fused=True, differentiable=True)
 
 
 def test_sparse_gradient_raises_and_leaves_params():

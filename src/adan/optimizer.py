@@ -12,8 +12,8 @@ from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
 from adan.compat import convert_foreign_state_dict
 from adan.distributed import global_grad_norm, to_local_shards
-from adan.kernels import multi_tensor_adan, single_tensor_adan
 from adan.kernels.common import Scalar
+from adan.kernels.select import select_kernel
 
 __all__ = ["Adan"]
 
@@ -55,8 +55,10 @@ class Adan(Optimizer):
             the first group's. The factor stays on the device (no host synchronisation) and
             the ``.grad`` tensors are not modified. It is one value for the whole optimizer.
         maximize: ascend the objective instead of descending.
-        foreach: use the multi-tensor implementation. ``None`` picks it where it is faster.
-        fused: reserved for the fused single-pass implementation.
+        foreach: use the multi-tensor implementation (``False``: one tensor at a time).
+        fused: use the single-pass kernel compiled by ``torch.compile`` (CPU, CUDA). With both
+            ``None``, large groups on CPU/CUDA use it and fall back to foreach (one warning)
+            if it cannot be built; see ``adan.kernels.select``.
         differentiable: let autograd flow through the step (single-tensor path only).
         capturable: keep every step-dependent scalar on the device, for CUDA graphs.
     """
@@ -95,12 +97,10 @@ class Adan(Optimizer):
             _check_range(f"betas[{i}]", beta, "[0, 1)", 0.0 <= beta < 1.0)
         if foreach and fused:
             raise ValueError("foreach and fused cannot both be True; choose one implementation")
-        if fused:
-            raise RuntimeError(
-                "fused=True is not available yet in this version of adan; use foreach=True"
+        if differentiable and (foreach or fused):
+            raise ValueError(
+                "differentiable=True is supported only with foreach=False and fused=False"
             )
-        if differentiable and foreach:
-            raise ValueError("differentiable=True is supported only with foreach=False")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -115,6 +115,10 @@ class Adan(Optimizer):
             capturable=capturable,
         )
         super().__init__(params, defaults)
+
+    # GradScaler hands over ``grad_scale`` and ``found_inf``; every kernel unscales through
+    # ``grad_factor``, and a step with non-finite gradients changes nothing.
+    _step_supports_amp_scaling = True
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -141,8 +145,13 @@ class Adan(Optimizer):
                     state[key].zero_()
             state.pop("prev_grad", None)
 
-    def _global_grad_factor(self) -> Tensor | None:
-        """The clipping factor ``min(1, max_norm / (norm + eps))`` as a device tensor, or None."""
+    def _global_grad_factor(self, grad_scale: Tensor | None = None) -> Tensor | None:
+        """The factor every gradient is multiplied by, as a device tensor, or None for 1.
+
+        It is ``1 / grad_scale`` (AMP) times the clipping factor ``min(1, max_norm / (norm +
+        eps))``, the norm being that of the unscaled gradients.
+        """
+        unscale = None if grad_scale is None else grad_scale.double().reciprocal().float()
         max_norms = {group["max_grad_norm"] for group in self.param_groups}
         if len(max_norms) > 1:
             raise ValueError(
@@ -151,7 +160,7 @@ class Adan(Optimizer):
             )
         max_norm = max_norms.pop()
         if max_norm <= 0:
-            return None
+            return unscale
         grads = [
             torch.view_as_real(p.grad) if torch.is_complex(p.grad) else p.grad
             for group in self.param_groups
@@ -159,11 +168,14 @@ class Adan(Optimizer):
             if p.grad is not None
         ]
         if not grads:
-            return None
+            return unscale
         acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
         total = global_grad_norm(grads, acc, grads[0].device)
+        if unscale is not None:
+            total = total * unscale.to(total.device)
         eps = self.param_groups[0]["eps"]
-        return torch.clamp(max_norm / (total + eps), max=1.0)
+        clip = torch.clamp(max_norm / (total + eps), max=1.0)
+        return clip if unscale is None else clip * unscale.to(clip.device)
 
     def _init_group(
         self,
@@ -203,13 +215,6 @@ class Adan(Optimizer):
                 tensors[key].append(state[key])
             tensors["steps"].append(state["step"])
 
-    def _use_foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        if group["foreach"] is not None:
-            return bool(group["foreach"])
-        if group["differentiable"] or torch.jit.is_scripting():
-            return False
-        return all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params)
-
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one step; ``closure``, if given, re-evaluates the model and returns the loss."""
@@ -218,7 +223,11 @@ class Adan(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        grad_factor = self._global_grad_factor()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item() != 0:
+            return loss
+        grad_factor = self._global_grad_factor(grad_scale)
         for group in self.param_groups:
             tensors: dict[str, list[Tensor]] = {
                 k: [] for k in ("params", "grads", *_STATE_KEYS, "steps")
@@ -228,12 +237,7 @@ class Adan(Optimizer):
             if not tensors["params"]:
                 continue
             beta1, beta2, beta3 = group["betas"]
-            kernel = (
-                multi_tensor_adan
-                if self._use_foreach(group, tensors["params"])
-                else single_tensor_adan
-            )
-            kernel(
+            select_kernel(group, tensors["params"])(
                 tensors["params"],
                 tensors["grads"],
                 tensors["exp_avg"],

@@ -1,0 +1,1 @@
+"""Measurements: training the small character-level GPT, speed of the update kernels."""
