@@ -97,14 +97,19 @@ def save(out: Path, name: str, rank: int, model: nn.Module, **extra: Any) -> Non
 
 
 def fsdp(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:
-    """FSDP2 with Adan's own clipping, without and with a clipping threshold."""
-    for max_grad_norm in (0.0, 0.05):
+    """FSDP2 with Adan's own clipping, without and with a clipping threshold.
+
+    With ``grad_norm_group`` too (as under ZeRO), DTensor norms must not be summed once more.
+    """
+    for name, max_grad_norm, group in (("0.0", 0.0, None), ("0.05", 0.05, None),
+                                        ("0.05-group", 0.05, dist.group.WORLD)):
         model = shard(make_model())
-        opt = Adan(param_groups(model), max_grad_norm=max_grad_norm, **opt_kwargs)
+        opt = Adan(param_groups(model), max_grad_norm=max_grad_norm, grad_norm_group=group,
+                   **opt_kwargs)
         grads = train(model, opt, range(STEPS), rank, world)
         state = opt.state[next(iter(model.parameters()))]
         assert all(isinstance(state[k], DTensor) for k in ("exp_avg", "prev_grad"))
-        save(out, f"fsdp-{max_grad_norm}", rank, model, grads=grads,
+        save(out, f"fsdp-{name}", rank, model, grads=grads,
              plain_state_rejected=plain_state_rejected(model, opt, rank, world))
 
 
@@ -136,13 +141,23 @@ def ddp(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:
 
 
 def zero(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:
-    """ZeRO-1: each rank keeps Adan state for its own partition; clipping done beforehand."""
-    adan_kwargs = dict(opt_kwargs)
-    clip = adan_kwargs.pop("external_clip", 0.0)
+    """ZeRO-1 with Adan's own clipping over all partitions; a consolidated checkpoint mid-way.
+
+    Steps 0-2 run, ZeRO's state dict is consolidated on rank 0 and saved with ``torch.save``;
+    fresh optimizers on every rank load it and run the remaining steps.
+    """
     model = DistributedDataParallel(make_model())
-    opt = ZeroRedundancyOptimizer(param_groups(model.module), optimizer_class=Adan,
-                                  **adan_kwargs)
-    grads = train(model, opt, range(STEPS), rank, world, clip=clip)
+    grads = []
+    for steps in (range(STEPS // 2), range(STEPS // 2, STEPS)):
+        opt = ZeroRedundancyOptimizer(param_groups(model.module), optimizer_class=Adan,
+                                      grad_norm_group=dist.group.WORLD, **opt_kwargs)
+        if steps.start:
+            opt.load_state_dict(torch.load(out / "zero-optim.pt"))
+        grads += train(model, opt, steps, rank, world)
+        opt.consolidate_state_dict(to=0)
+        if rank == 0 and not steps.start:
+            torch.save(opt.state_dict(), out / "zero-optim.pt")
+        dist.barrier()
     save(out, "zero", rank, model, grads=grads, local_states=len(opt.optim.state))
 
 

@@ -97,10 +97,14 @@ def assert_params(actual: list[torch.Tensor], expected: list[Any], tol: dict[str
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: "-".join(f"{k}={v}" for k, v in p.items()))
 def test_fsdp2_matches_reference_and_single_process(tmp_path, path):
-    """Sharded (uneven) DTensor params and state; clipping uses the norm over all shards."""
+    """Sharded (uneven) DTensor params and state; clipping uses the norm over all shards.
+
+    ``grad_norm_group`` leaves it unchanged: DTensor norms are global already.
+    """
     launch("fsdp", 2, tmp_path, path)
-    for max_grad_norm in (0.0, 0.05):
-        result = load(tmp_path, f"fsdp-{max_grad_norm}")
+    for name in ("0.0", "0.05", "0.05-group"):
+        max_grad_norm = float(name.split("-")[0])
+        result = load(tmp_path, f"fsdp-{name}")
         assert result["plain_state_rejected"]
         first = torch.linalg.vector_norm(torch.cat([g.flatten() for g in result["grads"][0]]))
         assert max_grad_norm == 0.0 or first > 2 * max_grad_norm  # clipping is active
@@ -117,12 +121,20 @@ def test_ddp_matches_reference_and_single_process(tmp_path):
 
 
 def test_zero_redundancy_optimizer_matches_reference(tmp_path):
-    """State is partitioned; global clipping is done by clip_grad_norm_ on the full grads."""
-    launch("zero", 2, tmp_path, dict(external_clip=0.05))
+    """Partitioned state; Adan clips by the norm over all partitions (grad_norm_group)."""
+    launch("zero", 2, tmp_path, dict(max_grad_norm=0.05))
     result = load(tmp_path, "zero")
     assert 0 < result["local_states"] < 4
-    assert_params(result["params"], replay(result["grads"]), TOL)
-    assert_params(result["params"], single_process({}, clip=0.05), TOL)
+    first = torch.linalg.vector_norm(torch.cat([g.flatten() for g in result["grads"][0]]))
+    assert first > 2 * 0.05  # clipping is active
+    assert_params(result["params"], replay(result["grads"], 0.05), TOL)
+    assert_params(result["params"], single_process(dict(max_grad_norm=0.05)), TOL)
+
+
+def test_grad_norm_group_needs_torch_distributed():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="grad_norm_group"):
+        Adan([torch.zeros(2, requires_grad=True)], grad_norm_group=object())  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("state_option", STATE_OPTIONS, ids=lambda o: repr(o) if o else "default")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -11,9 +11,17 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
 from adan.compat import convert_foreign_state_dict
-from adan.distributed import global_grad_norm, to_local_shards
+from adan.distributed import (
+    check_grad_norm_group,
+    global_grad_norm,
+    scrub_grad_norm_group,
+    to_local_shards,
+)
 from adan.kernels.common import Scalar
 from adan.kernels.select import select_kernel
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["Adan"]
 
@@ -54,6 +62,12 @@ class Adan(Optimizer):
             ``min(1, max_grad_norm / (global_norm + eps))`` before the update, with ``eps``
             the first group's. The factor stays on the device (no host synchronisation) and
             the ``.grad`` tensors are not modified. It is one value for the whole optimizer.
+        grad_norm_group: the process group over which the parameters are partitioned
+            disjointly, as ``ZeroRedundancyOptimizer`` does (pass it through ZeRO's keywords):
+            the clipping norm then sums the local squared norm over this group (one all-reduce
+            per step, on the device; every rank must step). DTensor gradients (FSDP2) are
+            already reduced over their mesh and are not summed again. Requires an initialised
+            torch.distributed; kept on the optimizer, not in ``param_groups`` or state dicts.
         maximize: ascend the objective instead of descending.
         foreach: use the multi-tensor implementation (``False``: one tensor at a time).
         fused: use the single-pass kernel compiled by ``torch.compile`` (CPU, CUDA). With both
@@ -78,7 +92,10 @@ class Adan(Optimizer):
         fused: bool | None = None,
         differentiable: bool = False,
         capturable: bool = False,
+        grad_norm_group: ProcessGroup | None = None,
     ) -> None:
+        check_grad_norm_group(grad_norm_group)
+        self._grad_norm_group = grad_norm_group
         if isinstance(lr, Tensor):
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must be 1-element")
@@ -122,9 +139,15 @@ class Adan(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_grad_norm_group", None)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; a ``grad_norm_group`` a wrapper copied into it is kept off the group."""
+        scrub_grad_norm_group(param_group, self._grad_norm_group)
+        super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by this class, by sail-sg/Adan or by timm's Adan."""
@@ -167,10 +190,13 @@ class Adan(Optimizer):
             for p in group["params"]
             if p.grad is not None
         ]
-        if not grads:
+        norm_group = self._grad_norm_group
+        if not grads and norm_group is None:
             return unscale
         acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        total = global_grad_norm(grads, acc, grads[0].device)
+        params = (p for group in self.param_groups for p in group["params"])
+        device = grads[0].device if grads else next(params, torch.empty(0)).device
+        total = global_grad_norm(grads, acc, device, norm_group)
         if unscale is not None:
             total = total * unscale.to(total.device)
         eps = self.param_groups[0]["eps"]
