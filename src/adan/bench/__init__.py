@@ -1,0 +1,1 @@
+"""Benchmarks and training workloads used to compare Adan with other optimizers."""
