@@ -138,3 +138,18 @@ def test_bf16_nearest_matches_cast_and_stochastic_is_unbiased():
     assert np.all(np.abs(d.mean(axis=0)[keep] - target[keep]) <= 5 * stderr + 1e-300)
     nan = round_to_bf16(torch.tensor([float("nan")]), torch.tensor([65535], dtype=torch.int32))
     assert torch.isnan(nan).all()
+
+
+def test_stochastic_rounding_keeps_a_slow_average_moving():
+    """n <- 0.99 n + 0.01 * 1.5 from 1: each increment (<= 0.005) is below bf16's spacing."""
+    torch.manual_seed(0)
+    exact = 1.5 - 0.5 * 0.99**500
+    means = {}
+    for stochastic in (False, True):
+        n = torch.ones(1024)
+        for _ in range(500):
+            noise = torch.randint(0, 65536, n.shape, dtype=torch.int32) if stochastic else None
+            n = round_to_bf16(0.99 * n + 0.01 * 1.5, noise).float()
+        means[stochastic] = n.double().mean().item()
+    assert means[False] < 1.2  # round-to-nearest stalls far from the target
+    assert abs(means[True] - exact) < 2e-3
