@@ -2,7 +2,8 @@
 
 ``python -m adan.bench.lowmem memory|speed`` prints a table; ``convergence`` trains the
 character-level GPT of :mod:`adan.bench.charlm` for each state setting and seed, writes the
-curves to JSON and, with ``--plot``, draws the mean validation curves (needs matplotlib).
+curves to JSON and, with ``--plot``, draws the mean validation curves (needs matplotlib);
+``report`` summarises and plots a saved JSON without training.
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     conv.add_argument("--data", default=None)
     conv.add_argument("--out", type=Path, default=Path("lowmem_convergence.json"))
     conv.add_argument("--plot", type=Path, default=None)
+    rep = sub.add_parser("report", help="summarise (and plot) a convergence JSON, no training")
+    rep.add_argument("--out", type=Path, default=Path("lowmem_convergence.json"))
+    rep.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args(argv)
 
     if args.command == "memory":
@@ -153,8 +157,11 @@ def main(argv: list[str] | None = None) -> None:
         for fmt, sec in medians.items():
             print(f"  {fmt:5s} {sec * 1e3:9.2f} ms  x{sec / medians['fp32']:.2f} of fp32")
     else:
-        results = convergence(args.iters, args.seeds, args.out, args.lr, args.data,
-                              args.eval_interval)
+        if args.command == "report":
+            results = json.loads(args.out.read_text())
+        else:
+            results = convergence(args.iters, args.seeds, args.out, args.lr, args.data,
+                                  args.eval_interval)
         for fmt, mean, diff, n in summarize(results):
             print(f"  {fmt:5s} mean final val loss {mean:.4f} ({diff:+.4f} vs fp32, {n} seeds)")
         if args.plot is not None:

@@ -230,7 +230,7 @@ def lowmem_adan(
             flat = {k: v.view(-1) for k, v in state.items() if k != "step"}
             try:
                 _fast_kernel()(_real(param).view(-1), _real(grad).reshape(-1), flat, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - any backend failure falls back to eager
+            except Exception as exc:  # any compiler or backend failure: fall back to eager
                 _compile_failed = True
                 warnings.warn(
                     f"adan: torch.compile of the low-memory kernel failed ({exc!r}); "
