@@ -88,10 +88,17 @@ def convergence(
     return results
 
 
+def _complete(results: dict[str, Any]) -> dict[str, Any]:
+    """The runs of seeds that every setting has finished, so means compare like with like."""
+    seeds = {key.split("/")[1] for key in results}
+    done = {s for s in seeds if all(f"{fmt}/{s}" in results for fmt in STATE_FORMATS)}
+    return {k: v for k, v in results.items() if k.split("/")[1] in done}
+
+
 def summarize(results: dict[str, Any]) -> list[tuple[str, float, float, int]]:
-    """``(setting, mean final val loss, difference to fp32, seeds)`` per setting."""
+    """``(setting, mean final val loss, difference to fp32, seeds)`` over completed seeds."""
     finals: dict[str, list[float]] = {}
-    for key, result in results.items():
+    for key, result in _complete(results).items():
         finals.setdefault(key.split("/")[0], []).append(result["final_val_loss"])
     base = statistics.mean(finals.get("fp32", [float("nan")]))
     return [(fmt, statistics.mean(v), statistics.mean(v) - base, len(v))
@@ -99,14 +106,14 @@ def summarize(results: dict[str, Any]) -> list[tuple[str, float, float, int]]:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Mean validation loss over seeds against iteration, one line per setting."""
+    """Mean validation loss over completed seeds against iteration, one line per setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curves: dict[str, list[list[tuple[int, float]]]] = {}
-    for key, result in results.items():
+    for key, result in _complete(results).items():
         curves.setdefault(key.split("/")[0], []).append(result["val_curve"])
     fig, ax = plt.subplots(figsize=(6, 4))
     for fmt, runs in curves.items():
