@@ -18,6 +18,7 @@ from adan.distributed import (
     to_local_shards,
 )
 from adan.kernels.common import Scalar
+from adan.kernels.lowmem import convert_state, lowmem_adan, normalize_state_dtype
 from adan.kernels.select import select_kernel
 
 if TYPE_CHECKING:
@@ -75,6 +76,12 @@ class Adan(Optimizer):
             if it cannot be built; see ``adan.kernels.select``.
         differentiable: let autograd flow through the step (single-tensor path only).
         capturable: keep every step-dependent scalar on the device, for CUDA graphs.
+        state_dtype: storage of the four state buffers: ``"fp32"`` (the parameter's dtype,
+            16 B per fp32 parameter), ``"bf16"`` (8 B) or ``"int8"`` (blockwise 8-bit codes,
+            4.06 B). Compact state is re-encoded with stochastic rounding after each step and
+            converted on ``load_state_dict`` when the saved setting differs. See docs/lowmem.md.
+        stochastic_param_rounding: write bfloat16 parameters with stochastic rounding so that
+            updates smaller than their precision are not lost (no extra memory).
     """
 
     def __init__(
@@ -93,6 +100,8 @@ class Adan(Optimizer):
         differentiable: bool = False,
         capturable: bool = False,
         grad_norm_group: ProcessGroup | None = None,
+        state_dtype: str | torch.dtype = "fp32",
+        stochastic_param_rounding: bool = False,
     ) -> None:
         check_grad_norm_group(grad_norm_group)
         self._grad_norm_group = grad_norm_group
@@ -118,6 +127,12 @@ class Adan(Optimizer):
             raise ValueError(
                 "differentiable=True is supported only with foreach=False and fused=False"
             )
+        state_dtype = normalize_state_dtype(state_dtype)
+        if differentiable and (state_dtype != "fp32" or stochastic_param_rounding):
+            raise ValueError(
+                "differentiable=True is supported only with state_dtype='fp32' and "
+                "stochastic_param_rounding=False"
+            )
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -130,6 +145,8 @@ class Adan(Optimizer):
             fused=fused,
             differentiable=differentiable,
             capturable=capturable,
+            state_dtype=state_dtype,
+            stochastic_param_rounding=stochastic_param_rounding,
         )
         super().__init__(params, defaults)
 
@@ -150,8 +167,33 @@ class Adan(Optimizer):
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved by this class, by sail-sg/Adan or by timm's Adan."""
-        super().load_state_dict(convert_foreign_state_dict(state_dict))
+        """Load a state dict saved by this class, by sail-sg/Adan or by timm's Adan.
+
+        Each group keeps its current ``state_dtype``; saved state in another format is converted.
+        """
+        state_dict = convert_foreign_state_dict(state_dict)
+        formats = [normalize_state_dtype(g["state_dtype"]) for g in self.param_groups]
+        # The base class would cast every buffer to the parameter's dtype (int8 codes and bf16
+        # state included), so buffers bypass it and are only moved to the parameter's device.
+        buffers = {pid: {k: v for k, v in s.items() if k != "step"}
+                   for pid, s in state_dict["state"].items()}
+        super().load_state_dict({
+            "state": {pid: {k: v for k, v in s.items() if k == "step"}
+                      for pid, s in state_dict["state"].items()},
+            "param_groups": state_dict["param_groups"],
+        })
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        for group, fmt in zip(self.param_groups, formats, strict=True):
+            group["state_dtype"] = fmt
+        for pid, param in zip(saved_ids, (p for g in self.param_groups for p in g["params"]),
+                              strict=True):
+            if pid not in buffers:
+                continue
+            state = self.state[param]
+            state.update({k: v.to(param.device) if isinstance(v, Tensor) else v
+                          for k, v in buffers[pid].items()})
+            group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+            convert_state(state, param, self._state_format(group))
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -167,6 +209,13 @@ class Adan(Optimizer):
                 if key in state:
                     state[key].zero_()
             state.pop("prev_grad", None)
+
+    @staticmethod
+    def _state_format(group: dict[str, Any]) -> str | None:
+        """The low-memory format of a group's state, or None for the ordinary kernels."""
+        if group["state_dtype"] == "fp32" and not group["stochastic_param_rounding"]:
+            return None
+        return str(group["state_dtype"])
 
     def _global_grad_factor(self, grad_scale: Tensor | None = None) -> Tensor | None:
         """The factor every gradient is multiplied by, as a device tensor, or None for 1.
@@ -255,6 +304,22 @@ class Adan(Optimizer):
             return loss
         grad_factor = self._global_grad_factor(grad_scale)
         for group in self.param_groups:
+            fmt = self._state_format(group)
+            if fmt is not None:
+                params = [p for p in group["params"] if p.grad is not None]
+                if any(p.grad.is_sparse for p in params):
+                    raise RuntimeError("Adan does not support sparse gradients")
+                beta1, beta2, beta3 = group["betas"]
+                lowmem_adan(
+                    params, [p.grad for p in params], [self.state[p] for p in params],
+                    fmt=fmt, compiled=group["foreach"] is not False, grad_factor=grad_factor,
+                    lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
+                    weight_decay=group["weight_decay"], no_prox=group["no_prox"],
+                    maximize=group["maximize"],
+                    stochastic_param=group["stochastic_param_rounding"],
+                    capturable=group["capturable"],
+                )
+                continue
             tensors: dict[str, list[Tensor]] = {
                 k: [] for k in ("params", "grads", *_STATE_KEYS, "steps")
             }

@@ -1,1 +1,1 @@
-"""Measurements: training the small character-level GPT, speed of the update kernels."""
+"""Measurements: training the small character-level GPT, speed and memory of the update kernels."""

@@ -1,0 +1,179 @@
+"""Benchmarks of Adan's low-memory state: bytes per parameter, step time, convergence.
+
+``python -m adan.bench.lowmem memory|speed`` prints a table; ``convergence`` trains the
+character-level GPT of :mod:`adan.bench.charlm` for each state setting and seed, writes the
+curves to JSON and, with ``--plot``, draws the mean validation curves (needs matplotlib);
+``report`` summarises and plots a saved JSON without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adan import Adan
+from adan.kernels.lowmem import STATE_FORMATS, state_bytes
+
+__all__ = ["main"]
+
+
+def _make(params: list[torch.Tensor], fmt: str, **kwargs: Any) -> Adan:
+    return Adan(params, lr=1e-3, weight_decay=0.02, state_dtype=fmt, **kwargs)
+
+
+def memory(numel: int) -> list[tuple[str, float]]:
+    """Measured state bytes per parameter after one step on one ``numel``-element tensor."""
+    rows = []
+    for fmt in STATE_FORMATS:
+        p = torch.zeros(numel, requires_grad=True)
+        p.grad = torch.randn(numel)
+        opt = _make([p], fmt, foreach=False)
+        opt.step()
+        rows.append((fmt, state_bytes([opt.state[p]]) / numel))
+    return rows
+
+
+def speed(numel: int, tensors: int, repeats: int, steps: int) -> dict[str, float]:
+    """Median seconds per step of each setting, timed in interleaved rounds."""
+    torch.manual_seed(0)
+    runs = {}
+    for fmt in STATE_FORMATS:
+        params = [torch.zeros(numel, requires_grad=True) for _ in range(tensors)]
+        for p in params:
+            p.grad = torch.randn(numel)
+        opt = _make(params, fmt)
+        for _ in range(3):  # warm-up, compilation included
+            opt.step()
+        runs[fmt] = opt
+    times: dict[str, list[float]] = {fmt: [] for fmt in STATE_FORMATS}
+    for _ in range(repeats):
+        for fmt, opt in runs.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+            times[fmt].append((time.perf_counter() - start) / steps)
+    return {fmt: statistics.median(t) for fmt, t in times.items()}
+
+
+def convergence(
+    iters: int, seeds: list[int], out: Path, lr: float, data_path: str | None,
+    eval_interval: int = 250,
+) -> dict[str, Any]:
+    """Train the char-level GPT per (setting, seed); save and return the curves."""
+    from adan.bench.charlm import CharData, CharLMConfig, find_data, train_charlm
+
+    data = CharData.from_file(find_data(data_path))
+    results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    for seed in seeds:
+        for fmt in STATE_FORMATS:
+            key = f"{fmt}/{seed}"
+            if key in results:
+                continue
+            cfg = CharLMConfig(max_iters=iters, seed=seed, eval_interval=eval_interval)
+
+            def make(groups: list[dict[str, Any]], fmt: str = fmt) -> Adan:
+                return Adan(groups, lr=lr, weight_decay=0.02, state_dtype=fmt)
+
+            result = train_charlm(make, cfg, data)
+            results[key] = result
+            print(f"{key}: final val {result['final_val_loss']:.4f} "
+                  f"({result['seconds']:.0f} s)", flush=True)
+            out.write_text(json.dumps(results))
+    return results
+
+
+def _complete(results: dict[str, Any]) -> dict[str, Any]:
+    """The runs of seeds that every setting has finished, so means compare like with like."""
+    seeds = {key.split("/")[1] for key in results}
+    done = {s for s in seeds if all(f"{fmt}/{s}" in results for fmt in STATE_FORMATS)}
+    return {k: v for k, v in results.items() if k.split("/")[1] in done}
+
+
+def summarize(results: dict[str, Any]) -> list[tuple[str, float, float, int]]:
+    """``(setting, mean final val loss, difference to fp32, seeds)`` over completed seeds."""
+    finals: dict[str, list[float]] = {}
+    for key, result in _complete(results).items():
+        finals.setdefault(key.split("/")[0], []).append(result["final_val_loss"])
+    base = statistics.mean(finals.get("fp32", [float("nan")]))
+    return [(fmt, statistics.mean(v), statistics.mean(v) - base, len(v))
+            for fmt, v in finals.items()]
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Mean validation loss over completed seeds against iteration, one line per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[list[tuple[int, float]]]] = {}
+    for key, result in _complete(results).items():
+        curves.setdefault(key.split("/")[0], []).append(result["val_curve"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for fmt, runs in curves.items():
+        its = [it for it, _ in runs[0]]
+        means = [statistics.mean(run[i][1] for run in runs) for i in range(len(its))]
+        ax.plot(its, means, label=f"{fmt} state ({len(runs)} seeds)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation loss")
+    ax.set_ylim(top=2.6)
+    ax.legend()
+    ax.set_title("char-level GPT on Tiny Shakespeare, Adan")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point; see the module docstring."""
+    parser = argparse.ArgumentParser(prog="python -m adan.bench.lowmem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    mem = sub.add_parser("memory", help="state bytes per parameter")
+    mem.add_argument("--numel", type=int, default=1 << 20)
+    spd = sub.add_parser("speed", help="median step time per setting")
+    spd.add_argument("--numel", type=int, default=1 << 20)
+    spd.add_argument("--tensors", type=int, default=4)
+    spd.add_argument("--repeats", type=int, default=7)
+    spd.add_argument("--steps", type=int, default=5)
+    conv = sub.add_parser("convergence", help="char-level GPT, each setting and seed")
+    conv.add_argument("--iters", type=int, default=2000)
+    conv.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
+    conv.add_argument("--lr", type=float, default=3e-3)
+    conv.add_argument("--eval-interval", type=int, default=250)
+    conv.add_argument("--data", default=None)
+    conv.add_argument("--out", type=Path, default=Path("lowmem_convergence.json"))
+    conv.add_argument("--plot", type=Path, default=None)
+    rep = sub.add_parser("report", help="summarise (and plot) a convergence JSON, no training")
+    rep.add_argument("--out", type=Path, default=Path("lowmem_convergence.json"))
+    rep.add_argument("--plot", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    if args.command == "memory":
+        print(f"state bytes per parameter ({args.numel} elements)")
+        for fmt, per in memory(args.numel):
+            print(f"  {fmt:5s} {per:7.4f}")
+    elif args.command == "speed":
+        medians = speed(args.numel, args.tensors, args.repeats, args.steps)
+        print(f"median step time, {args.tensors} x {args.numel} params, "
+              f"{torch.get_num_threads()} threads")
+        for fmt, sec in medians.items():
+            print(f"  {fmt:5s} {sec * 1e3:9.2f} ms  x{sec / medians['fp32']:.2f} of fp32")
+    else:
+        if args.command == "report":
+            results = json.loads(args.out.read_text())
+        else:
+            results = convergence(args.iters, args.seeds, args.out, args.lr, args.data,
+                                  args.eval_interval)
+        for fmt, mean, diff, n in summarize(results):
+            print(f"  {fmt:5s} mean final val loss {mean:.4f} ({diff:+.4f} vs fp32, {n} seeds)")
+        if args.plot is not None:
+            plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
