@@ -92,3 +92,12 @@ def test_cli_missing_data_is_a_clear_error(tmp_path: Path,
     assert cli.main(["demo", "--data", str(missing)]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "--data PATH" in err
+
+
+def test_cli_bench_dispatches_to_the_benchmark(capsys):
+    """`adan bench NAME ARGS` runs adan.bench.NAME.main(ARGS) and returns its status."""
+    from adan.__main__ import main
+
+    assert main(["bench", "lowmem", "memory"]) == 0
+    out = capsys.readouterr().out
+    assert "int8" in out and "16.0000" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -33,9 +34,34 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_demo)
 
 
+# ``adan bench NAME ARGS...`` hands ARGS to ``adan.bench.NAME.main``.
+BENCHMARKS = {
+    "speed": "optimizer-step speed against the memory floor and the peers",
+    "lowmem": "bytes, speed and convergence of the low-memory state settings",
+}
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    """Import the chosen benchmark module only now: it may need the bench extra."""
+    module = importlib.import_module(f"adan.bench.{args.bench}")
+    return int(module.main(args.args) or 0)
+
+
+def add_bench(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``bench``: run one of the benchmarks in :mod:`adan.bench`."""
+    parser = subparsers.add_parser(
+        "bench", help="run a benchmark: " + ", ".join(BENCHMARKS),
+        description="Run a benchmark; arguments after its name go to it (try `-h` after it). "
+        + " ".join(f"{name}: {text}." for name, text in BENCHMARKS.items()),
+    )
+    parser.add_argument("bench", choices=sorted(BENCHMARKS))
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    parser.set_defaults(handler=_run_bench)
+
+
 # Each entry adds one subcommand and sets its ``handler`` (args -> exit status); a new command
 # (e.g. ``bench``) is one more ``add_*`` function in this list.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
