@@ -76,7 +76,8 @@ def test_cli_demo_prints_table(text_file: Path, capsys: pytest.CaptureFixture[st
     table = printed[printed.index("validation loss"):].splitlines()
     assert "Adan" in table[1] and "AdamW" in table[1]
     assert [line.split()[0] for line in table[3:6]] == ["0", "1", "2"]
-    assert [line.split()[0] for line in table[-3:]] == ["val", "train", "sec"]
+    assert [line.split()[0] for line in table[-4:-1]] == ["val", "train", "sec"]
+    assert table[-1].startswith("AdamW: nanoGPT's published settings")
 
 
 def test_cli_without_command_runs_demo(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,21 +15,29 @@ from adan.optimizer import Adan
 
 __all__ = ["DEMO_ITERS", "demo_config", "run_demo"]
 
-DEMO_ITERS = 1500
+DEMO_ITERS = 2000
 
 # nanoGPT's shakespeare_char settings for AdamW.
 ADAMW_KWARGS: dict[str, Any] = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-# Adan: default betas, peak lr 3x AdamW's. Chosen on this demo (2000 and 1000 iterations,
-# seed 1337); see the comment block below for what was tried.
-ADAN_KWARGS: dict[str, Any] = dict(lr=3e-3, weight_decay=0.02)
+# Adan: default betas, peak lr 10x AdamW's (the paper's upper range). Final val loss of a
+# quick check on this demo (1500 iterations, seed 1337; AdamW above: 1.993):
+#   wd 0.02, lr 8e-3: 1.893, 1e-2: 1.872, 1.5e-2: 1.851, 2e-2: 1.843; wd 0.05, lr 1e-2: 1.868.
+# At 1000 iterations: lr 2e-3: 2.204, 3e-3: 2.158, 5e-3: 2.054, 1e-2: 1.981 (AdamW 2.140).
+# At 2000 iterations (the demo): lr 3e-3: 1.920, 1e-2: 1.787, 2e-2: 1.775 (AdamW 1.903).
+# The gain flattens above 1e-2, so we keep the paper-range 1e-2 rather than the last few
+# hundredths of a nat, and the suggested weight decay of 0.02 (0.05 was within noise).
+# Fairness: AdamW is run as nanoGPT publishes it, untuned here; AdamW at lr 3e-3 reaches
+# 1.771 at 2000 iterations, level with the best Adan, so this demo is not a tuned-vs-tuned test.
+ADAN_KWARGS: dict[str, Any] = dict(lr=1e-2, weight_decay=0.02)
 
 
 def demo_config(iters: int = DEMO_ITERS, seed: int = 1337) -> CharLMConfig:
-    """nanoGPT's CPU model with fewer iterations, so both runs fit in a few minutes."""
+    """nanoGPT's CPU recipe (2000 iterations: about 3 minutes for both runs on 2 idle cores),
+    with warm-up and evaluation spacing scaled to ``iters`` for shorter runs."""
     return CharLMConfig(
         max_iters=iters,
         warmup_iters=min(100, iters // 10),
-        eval_interval=max(1, iters // 6),
+        eval_interval=max(1, iters // 8),
         seed=seed,
     )
 
@@ -95,4 +103,6 @@ def run_demo(
         say(f"  {results[name]['seconds']:.1f} s")
     say()
     say(_format_table(results))
+    say("AdamW: nanoGPT's published settings, not re-tuned; Adan: lr from a small sweep on this "
+        "run (see adan/demo.py)")
     return results

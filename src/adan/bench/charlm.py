@@ -264,10 +264,10 @@ def train_charlm(
     ``make_optimizer`` receives the param groups and returns the optimizer; the peak learning
     rate of each group is the ``lr`` it has after that call. ``progress(iter, train_loss,
     val_loss)`` is called at every evaluation. Returns the loss curves, final losses, the
-    parameter count and the wall time in seconds.
+    parameter count and the wall time in seconds of training and evaluation (the model and
+    optimizer construction, which may include one-time imports, are not counted).
     """
     _cap_threads()
-    start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = CharGPT(data.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
@@ -275,6 +275,7 @@ def train_charlm(
         optimizer = make_optimizer(param_groups(model))
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
+        start = time.perf_counter()
         batches = torch.Generator().manual_seed(cfg.seed)
         train_curve: list[tuple[int, float]] = []
         val_curve: list[tuple[int, float]] = []
