@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +114,27 @@ def assert_matches_reference(
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+def tiny_text(length: int = 4000) -> str:
+    """A pseudo-random 53-character phrase repeated, so a tiny model can learn it quickly."""
+    rng = random.Random(0)
+    phrase = "".join(rng.choice("abcdefg hij\n") for _ in range(53))
+    return (phrase * (length // len(phrase) + 1))[:length]
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    """A tiny training text on disk, for the char-level GPT and the demo."""
+    path = tmp_path / "tiny.txt"
+    path.write_text(tiny_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import io
-import random
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 import adan.__main__ as cli
 from adan import demo
 from adan.bench.charlm import CharLMConfig
 from adan.demo import DEMO_ITERS, demo_config, run_demo
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny runs gain nothing from intra-op threads, and on a busy machine they stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def text_file(tmp_path: Path) -> Path:
-    """A pseudo-random phrase repeated: long enough for context 64, easy to learn."""
-    rng = random.Random(1)
-    phrase = "".join(rng.choice("klmnop qrs\n") for _ in range(41))
-    path = tmp_path / "tiny.txt"
-    path.write_text(phrase * 60, encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_run_demo_trains_both_from_one_init(text_file: Path) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_text
 
 from adan import Adan
 from adan.bench import charlm
@@ -17,27 +16,7 @@ TINY = CharLMConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=16
                     warmup_iters=5, eval_interval=20, eval_iters=4, seed=3)
 
 
-def tiny_text(length: int = 4000) -> str:
-    """A pseudo-random 53-character phrase repeated, so a tiny model can learn it quickly."""
-    rng = random.Random(0)
-    phrase = "".join(rng.choice("abcdefg hij\n") for _ in range(53))
-    return (phrase * (length // len(phrase) + 1))[:length]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def text_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.txt"
-    path.write_text(tiny_text(), encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_find_data_prefers_argument_then_env(text_file: Path, tmp_path: Path,
