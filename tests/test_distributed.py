@@ -27,7 +27,8 @@ if not (dist.is_available() and dist.is_gloo_available()):
 import dist_worker  # noqa: E402  (imports torch.distributed.fsdp, checkpoint, optim)
 
 TIMEOUT_S = 90
-PATHS = [dict(foreach=False), dict(foreach=True), dict(foreach=True, capturable=True)]
+PATHS = [dict(foreach=False), dict(foreach=True), dict(foreach=True, capturable=True),
+         dict(fused=True)]
 STATE_OPTIONS: list[dict[str, Any]] = [{}]
 TOL = dict(rtol=1e-10, atol=1e-12)  # float64; the runs agree to ~1e-16 on this machine
 
@@ -106,6 +107,7 @@ def test_fsdp2_matches_reference_and_single_process(tmp_path, path):
         max_grad_norm = float(name.split("-")[0])
         result = load(tmp_path, f"fsdp-{name}")
         assert result["plain_state_rejected"]
+        assert result["lowmem_rejected"]
         first = torch.linalg.vector_norm(torch.cat([g.flatten() for g in result["grads"][0]]))
         assert max_grad_norm == 0.0 or first > 2 * max_grad_norm  # clipping is active
         assert_params(result["params"], replay(result["grads"], max_grad_norm), TOL)

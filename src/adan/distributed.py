@@ -112,6 +112,15 @@ def _local(t: Tensor, param: Tensor, name: str) -> Tensor:
     return t.to_local()
 
 
+def reject_dtensors(params: list[Tensor], what: str) -> None:
+    """Raise, before anything is written, if ``what`` cannot run on DTensor parameters yet."""
+    if any(_is_dtensor(p) for p in params):
+        raise NotImplementedError(
+            f"{what} does not support DTensor (FSDP2) parameters yet; use the default "
+            "state_dtype='fp32' with sharded parameters"
+        )
+
+
 def to_local_shards(tensors: dict[str, list[Tensor]]) -> None:
     """Replace, in place, every DTensor in the kernel's lists by its local shard (a view).
 

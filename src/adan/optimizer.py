@@ -14,6 +14,7 @@ from adan.compat import convert_foreign_state_dict
 from adan.distributed import (
     check_grad_norm_group,
     global_grad_norm,
+    reject_dtensors,
     scrub_grad_norm_group,
     to_local_shards,
 )
@@ -309,6 +310,7 @@ class Adan(Optimizer):
                 params = [p for p in group["params"] if p.grad is not None]
                 if any(p.grad.is_sparse for p in params):
                     raise RuntimeError("Adan does not support sparse gradients")
+                reject_dtensors(params, f"state_dtype={fmt!r}")
                 beta1, beta2, beta3 = group["betas"]
                 lowmem_adan(
                     params, [p.grad for p in params], [self.state[p] for p in params],
