@@ -114,41 +114,37 @@ def fsdp(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:
              lowmem_rejected=lowmem_rejected(model, rank, world))
 
 
-def lowmem_rejected(model: nn.Module, rank: int, world: int) -> bool:
-    """Whether compact state on DTensor params (not supported yet) fails clearly, intact."""
-    opt = Adan(model.parameters(), state_dtype="bf16")
+def step_rejected(model: nn.Module, opt: Adan, rank: int, world: int,
+                  error: type[Exception], needle: str) -> bool:
+    """Whether one step raises ``error`` mentioning ``needle`` and leaves the params intact."""
     x, y = batch(0, rank, world)
     model.zero_grad()
     F.mse_loss(model(x), y).backward()
     before = [full(p) for p in model.parameters()]
     try:
         opt.step()
-    except NotImplementedError as error:
-        clear = "DTensor" in str(error)
+    except error as exc:
+        clear = needle in str(exc)
     else:
         clear = False
     return clear and all(torch.equal(full(p), b)
                          for p, b in zip(model.parameters(), before, strict=True))
 
 
+def lowmem_rejected(model: nn.Module, rank: int, world: int) -> bool:
+    """Whether compact state on DTensor params (not supported yet) fails clearly."""
+    opt = Adan(model.parameters(), state_dtype="bf16")
+    return step_rejected(model, opt, rank, world, NotImplementedError, "DTensor")
+
+
 def plain_state_rejected(model: nn.Module, opt: Adan, rank: int, world: int) -> bool:
-    """Whether unsharded state loaded for DTensor params fails clearly, leaving params intact."""
+    """Whether unsharded state loaded for DTensor params fails clearly."""
     state_dict = opt.state_dict()
     for state in state_dict["state"].values():
         for key, value in state.items():
             state[key] = full(value)
     opt.load_state_dict(state_dict)
-    x, y = batch(0, rank, world)
-    F.mse_loss(model(x), y).backward()
-    before = [full(p) for p in model.parameters()]
-    try:
-        opt.step()
-    except ValueError as error:
-        clear = "set_optimizer_state_dict" in str(error)
-    else:
-        clear = False
-    return clear and all(torch.equal(full(p), b)
-                         for p, b in zip(model.parameters(), before, strict=True))
+    return step_rejected(model, opt, rank, world, ValueError, "set_optimizer_state_dict")
 
 
 def ddp(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:
