@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from adan.bench.loop import Schedule, cap_threads, fit
 
 __all__ = [
     "DEFAULT_DATA",
@@ -26,7 +27,9 @@ __all__ = [
     "CharGPT",
     "CharLMConfig",
     "find_data",
+    "estimate_loss",
     "param_groups",
+    "train_char_model",
     "train_charlm",
 ]
 
@@ -204,6 +207,7 @@ class CharLMConfig:
     eval_iters: int = 20
     seed: int = 1337
     dropout: float = 0.0
+    eval_batch_size: int | None = None
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -218,39 +222,60 @@ def param_groups(model: nn.Module) -> list[dict[str, Any]]:
     ]
 
 
-def _lr_factor(it: int, cfg: CharLMConfig) -> float:
-    """Linear warm-up to 1, then cosine decay to ``lr_decay_to`` at ``max_iters``."""
-    if it < cfg.warmup_iters:
-        return (it + 1) / (cfg.warmup_iters + 1)
-    span = max(1, cfg.max_iters - cfg.warmup_iters)
-    progress = min(1.0, (it - cfg.warmup_iters) / span)
-    return cfg.lr_decay_to + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - cfg.lr_decay_to)
+class EvalWindows(Protocol):
+    """The fields of a character-model configuration that define its evaluation batches."""
 
-
-def _cap_threads() -> None:
-    """Keep torch's intra-op pool no larger than the cores this process may run on."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if cores and torch.get_num_threads() > cores:
-        torch.set_num_threads(cores)
+    seed: int
+    eval_iters: int
+    batch_size: int
+    eval_batch_size: int | None
+    block_size: int
 
 
 @torch.no_grad()
-def _estimate_loss(
-    model: CharGPT, data: CharData, cfg: CharLMConfig
-) -> tuple[float, float]:
-    """Mean train and val loss over the same ``eval_iters`` batches at every evaluation."""
-    model.eval()
+def estimate_loss(model: nn.Module, data: CharData, cfg: EvalWindows) -> tuple[float, float]:
+    """Mean train and val loss of a ``(batch, time) -> logits`` model over the same
+    ``eval_iters`` batches at every evaluation (of ``eval_batch_size``, default the
+    training batch size)."""
+    batch = cfg.eval_batch_size or cfg.batch_size
     means = []
     for offset, split in enumerate(("train", "val")):
         gen = torch.Generator().manual_seed(cfg.seed + 1 + offset)
         total = 0.0
         for _ in range(cfg.eval_iters):
-            x, y = data.get_batch(split, cfg.batch_size, cfg.block_size, gen)
+            x, y = data.get_batch(split, batch, cfg.block_size, gen)
             logits = model(x)
             total += F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
         means.append(total / cfg.eval_iters)
-    model.train()
     return means[0], means[1]
+
+
+class CharRun(EvalWindows, Schedule, Protocol):
+    """A character-model configuration: evaluation windows plus the training schedule."""
+
+
+def train_char_model(
+    build_model: Callable[[], nn.Module],
+    make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+    cfg: CharRun,
+    data: CharData,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``build_model()`` (a ``(batch, time) -> logits`` model, built under ``cfg.seed``)
+    on next-character prediction with the same seeded batches for any optimizer."""
+    cap_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model()
+        optimizer = make_optimizer(param_groups(model))
+        batches = torch.Generator().manual_seed(cfg.seed)
+
+        def train_loss() -> Tensor:
+            x, y = data.get_batch("train", cfg.batch_size, cfg.block_size, batches)
+            return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+        return fit(model, optimizer, cfg, train_loss, lambda: estimate_loss(model, data, cfg),
+                   progress)
 
 
 def train_charlm(
@@ -263,49 +288,11 @@ def train_charlm(
 
     ``make_optimizer`` receives the param groups and returns the optimizer; the peak learning
     rate of each group is the ``lr`` it has after that call. ``progress(iter, train_loss,
-    val_loss)`` is called at every evaluation. Returns the loss curves, final losses, the
-    parameter count and the wall time in seconds of training and evaluation (the model and
-    optimizer construction, which may include one-time imports, are not counted).
+    val_loss)`` is called at every evaluation. Returns what :func:`adan.bench.loop.fit` does:
+    loss curves, final losses, the parameter count and the wall time of training and
+    evaluation (model and optimizer construction, which may import things once, not counted).
     """
-    _cap_threads()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = CharGPT(data.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
-                        cfg.dropout)
-        optimizer = make_optimizer(param_groups(model))
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-        start = time.perf_counter()
-        batches = torch.Generator().manual_seed(cfg.seed)
-        train_curve: list[tuple[int, float]] = []
-        val_curve: list[tuple[int, float]] = []
-
-        def evaluate(it: int) -> None:
-            train_loss, val_loss = _estimate_loss(model, data, cfg)
-            train_curve.append((it, train_loss))
-            val_curve.append((it, val_loss))
-            if progress is not None:
-                progress(it, train_loss, val_loss)
-
-        for it in range(cfg.max_iters):
-            if it % cfg.eval_interval == 0:
-                evaluate(it)
-            factor = _lr_factor(it, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-            x, y = data.get_batch("train", cfg.batch_size, cfg.block_size, batches)
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-        evaluate(cfg.max_iters)
-    return {
-        "val_curve": val_curve,
-        "train_curve": train_curve,
-        "final_val_loss": val_curve[-1][1],
-        "final_train_loss": train_curve[-1][1],
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "seconds": time.perf_counter() - start,
-    }
+    return train_char_model(
+        lambda: CharGPT(data.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
+                        cfg.dropout),
+        make_optimizer, cfg, data, progress)
