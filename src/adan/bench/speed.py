@@ -8,18 +8,15 @@ run on a buffer larger than the last-level cache.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import sys
 import time
-import types
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from adan import Adan
+from adan.bench.peers import PEERS
 
 # Bytes an fp32 step must read and write per element: Adan reads p, g, m, v, n, prev and
 # writes p, m, v, n, prev; AdamW reads p, g, m, v and writes p, m, v.
@@ -60,31 +57,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _load_timm_adan() -> type | None:
-    """timm's Adan from its file, without importing timm (which would import torchvision)."""
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    optim_dir = Path(spec.submodule_search_locations[0]) / "optim"
-    package = types.ModuleType("_timm_optim")
-    package.__path__ = [str(optim_dir)]
-    sys.modules["_timm_optim"] = package
-    for name in ("_helpers", "adan"):
-        file_spec = importlib.util.spec_from_file_location(f"_timm_optim.{name}",
-                                                           optim_dir / f"{name}.py")
-        assert file_spec is not None and file_spec.loader is not None
-        module = importlib.util.module_from_spec(file_spec)
-        sys.modules[file_spec.name] = module
-        file_spec.loader.exec_module(module)
-    return sys.modules["_timm_optim.adan"].Adan  # type: ignore[no-any-return]
-
-
-def _peer(module: str, attr: str) -> type | None:
-    if importlib.util.find_spec(module) is None:
-        return None
-    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
-
-
 def _factory(cls: type, kwargs: dict[str, Any]) -> Factory:
     return lambda ps: cls(ps, **kwargs)  # type: ignore[no-any-return]
 
@@ -101,12 +73,7 @@ def rows() -> list[tuple[str, int, Factory | str]]:
         ("torch AdamW foreach", ADAMW_BYTES,
          lambda ps: torch.optim.AdamW(ps, foreach=True, **hp)),
     ]
-    peers: list[tuple[str, Callable[[], type | None], dict[str, Any]]] = [
-        ("timm Adan (foreach)", _load_timm_adan, dict(foreach=True)),
-        ("pytorch-optimizer Adan", lambda: _peer("pytorch_optimizer", "Adan"), {}),
-        ("torch-optimi Adan", lambda: _peer("optimi", "Adan"), {}),
-    ]
-    for name, load, extra in peers:
+    for name, load, extra in PEERS:
         try:
             cls = load()
         except Exception as exc:  # noqa: BLE001 - a broken peer is a skipped row, not a crash
