@@ -28,10 +28,17 @@ def test_sgd_is_nesterov_and_adam_family_uses_nanogpt_betas_on_lms() -> None:
     assert contenders.settings("Adan", "cnn") == dict(weight_decay=0.02)
 
 
-def test_peers_share_our_settings() -> None:
+def test_peers_and_control_share_our_settings() -> None:
     for peer in contenders.PEER_NAMES:
         assert contenders.settings(peer, "lm")["weight_decay"] == 0.02
-    assert set(contenders.available_peers()) <= set(contenders.PEER_NAMES)
+    found = contenders.available_peers()
+    assert found[0] == contenders.CONTROL
+    assert set(found[1:]) <= set(contenders.PEER_NAMES)
+    param = torch.nn.Parameter(torch.zeros(3))
+    control = contenders.build(contenders.CONTROL, [{"params": [param]}], 0.1, "lm")
+    assert isinstance(control, Adan)
+    assert control.param_groups[0]["foreach"] is False
+    assert control.param_groups[0]["fused"] is False
 
 
 @pytest.mark.parametrize(("name", "family", "match"), [

@@ -71,11 +71,14 @@ def test_every_task_learns_and_writes_its_outputs(study: tuple[Path, dict[str, A
     table = (out / "results.md").read_text()
     for name in ("charlm", "cnn", "lstm", "largebatch"):
         assert f"### {name}" in table
-    # 2 optimizers x (4 grid points + 1 extra seed) per grid task.
+    # Each optimizer's grid (4 points, grown past an edge best) plus 1 extra seed.
     for name in ("charlm", "cnn", "lstm"):
         task = results["tasks"][name]
-        assert len(task["runs"]) == 10
-        assert task["grids"]["Adan"] == train.grid_for(task["kind"], "Adan")
+        grids = task["grids"]
+        assert len(task["runs"]) == sum(len(grid) + 1 for grid in grids.values())
+        for opt in OPTS:
+            assert set(train.grid_for(task["kind"], opt)) <= set(grids[opt])
+            assert 4 <= len(grids[opt]) <= 4 + train.MAX_EXTEND
     assert "final_val_acc" in results["tasks"]["cnn"]["runs"][0]
 
 
@@ -135,7 +138,8 @@ def test_interrupted_study_continues(tmp_path: Path, text_file: Path,
     assert not list((tmp_path / "runs").glob(".*"))
     monkeypatch.setattr(train, "execute", real)
     results = run_study(tmp_path, tasks, ["Adan"], seeds=2, progress=False)
-    assert len(results["tasks"]["cnn"]["runs"]) == 5
+    cnn = results["tasks"]["cnn"]
+    assert len(cnn["runs"]) == len(cnn["grids"]["Adan"]) + 1 >= 5
 
 
 def _record(opt: str, lr: float, final: float | None, curve: list[float], role: str = "grid",
@@ -242,14 +246,35 @@ def test_plan_waits_for_the_grid_before_seeds_and_largebatch() -> None:
     roles = {run.role for _, run in runs}
     assert roles == {"grid"}
     assert total == 3 * (2 * (4 + 2) + 1) + 2 * 2 * 3
-    done = {run.key(): {"lr": run.lr, "final_val_loss": 1.0 + run.lr} for _, run in runs}
+    done = {run.key(): {"lr": run.lr, "final_val_loss":
+                        abs(run.lr - train.grid_for(run.kind, run.optimizer)[1])}
+            for _, run in runs}
     runs, _ = train.plan(tasks, OPTS, ["timm Adan (foreach)"], 3, done)
     by_role = {role: [r for _, r in runs if r.role == role] for role in ("seed", "peer",
                                                                          "largebatch")}
     assert len(by_role["seed"]) == 3 * 2 * 2 and len(by_role["peer"]) == 3
     assert {r.lr for name, r in runs if r.role == "seed" and r.optimizer == "Adan"
-            and name == "charlm"} == {train.grid_for("charlm", "Adan")[0]}
+            and name == "charlm"} == {train.grid_for("charlm", "Adan")[1]}
     assert len(by_role["largebatch"]) == 2 * 2 * 3
+
+
+def test_grid_grows_past_an_edge_best_at_most_twice() -> None:
+    task = tiny_tasks()[0]
+    base = train.grid_for("charlm", "AdamW")
+    done: dict[str, dict[str, Any]] = {}
+    for size in (4, 5, 6):
+        runs, best = train._grid_runs(task, "AdamW", done)
+        assert [r.lr for r in runs] == pytest.approx([base[0] * 2.0**k for k in range(size)])
+        assert best is None
+        done.update({r.key(): {"lr": r.lr, "final_val_loss": 1 / r.lr} for r in runs})
+    runs, best = train._grid_runs(task, "AdamW", done)
+    assert len(runs) == 6 and best == pytest.approx(base[-1] * 4)
+    # An inner best ends the search at once; below the grid it grows downwards.
+    done = {r.key(): {"lr": r.lr, "final_val_loss": abs(r.lr - base[1])}
+            for r in train._grid_runs(task, "AdamW", {})[0]}
+    assert train._grid_runs(task, "AdamW", done)[1] == base[1]
+    done = {k: {**v, "final_val_loss": v["lr"]} for k, v in done.items()}
+    assert train._grid_runs(task, "AdamW", done)[0][0].lr == pytest.approx(base[0] / 2)
 
 
 def test_scaling_rules() -> None:

@@ -15,9 +15,12 @@ import torch
 from adan.bench.peers import PEERS
 from adan.optimizer import Adan
 
-__all__ = ["BASELINES", "OURS", "PEER_NAMES", "available_peers", "build", "settings"]
+__all__ = ["BASELINES", "CONTROL", "OURS", "PEER_NAMES", "available_peers", "build", "settings"]
 
 OURS = "Adan"
+# Our own per-tensor kernel: the same algorithm summed in another order. Its gap to the default
+# kernel shows how far rounding alone moves a trajectory, the yardstick for the peers' gaps.
+CONTROL = "Adan single-tensor (control)"
 BASELINES = ("AdamW", "Adam", "NAdam", "RAdam", "SGD-Nesterov")
 PEER_NAMES = tuple(name for name, _, _ in PEERS)
 
@@ -41,6 +44,7 @@ def settings(name: str, family: str) -> dict[str, Any]:
         "SGD-Nesterov": dict(momentum=0.9, nesterov=True, weight_decay=_SGD_DECAY[family]),
     }
     table.update({peer: dict(table[OURS], **extra) for peer, _, extra in PEERS})
+    table[CONTROL] = dict(table[OURS], foreach=False, fused=False)
     if name not in table:
         raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(table)}")
     return table[name]
@@ -48,6 +52,7 @@ def settings(name: str, family: str) -> dict[str, Any]:
 
 _TORCH: dict[str, Callable[..., torch.optim.Optimizer]] = {
     OURS: Adan,
+    CONTROL: Adan,
     "AdamW": torch.optim.AdamW,
     "Adam": torch.optim.Adam,
     "NAdam": torch.optim.NAdam,
@@ -57,8 +62,8 @@ _TORCH: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 
 def available_peers() -> list[str]:
-    """The peers' Adans that can be loaded here (installed and importable)."""
-    found = []
+    """Our control kernel, then the peers' Adans that can be loaded here."""
+    found = [CONTROL]
     for name, load, _ in PEERS:
         try:
             if load() is not None:

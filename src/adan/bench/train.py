@@ -62,7 +62,7 @@ def _grid(center: float) -> list[float]:
 
 
 # Learning-rate grids: the same shape (4 points, x2 apart) for everyone, placed around each
-# family's usual range; results flag a best value on a grid edge.
+# family's usual range; a best value on an edge grows the grid (see ``_grid_runs``).
 _GRIDS: dict[str, dict[str, list[float]]] = {
     "charlm": {"Adan": _grid(2e-2), "adam": _grid(4e-3), "SGD-Nesterov": _grid(0.5)},
     "lstm": {"Adan": _grid(2e-2), "adam": _grid(8e-3), "SGD-Nesterov": _grid(1.0)},
@@ -185,12 +185,9 @@ def plan(tasks: Sequence[Task], optimizers: Sequence[str], peers: Sequence[str],
         if task.largebatch:
             continue
         for opt in optimizers:
-            grid = [Run(task.kind, task.config, opt, lr, "grid")
-                    for lr in grid_for(task.kind, opt)]
+            grid, lr = _grid_runs(task, opt, done)
             runs += [(task.name, r) for r in grid]
             total += len(grid) + seeds - 1
-            finished = [done[r.key()] for r in grid if r.key() in done]
-            lr = _best_lr(finished) if len(finished) == len(grid) else None
             best[(task.name, opt)] = lr
             if lr is not None:
                 runs += [(task.name, Run(task.kind, _seeded(task.config, i), opt, lr, "seed", i))
@@ -217,6 +214,30 @@ def plan(tasks: Sequence[Task], optimizers: Sequence[str], peers: Sequence[str],
                 runs += [(task.name, Run(task.kind, _seeded(cfg, i), opt, lr, "largebatch", i,
                                          batch)) for i in range(seeds)]
     return runs, total
+
+
+# A best learning rate on a grid edge extends the grid by one more point past it, this often.
+MAX_EXTEND = 2
+
+
+def _grid_runs(task: Task, optimizer: str, done: dict[str, dict[str, Any]]
+               ) -> tuple[list[Run], float | None]:
+    """The grid runs of ``optimizer`` so far and the best lr once they are all finished.
+
+    While the best lies on an edge, the grid grows by one point (x2) past that edge, at most
+    :data:`MAX_EXTEND` times, so no optimizer is judged at a rate cut off by its grid.
+    """
+    lrs = grid_for(task.kind, optimizer)
+    for extension in range(MAX_EXTEND + 1):
+        runs = [Run(task.kind, task.config, optimizer, lr, "grid") for lr in lrs]
+        finished = [done[r.key()] for r in runs if r.key() in done]
+        if len(finished) < len(runs):
+            return runs, None
+        best = _best_lr(finished)
+        if extension == MAX_EXTEND or best not in (lrs[0], lrs[-1]):
+            return runs, best
+        lrs = [lrs[0] / 2, *lrs] if best == lrs[0] else [*lrs, lrs[-1] * 2]
+    raise AssertionError("unreachable")
 
 
 def _center(kind: str, optimizer: str) -> float:
@@ -324,7 +345,7 @@ def run_study(
     pending: dict[str, cf.Future[dict[str, Any]]] = {}
     try:
         while True:
-            ready, _ = plan(tasks, optimizers, peers, seeds, done)
+            ready, bar.total = plan(tasks, optimizers, peers, seeds, done)
             todo = [run for _, run in ready if run.key() not in done and run.key() not in pending]
             if pool is None:
                 if not todo:
@@ -382,6 +403,8 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 
 
 class _NoBar:
+    total = 0
+
     def update(self, n: int = 1) -> None:
         del n
 
@@ -417,7 +440,8 @@ def collect(tasks: Sequence[Task], optimizers: Sequence[str], peers: Sequence[st
             entry["batch_sizes"] = list(task.batch_sizes)
             entry["lr_rule"] = "lr(B) = lr(12) * sqrt(B/12); SGD: lr(12) * B/12"
         else:
-            entry["grids"] = {o: grid_for(task.kind, o) for o in optimizers}
+            entry["grids"] = {o: [r.lr for r in _grid_runs(task, o, done)[0]]
+                              for o in optimizers}
         for name, run in runs:
             if name == task.name and run.key() in done:
                 entry["runs"].append({**done[run.key()], "role": run.role,
@@ -655,7 +679,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         choices=[contenders.OURS, *contenders.BASELINES],
                         help="optimizers for largebatch (default: those of --optimizers)")
     parser.add_argument("--no-peers", action="store_true",
-                        help="skip the installed peers' Adans (timm, pytorch-optimizer, optimi)")
+                        help="skip the agreement check: our per-tensor kernel and the installed "
+                        "peers' Adans (timm, pytorch-optimizer, optimi) at our best lr")
     parser.add_argument("--seeds", type=int, default=3, help="seeds at the best lr (default 3)")
     parser.add_argument("--jobs", type=int, default=max(1, _cores()),
                         help="runs in parallel, one process each (default: one per core)")
