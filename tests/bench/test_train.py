@@ -300,3 +300,15 @@ def test_cli_is_registered() -> None:
     with pytest.raises(SystemExit) as info:
         train.main(["--help"])
     assert info.value.code == 0
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--seeds", "0"], "--seeds: must be an integer >= 1"),
+    (["--jobs", "-1"], "--jobs: must be an integer >= 1"),
+    (["--iters-scale", "0"], "--iters-scale: must be a finite number > 0"),
+    (["--tasks", "mnist"], "--tasks: invalid choice")])
+def test_cli_rejects_bad_arguments(argv: list[str], match: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        train.main(argv)
+    assert info.value.code == 2 and match in capsys.readouterr().err

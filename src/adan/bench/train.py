@@ -681,10 +681,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-peers", action="store_true",
                         help="skip the agreement check: our per-tensor kernel and the installed "
                         "peers' Adans (timm, pytorch-optimizer, optimi) at our best lr")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds at the best lr (default 3)")
-    parser.add_argument("--jobs", type=int, default=max(1, _cores()),
+    parser.add_argument("--seeds", type=_at_least_one, default=3,
+                        help="seeds at the best lr (default 3)")
+    parser.add_argument("--jobs", type=_at_least_one, default=max(1, _cores()),
                         help="runs in parallel, one process each (default: one per core)")
-    parser.add_argument("--iters-scale", type=float, default=1.0,
+    parser.add_argument("--iters-scale", type=_positive, default=1.0,
                         help="multiply every task's iterations (a reduced study; say so)")
     parser.add_argument("--data", default=None, help="the text for charlm/lstm")
     parser.add_argument("--out", default="bench-train", help="output directory")
@@ -704,6 +705,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nwrote {Path(args.out) / 'results.json'}, results.md and "
           + ", ".join(f"{name}.png" for name in results["tasks"]))
     return 0
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def _rescale(task: Task, scale: float) -> Task:
