@@ -1,1 +1,2 @@
-"""Measurements: training the small character-level GPT, speed and memory of the update kernels."""
+"""Measurements: the convergence study (``train``) and its tasks, speed and memory of the update
+kernels (``speed``, ``lowmem``); each runs as ``python -m adan bench NAME``."""
