@@ -217,7 +217,7 @@ def plan(tasks: Sequence[Task], optimizers: Sequence[str], peers: Sequence[str],
 
 
 # A best learning rate on a grid edge extends the grid by one more point past it, this often.
-MAX_EXTEND = 2
+MAX_EXTEND = 3
 
 
 def _grid_runs(task: Task, optimizer: str, done: dict[str, dict[str, Any]]
