@@ -337,8 +337,7 @@ def run_study(
                   if r.key() in done)
     if resumed:
         say(f"resuming: {resumed} finished runs found in {runs_dir}")
-    bar = _progress_bar(total, progress)
-    bar.update(resumed)
+    bar = _progress_bar(total, resumed, progress)
     pool = None
     if jobs > 1:
         pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
@@ -391,7 +390,7 @@ def _finish(record: dict[str, Any], runs_dir: Path, done: dict[str, dict[str, An
     bar.update(1)
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
     """A tqdm bar on stderr (a silent stand-in when tqdm is missing or output is off)."""
     try:
         from tqdm import tqdm
@@ -399,7 +398,7 @@ def _progress_bar(total: int, enabled: bool) -> Any:
         enabled = False
     if not enabled:
         return _NoBar()
-    return tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, initial=initial, unit="run", dynamic_ncols=True, file=sys.stderr)
 
 
 class _NoBar:
