@@ -332,9 +332,8 @@ def run_study(
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     done = _load_done(runs_dir)
     threads = max(1, (torch.get_num_threads() if jobs == 1 else _cores() // jobs))
-    _, total = plan(tasks, optimizers, peers, seeds, done)
-    resumed = sum(1 for _, r in plan(tasks, optimizers, peers, seeds, done)[0]
-                  if r.key() in done)
+    ready, total = plan(tasks, optimizers, peers, seeds, done)
+    resumed = sum(1 for _, run in ready if run.key() in done)
     if resumed:
         say(f"resuming: {resumed} finished runs found in {runs_dir}")
     bar = _progress_bar(total, resumed, progress)
