@@ -203,6 +203,8 @@ def test_summary_and_table_from_a_known_json() -> None:
     # Adan's mean curve first gets to <= 2.5 at the third evaluation: iteration 200 of 400.
     assert toy["adan_reach_iter"] == 200 and toy["adan_reach_fraction"] == pytest.approx(0.5)
     assert toy["adan_minus_best"] == pytest.approx(-0.6)
+    # SGD's mean curve [4, 3.5, 3.0, 2.7, 2.5] never gets to Adan's 1.9.
+    assert toy["baseline_reach_iter"] is None
     (peer,) = toy["peers"]
     assert peer["peer"] == "timm Adan" and peer["diff"] == pytest.approx(0.01)
     assert peer["max_curve_gap"] == pytest.approx(0.02)
@@ -214,9 +216,25 @@ def test_summary_and_table_from_a_known_json() -> None:
     table = format_tables(summary)
     assert "| Adan | 0.01: 2.000, 0.02: 1.800 | 0.02 (grid edge) | 1.9000 +- 0.1000 (3) |" in table
     assert "Best baseline: SGD-Nesterov (2.5000); Adan minus best baseline: -0.6000" in table
-    assert "after 200 steps (50% of the budget)" in table
+    assert "Adan reaches the best baseline's final loss after 200 steps (50% of the budget); " \
+        "SGD-Nesterov reaches Adan's final loss not within the budget." in table
     assert "| timm Adan | 1.8100 | 1.8000 | +1.00e-02 | 2.00e-02 |" in table
     assert "0.04: 2.1000 +- 0.1414" in table and "0.003: diverged" in table
+
+
+def test_baseline_reaching_a_worse_adan_is_timed() -> None:
+    results = known_results()
+    for run in results["tasks"]["toy"]["runs"]:
+        if run["optimizer"] == "Adan":
+            run["final_val_loss"] += 1.0
+            run["val_curve"] = [[i, v + 1.0] for i, v in run["val_curve"]]
+    toy = summarize(results)["toy"]
+    assert toy["adan_minus_best"] == pytest.approx(0.4) and toy["adan_reach_iter"] is None
+    # SGD's mean curve [4, 3.47, 3.0, 2.7, 2.5] first gets to Adan's 2.9 at step 300 of 400.
+    assert toy["baseline_reach_iter"] == 300
+    assert toy["baseline_reach_fraction"] == pytest.approx(0.75)
+    assert "SGD-Nesterov reaches Adan's final loss after 300 steps (75% of the budget)" in \
+        format_tables(summarize(results))
 
 
 def test_diverged_grid_point_loses_and_is_reported(tmp_path: Path) -> None:
@@ -225,7 +243,11 @@ def test_diverged_grid_point_loses_and_is_reported(tmp_path: Path) -> None:
     for seed, final in ((1, 2.1), (2, 2.2)):
         results["tasks"]["toy"]["runs"].append(
             _record("AdamW", 0.01, final, [4.0, 3, 2.5, 2.2, final], "seed", seed))
-    row = summarize(results)["toy"]["rows"]["AdamW"]
+    toy = summarize(results)["toy"]
+    row = toy["rows"]["AdamW"]
+    # AdamW's mean curve [4, 3, 2.5, 2.1667, 2.1] never reaches Adan's 1.9; Adan's reaches
+    # AdamW's 2.1 at its third point.
+    assert toy["best_baseline"] == "AdamW" and toy["adan_reach_iter"] == 200
     assert row["grid"][0] == [0.001, None]
     assert row["best_lr"] == 0.01 and row["mean"] == pytest.approx(2.1)
     assert "0.001: diverged" in format_tables(summarize(results))

@@ -472,7 +472,8 @@ def _stats(finals: list[float | None]) -> dict[str, Any]:
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Per task: each optimizer's grid, best lr (and whether it sits on a grid edge), final
     validation loss over seeds (mean, sample std), mean curve; the best baseline; and the
-    fraction of the budget Adan needs to reach the best baseline's final loss."""
+    fraction of the budget Adan needs to reach the best baseline's final loss (and the best
+    baseline to reach Adan's)."""
     ours = contenders.OURS
     summary: dict[str, Any] = {}
     for name, task in results["tasks"].items():
@@ -502,15 +503,23 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         if baselines and ours in rows and rows[ours]["mean"] is not None:
             best_base = min(baselines, key=lambda o: baselines[o]["mean"])
             target = baselines[best_base]["mean"]
-            reach = next((it for it, v in rows[ours]["curve"] if v <= target), None)
+            reach = _first_at_or_below(rows[ours]["curve"], target)
+            back = _first_at_or_below(baselines[best_base]["curve"], rows[ours]["mean"])
+            budget = rows[ours]["max_iters"]
             entry.update(best_baseline=best_base, target=target,
                          adan_minus_best=rows[ours]["mean"] - target,
                          adan_reach_iter=reach,
-                         adan_reach_fraction=None if reach is None
-                         else reach / rows[ours]["max_iters"])
+                         adan_reach_fraction=None if reach is None else reach / budget,
+                         baseline_reach_iter=back,
+                         baseline_reach_fraction=None if back is None else back / budget)
         entry["peers"] = _peer_rows(runs, rows.get(ours))
         summary[name] = entry
     return summary
+
+
+def _first_at_or_below(curve: list[list[float]], target: float) -> int | None:
+    """The first evaluation step at which a mean curve is at or below ``target``."""
+    return next((int(it) for it, v in curve if v <= target), None)
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
@@ -579,12 +588,11 @@ def format_tables(summary: dict[str, Any]) -> str:
             lines.append(f"| {opt} | {grid} | {row['best_lr']:.3g}{edge} | {mean} | {acc} |")
         lines.append("")
         if "best_baseline" in entry:
-            frac = entry["adan_reach_fraction"]
-            reach = "not reached within the budget" if frac is None else \
-                f"after {entry['adan_reach_iter']} steps ({100 * frac:.0f}% of the budget)"
             lines += [f"Best baseline: {entry['best_baseline']} ({entry['target']:.4f}); "
-                      f"Adan minus best baseline: {entry['adan_minus_best']:+.4f}; "
-                      f"Adan reaches the best baseline's final loss {reach}.", ""]
+                      f"Adan minus best baseline: {entry['adan_minus_best']:+.4f}. "
+                      f"Adan reaches the best baseline's final loss "
+                      f"{_when(entry, 'adan')}; {entry['best_baseline']} reaches Adan's final "
+                      f"loss {_when(entry, 'baseline')}.", ""]
         if entry["peers"]:
             lines += ["| peer (at Adan's best lr, seed 0) | final val loss | ours | difference "
                       "| largest gap along the curve |", "|---|---|---|---|---|"]
@@ -593,6 +601,14 @@ def format_tables(summary: dict[str, Any]) -> str:
                              f"{_fmt(p['diff'], '+.2e')} | {_fmt(p['max_curve_gap'], '.2e')} |")
             lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def _when(entry: dict[str, Any], who: str) -> str:
+    """'after N steps (P% of the budget)' or 'not within the budget'."""
+    fraction = entry[f"{who}_reach_fraction"]
+    if fraction is None:
+        return "not within the budget"
+    return f"after {entry[f'{who}_reach_iter']} steps ({100 * fraction:.0f}% of the budget)"
 
 
 def _largebatch_table(entry: dict[str, Any]) -> list[str]:
