@@ -360,6 +360,8 @@ def run_study(
             finished, _ = cf.wait(pending.values(), return_when=cf.FIRST_COMPLETED)
             for key in [k for k, f in pending.items() if f in finished]:
                 _finish(pending.pop(key).result(), runs_dir, done, bar)
+        # The planned count is an upper bound: runs two tasks share are trained once.
+        bar.total = bar.n
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -401,7 +403,7 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
 
 
 class _NoBar:
-    total = 0
+    total = n = 0
 
     def update(self, n: int = 1) -> None:
         del n
