@@ -94,6 +94,9 @@ def test_largebatch_uses_the_rule_from_charlm_best_and_same_tokens(
         assert cells["8"]["max_iters"] * 8 == cells["16"]["max_iters"] * 16
         # batch 8 is charlm's own setting: those runs are the charlm seeds, not retrained.
         assert cells["8"]["finals"] == summary["charlm"]["rows"][opt]["finals"]
+    keys = {task: {r["key"] for r in results["tasks"][task]["runs"]}
+            for task in ("charlm", "largebatch")}
+    assert len(keys["largebatch"] & keys["charlm"]) == len(OPTS) * 2
 
 
 def test_resume_runs_only_what_is_missing(study: tuple[Path, dict[str, Any], Path],
@@ -302,6 +305,7 @@ def test_grid_grows_past_an_edge_best_a_bounded_number_of_times() -> None:
 
 def test_scaling_rules() -> None:
     base = CharLMConfig()
+    assert scaled_config(base, base.batch_size) is base
     big = scaled_config(base, 192)
     assert big.max_iters * 192 == base.max_iters * base.batch_size
     assert big.warmup_iters == round(100 * 12 / 192) and big.eval_batch_size == 12

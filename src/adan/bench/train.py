@@ -127,6 +127,8 @@ class Task:
 def scaled_config(base: CharLMConfig, batch_size: int) -> CharLMConfig:
     """``base`` at another batch size with the same number of training tokens: iterations,
     warm-up and evaluation spacing shrink by the batch ratio; evaluation batches stay put."""
+    if batch_size == base.batch_size:
+        return base
     ratio = base.batch_size / batch_size
     iters = max(1, round(base.max_iters * ratio))
     return dataclasses.replace(
