@@ -647,28 +647,37 @@ def plot(results: dict[str, Any], out: str | Path) -> list[Path]:
     for name, entry in summary.items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
         values: list[float] = []
+        finals: list[float] = []
         if "largebatch" in entry:
             cfg = results["tasks"][name]["config"]
+            colors = {str(b): f"C{i}" for i, b in enumerate(entry["batch_sizes"])}
             for opt, by_batch in entry["largebatch"].items():
                 for batch, cell in by_batch.items():
+                    if not cell["curve"]:
+                        continue
                     tokens = int(batch) * cfg["block_size"]
                     xs = [it * tokens / 1e6 for it, _ in cell["curve"]]
                     values += [v for _, v in cell["curve"]]
-                    ax.plot(xs, [v for _, v in cell["curve"]], label=f"{opt} batch {batch}",
+                    finals.append(cell["curve"][-1][1])
+                    ax.plot(xs, [v for _, v in cell["curve"]], color=colors[batch],
+                            label=f"{opt} batch {batch} (lr {cell['lr']:.3g})",
                             linestyle="-" if opt == contenders.OURS else "--")
             ax.set_xlabel("training tokens (millions)")
         else:
             for opt, row in entry["rows"].items():
                 if row["curve"]:
                     values += [v for _, v in row["curve"]]
+                    finals.append(row["curve"][-1][1])
                     ax.plot([it for it, _ in row["curve"]], [v for _, v in row["curve"]],
                             label=f"{opt} (lr {row['best_lr']:.3g})",
                             linewidth=2.2 if opt == contenders.OURS else 1.2)
             ax.set_xlabel("iteration")
         if values:
-            # Zoom on the lower half of the losses, where the optimizers differ.
+            # Zoom on the lower half of the losses, where the optimizers differ, keeping
+            # every curve's end in view.
             low, mid = min(values), statistics.median(values)
-            ax.set_ylim(low - 0.02 * abs(low), mid + 0.2 * (mid - low) + 0.05)
+            top = max(mid + 0.2 * (mid - low), max(finals) + 0.1 * (max(finals) - low)) + 0.05
+            ax.set_ylim(low - 0.02 * abs(low), top)
         ax.set_ylabel("validation loss (mean over seeds)")
         ax.set_title(f"{name}: {entry['description']}", fontsize=9)
         ax.grid(alpha=0.3)
