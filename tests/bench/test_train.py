@@ -202,6 +202,7 @@ def test_summary_and_table_from_a_known_json() -> None:
     sgd = toy["rows"]["SGD-Nesterov"]
     assert sgd["best_lr"] == 0.1 and sgd["finals"] == [2.5, 2.4, 2.6]
     assert sgd["std"] == pytest.approx(statistics.stdev([2.5, 2.4, 2.6]))
+    assert sgd["minus_adan"] == pytest.approx([0.7, 0.5, 0.6])
     assert toy["best_baseline"] == "SGD-Nesterov" and toy["target"] == pytest.approx(2.5)
     # Adan's mean curve first gets to <= 2.5 at the third evaluation: iteration 200 of 400.
     assert toy["adan_reach_iter"] == 200 and toy["adan_reach_fraction"] == pytest.approx(0.5)
@@ -217,7 +218,9 @@ def test_summary_and_table_from_a_known_json() -> None:
     assert lb["AdamW"]["12"]["mean"] is None
 
     table = format_tables(summary)
-    assert "| Adan | 0.01: 2.000, 0.02: 1.800 | 0.02 (grid edge) | 1.9000 +- 0.1000 (3) |" in table
+    assert "| Adan | 0.01: 2.000, 0.02: 1.800 | 0.02 (grid edge) | 1.9000 +- 0.1000 (3) |  |" \
+        in table
+    assert "| 2.5000 +- 0.1000 (3) | +0.700 +0.500 +0.600 |" in table
     assert "Best baseline: SGD-Nesterov (2.5000); Adan minus best baseline: -0.6000" in table
     assert "Adan reaches the best baseline's final loss after 200 steps (50% of the budget); " \
         "SGD-Nesterov reaches Adan's final loss not within the budget." in table

@@ -502,6 +502,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 "max_iters": at_best[0]["max_iters"],
                 "accuracy": _mean_or_none([r.get("final_val_acc") for r in at_best]),
             }
+        for row in rows.values():
+            row["minus_adan"] = _paired(row["finals"], rows[ours]["finals"]) if ours in rows \
+                else None
         baselines = {o: row for o, row in rows.items() if o != ours and row["mean"] is not None}
         entry: dict[str, Any] = {"description": task["description"], "rows": rows}
         if baselines and ours in rows and rows[ours]["mean"] is not None:
@@ -519,6 +522,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         entry["peers"] = _peer_rows(runs, rows.get(ours))
         summary[name] = entry
     return summary
+
+
+def _paired(finals: list[float | None], ours: list[float | None]) -> list[float] | None:
+    """Per-seed differences (seeds share init, batches and evaluation windows), or None."""
+    if len(finals) != len(ours) or None in finals or None in ours:
+        return None
+    return [a - b for a, b in zip(finals, ours, strict=True)]  # type: ignore[operator]
 
 
 def _first_at_or_below(curve: list[list[float]], target: float) -> int | None:
@@ -582,14 +592,17 @@ def format_tables(summary: dict[str, Any]) -> str:
             lines += _largebatch_table(entry)
             continue
         lines += ["| optimizer | lr grid | best lr | final val loss (mean +- std, n) | "
-                  "val acc |", "|---|---|---|---|---|"]
+                  "minus Adan, per seed | val acc |", "|---|---|---|---|---|---|"]
         for opt, row in entry["rows"].items():
             grid = ", ".join(f"{lr:.3g}: {_fmt(loss, '.3f')}" for lr, loss in row["grid"])
             edge = " (grid edge)" if row["edge"] else ""
             mean = "diverged" if row["mean"] is None else \
                 f"{row['mean']:.4f} +- {row['std']:.4f} ({row['n']})"
             acc = "" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
-            lines.append(f"| {opt} | {grid} | {row['best_lr']:.3g}{edge} | {mean} | {acc} |")
+            paired = "" if opt == contenders.OURS or row["minus_adan"] is None else \
+                " ".join(f"{d:+.3f}" for d in row["minus_adan"])
+            lines.append(f"| {opt} | {grid} | {row['best_lr']:.3g}{edge} | {mean} | {paired} "
+                         f"| {acc} |")
         lines.append("")
         if "best_baseline" in entry:
             lines += [f"Best baseline: {entry['best_baseline']} ({entry['target']:.4f}); "
