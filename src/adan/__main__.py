@@ -21,8 +21,9 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="train a small character-level GPT with Adan and with AdamW (the default)",
-        description="Train a small character-level GPT on Tiny Shakespeare with Adan and with "
-        "AdamW from the same init and batches, and print their validation losses side by side.",
+        description="Train a small character-level GPT on Tiny Shakespeare with Adan, with AdamW "
+        "at its tuned learning rate and with AdamW at nanoGPT's settings, from the same init and "
+        "batches, and print their validation losses side by side.",
     )
     parser.add_argument("--data", metavar="PATH", default=None,
                         help="training text (default: $ADAN_DATA, else "
