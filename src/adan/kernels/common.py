@@ -1,4 +1,4 @@
-"""Small helpers shared by the update kernels: scalar types and bias corrections."""
+"""Small helpers shared by the update kernels: scalar types, real views, bias corrections."""
 
 from __future__ import annotations
 
@@ -16,6 +16,20 @@ def use_tensor_scalars(capturable: bool) -> bool:
     Outside those, reading a CPU step count with ``.item()`` is faster than tensor arithmetic.
     """
     return capturable or torch.compiler.is_compiling()
+
+
+def scalars_and_lr(lr: Scalar, capturable: bool) -> tuple[bool, Scalar]:
+    """:func:`use_tensor_scalars`, and ``lr`` read to a Python float where tensors are not
+    needed."""
+    tensor_scalars = use_tensor_scalars(capturable)
+    if isinstance(lr, Tensor) and not tensor_scalars:
+        return tensor_scalars, lr.item()
+    return tensor_scalars, lr
+
+
+def real_view(t: Tensor) -> Tensor:
+    """A complex tensor as its real view (``(..., 2)``); any other tensor unchanged."""
+    return torch.view_as_real(t) if torch.is_complex(t) else t
 
 
 def step_as(step: Tensor, like: Tensor) -> Tensor:

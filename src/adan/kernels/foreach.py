@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adan.kernels.common import Scalar, bias_corrections, step_as, use_tensor_scalars
+from adan.kernels.common import Scalar, bias_corrections, scalars_and_lr, step_as
 
 
 def _uniform(values: Sequence[float]) -> float | list[float]:
@@ -44,9 +44,7 @@ def multi_tensor_adan(
     """Apply one Adan step to every tensor in place, one foreach op per pass."""
     if not params:
         return
-    tensor_scalars = use_tensor_scalars(capturable)
-    if isinstance(lr, Tensor) and not tensor_scalars:
-        lr = lr.item()
+    tensor_scalars, lr = scalars_and_lr(lr, capturable)
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, state_steps]  # type: ignore[list-item]
     )

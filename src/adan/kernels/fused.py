@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adan.kernels.common import Scalar, bias_corrections, use_tensor_scalars
+from adan.kernels.common import Scalar, bias_corrections, real_view, scalars_and_lr
 
 __all__ = ["fused_adan"]
 
@@ -52,6 +52,8 @@ def _adan_math(
     prev.copy_(grad)
 
 
+# Two names for one kernel: Dynamo caches compiled code per function, so the serial and the
+# parallel build each get a cache of their own (and a name of their own in profiles).
 def _parallel_step(*args: Tensor) -> None:
     _adan_math(*args)
 
@@ -111,10 +113,6 @@ def _scalars(
     return out
 
 
-def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if torch.is_complex(t) else t
-
-
 def fused_adan(
     params: list[Tensor],
     grads: list[Tensor],
@@ -136,9 +134,7 @@ def fused_adan(
     capturable: bool,
 ) -> None:
     """Apply one Adan step to every tensor in place, reading and writing each element once."""
-    tensor_scalars = use_tensor_scalars(capturable)
-    if isinstance(lr, Tensor) and not tensor_scalars:
-        lr = lr.item()
+    tensor_scalars, lr = scalars_and_lr(lr, capturable)
     packs: dict[tuple[Any, ...], list[int]] = {}
     for i, p in enumerate(params):
         step_value = None if tensor_scalars else state_steps[i].item() + 1
@@ -153,10 +149,10 @@ def fused_adan(
                 else step_value)
         s = _scalars(p.device, compute, grad_factor, step, lr, (beta1, beta2, beta3), eps,
                      weight_decay, no_prox, maximize)
-        _run([_real(t).view(-1) for t in (p, grads[i], exp_avgs[i], exp_avg_diffs[i],
+        _run([real_view(t).view(-1) for t in (p, grads[i], exp_avgs[i], exp_avg_diffs[i],
                                           exp_avg_sqs[i], prev_grads[i])], s)
     for (device, dtype, _, step_value), index in packs.items():
-        lists = [[_real(t[i]) for i in index]
+        lists = [[real_view(t[i]) for i in index]
                  for t in (params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads)]
         packed = [torch.cat([x.reshape(-1) for x in views]) for views in lists]
         s = _scalars(device, torch.promote_types(dtype.to_real(), torch.float32), grad_factor,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adan.kernels.common import real_view
 from adan.quant import dequantize_blockwise, num_blocks, quantize_blockwise, round_to_bf16
 
 __all__ = [
@@ -52,12 +53,8 @@ def normalize_state_dtype(value: Any) -> str:
         ) from None
 
 
-def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if torch.is_complex(t) else t
-
-
 def _work_dtype(param: Tensor) -> torch.dtype:
-    return torch.promote_types(_real(param).dtype, torch.float32)
+    return torch.promote_types(real_view(param).dtype, torch.float32)
 
 
 def _load(state: dict[str, Tensor], key: str, signed: bool, like: Tensor) -> Tensor:
@@ -65,7 +62,7 @@ def _load(state: dict[str, Tensor], key: str, signed: bool, like: Tensor) -> Ten
     if key + "_scale" in state:
         return dequantize_blockwise(state[key], state[key + "_scale"], like.shape,
                                     signed=signed, dtype=like.dtype)
-    return _real(state[key]).to(like.dtype)
+    return real_view(state[key]).to(like.dtype)
 
 
 def _encode(
@@ -78,9 +75,13 @@ def _encode(
             noise = torch.rand_like(x)
         return quantize_blockwise(x, signed=signed, noise=noise)
     if fmt == "bf16":
-        noise = torch.randint_like(x, 0, 65536, dtype=torch.int32) if stochastic else None
-        return round_to_bf16(x, noise), None
+        return (_stochastic_bf16(x) if stochastic else round_to_bf16(x)), None
     return x, None
+
+
+def _stochastic_bf16(x: Tensor) -> Tensor:
+    """``x`` rounded to bfloat16 stochastically (unbiased), with fresh noise."""
+    return round_to_bf16(x, torch.randint_like(x, 0, 65536, dtype=torch.int32))
 
 
 def _store(state: dict[str, Tensor], key: str, x: Tensor, fmt: str, signed: bool,
@@ -93,7 +94,7 @@ def _store(state: dict[str, Tensor], key: str, x: Tensor, fmt: str, signed: bool
 
 def init_state(param: Tensor, fmt: str, step_device: torch.device) -> dict[str, Tensor]:
     """Zeroed state for ``param`` in format ``fmt`` (``prev_grad`` is set by the first step)."""
-    real = _real(param)
+    real = real_view(param)
     state = {"step": torch.zeros((), dtype=torch.float32, device=step_device)}
     for key, signed in _BUFFERS[:3]:
         if fmt == "int8":
@@ -132,9 +133,9 @@ def adan_lowmem_tensor(
     tensors. ``stochastic`` rounds the re-encoded state stochastically (else to nearest);
     ``stochastic_param`` does the same for the write of a bfloat16 parameter.
     """
-    p = _real(param)
+    p = real_view(param)
     work = p.to(_work_dtype(param))
-    g = _real(grad).to(work.dtype)
+    g = real_view(grad).to(work.dtype)
     if grad_factor is not None:
         g = g * grad_factor.to(g.dtype)
     if maximize:
@@ -166,7 +167,7 @@ def adan_lowmem_tensor(
                                ("exp_avg_sq", n, False), ("prev_grad", g, True)):
         _store(state, key, value, fmt, signed, stochastic)
     if stochastic_param and p.dtype == torch.bfloat16:
-        p.copy_(round_to_bf16(new, torch.randint_like(new, 0, 65536, dtype=torch.int32)))
+        p.copy_(_stochastic_bf16(new))
     else:
         p.copy_(new)
 
@@ -208,6 +209,7 @@ def lowmem_adan(
     warning, where compilation is unavailable); otherwise the eager reference runs.
     """
     global _compile_failed
+    lr_tensor = torch.as_tensor(lr, dtype=torch.float32)
     for param, grad, state in zip(params, grads, states, strict=True):
         if "step" not in state:
             device = param.device if capturable else torch.device("cpu")
@@ -216,7 +218,7 @@ def lowmem_adan(
         kwargs: dict[str, Any] = dict(
             fmt=fmt,
             step=state["step"].to(param.device),
-            lr=torch.as_tensor(lr, dtype=torch.float32).to(param.device),
+            lr=lr_tensor.to(param.device),
             grad_factor=grad_factor,
             beta1=beta1, beta2=beta2, beta3=beta3, eps=eps, weight_decay=weight_decay,
             no_prox=no_prox, maximize=maximize, stochastic=True,
@@ -229,7 +231,8 @@ def lowmem_adan(
             # One graph for every shape: the kernel is elementwise, so it sees flat views.
             flat = {k: v.view(-1) for k, v in state.items() if k != "step"}
             try:
-                _fast_kernel()(_real(param).view(-1), _real(grad).reshape(-1), flat, **kwargs)
+                _fast_kernel()(real_view(param).view(-1), real_view(grad).reshape(-1), flat,
+                               **kwargs)
             except Exception as exc:  # any compiler or backend failure: fall back to eager
                 _compile_failed = True
                 warnings.warn(
@@ -255,12 +258,12 @@ def convert_state(state: dict[str, Any], param: Tensor, fmt: str | None) -> None
     if "exp_avg" not in state:
         return
     if fmt is None or fmt == "fp32":
-        target: str | torch.dtype = _real(param).dtype if fmt is None else _work_dtype(param)
+        target: str | torch.dtype = real_view(param).dtype if fmt is None else _work_dtype(param)
     else:
         target = "int8" if fmt == "int8" else torch.bfloat16
     if _format_of(state) == target:
         return
-    like = torch.empty(_real(param).shape, dtype=torch.float64, device=param.device)
+    like = torch.empty(real_view(param).shape, dtype=torch.float64, device=param.device)
     for key, signed in _BUFFERS:
         if key not in state:
             continue
@@ -269,7 +272,7 @@ def convert_state(state: dict[str, Any], param: Tensor, fmt: str | None) -> None
         if target == "int8":
             state[key], state[key + "_scale"] = quantize_blockwise(value.float(), signed=signed)
         elif torch.is_complex(param) and fmt is None:
-            state[key] = torch.view_as_complex(value.to(_real(param).dtype).contiguous())
+            state[key] = torch.view_as_complex(value.to(real_view(param).dtype).contiguous())
         else:
             assert isinstance(target, torch.dtype)
             state[key] = value.to(target)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from adan.kernels.common import Scalar, bias_corrections, step_as, use_tensor_scalars
+from adan.kernels.common import Scalar, bias_corrections, scalars_and_lr, step_as
 
 
 def single_tensor_adan(
@@ -37,9 +37,7 @@ def single_tensor_adan(
     ``grad_factor`` (a 0-d tensor, e.g. the clipping coefficient) scales every gradient
     before it is used; the user's gradients themselves are never written.
     """
-    tensor_scalars = use_tensor_scalars(capturable)
-    if isinstance(lr, Tensor) and not tensor_scalars:
-        lr = lr.item()
+    tensor_scalars, lr = scalars_and_lr(lr, capturable)
     for i, param in enumerate(params):
         grad = grads[i]
         if grad_factor is not None:
