@@ -18,7 +18,7 @@ from adan.distributed import (
     scrub_grad_norm_group,
     to_local_shards,
 )
-from adan.kernels.common import Scalar
+from adan.kernels.common import Scalar, real_view
 from adan.kernels.lowmem import convert_state, lowmem_adan, normalize_state_dtype
 from adan.kernels.select import select_kernel
 
@@ -186,14 +186,13 @@ class Adan(Optimizer):
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         for group, fmt in zip(self.param_groups, formats, strict=True):
             group["state_dtype"] = fmt
-        for pid, param in zip(saved_ids, (p for g in self.param_groups for p in g["params"]),
-                              strict=True):
+        owned = ((p, g) for g in self.param_groups for p in g["params"])
+        for pid, (param, group) in zip(saved_ids, owned, strict=True):
             if pid not in buffers:
                 continue
             state = self.state[param]
             state.update({k: v.to(param.device) if isinstance(v, Tensor) else v
                           for k, v in buffers[pid].items()})
-            group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
             convert_state(state, param, self._state_format(group))
 
     @torch.no_grad()
@@ -235,7 +234,7 @@ class Adan(Optimizer):
         if max_norm <= 0:
             return unscale
         grads = [
-            torch.view_as_real(p.grad) if torch.is_complex(p.grad) else p.grad
+            real_view(p.grad)
             for group in self.param_groups
             for p in group["params"]
             if p.grad is not None
