@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Schedule", "cap_threads", "fit", "lr_factor"]
+__all__ = ["Schedule", "available_cores", "cap_threads", "fit", "lr_factor"]
 
 
 class Schedule(Protocol):
@@ -34,10 +34,17 @@ def lr_factor(it: int, cfg: Schedule) -> float:
     return cfg.lr_decay_to + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - cfg.lr_decay_to)
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cap_threads() -> None:
     """Keep torch's intra-op pool no larger than the cores this process may run on."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if cores and torch.get_num_threads() > cores:
+    cores = available_cores()
+    if torch.get_num_threads() > cores:
         torch.set_num_threads(cores)
 
 

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -33,6 +33,7 @@ from adan.bench import contenders
 from adan.bench.charlm import CharData, CharLMConfig, find_data, train_charlm
 from adan.bench.charlstm import CharLSTMConfig, train_charlstm
 from adan.bench.digits import Digits, DigitsConfig, train_digits
+from adan.bench.loop import available_cores
 
 __all__ = [
     "TASKS",
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 Config = CharLMConfig | CharLSTMConfig | DigitsConfig
+AnyConfig = TypeVar("AnyConfig", bound=Config)
 
 # Model kind -> (config class, model family for the optimizer settings).
 KINDS: dict[str, tuple[type, str]] = {
@@ -124,19 +126,23 @@ class Task:
         return bool(self.batch_sizes)
 
 
+def _scale_schedule(cfg: AnyConfig, factor: float, **changes: Any) -> AnyConfig:
+    """``cfg`` (with ``changes``) with iterations, warm-up and evaluation spacing multiplied by
+    ``factor``, each at least 1."""
+    return dataclasses.replace(
+        cfg, max_iters=max(1, round(cfg.max_iters * factor)),
+        warmup_iters=max(1, round(cfg.warmup_iters * factor)),
+        eval_interval=max(1, round(cfg.eval_interval * factor)), **changes,
+    )
+
+
 def scaled_config(base: CharLMConfig, batch_size: int) -> CharLMConfig:
     """``base`` at another batch size with the same number of training tokens: iterations,
     warm-up and evaluation spacing shrink by the batch ratio; evaluation batches stay put."""
     if batch_size == base.batch_size:
         return base
-    ratio = base.batch_size / batch_size
-    iters = max(1, round(base.max_iters * ratio))
-    return dataclasses.replace(
-        base, batch_size=batch_size, max_iters=iters,
-        warmup_iters=max(1, round(base.warmup_iters * ratio)),
-        eval_interval=max(1, round(base.eval_interval * ratio)),
-        eval_batch_size=base.eval_batch_size or base.batch_size,
-    )
+    return _scale_schedule(base, base.batch_size / batch_size, batch_size=batch_size,
+                           eval_batch_size=base.eval_batch_size or base.batch_size)
 
 
 def scaled_lr(optimizer: str, base_lr: float, base_batch: int, batch_size: int) -> float:
@@ -254,6 +260,13 @@ def _seeded(cfg: Config, index: int) -> Config:
 _DATA_CACHE: dict[str, Any] = {}
 
 
+def _cached(key: str, load: Callable[[], Any]) -> Any:
+    """``load()`` once per worker process for each dataset ``key``."""
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = load()
+    return _DATA_CACHE[key]
+
+
 def execute(run: Run, data_path: str | None, threads: int) -> dict[str, Any]:
     """Train one run and return its record (the spec, labels and everything measured)."""
     if threads > 0:
@@ -264,14 +277,12 @@ def execute(run: Run, data_path: str | None, threads: int) -> dict[str, Any]:
         return contenders.build(run.optimizer, groups, run.lr, family)
 
     if run.kind == "cnn":
-        data = _DATA_CACHE.setdefault("digits", None) or Digits.load()
-        _DATA_CACHE["digits"] = data
+        data = _cached("digits", Digits.load)
         assert isinstance(run.config, DigitsConfig)
         result = train_digits(make, run.config, data)
     else:
         path = str(find_data(data_path))
-        text = _DATA_CACHE.get(path) or CharData.from_file(path)
-        _DATA_CACHE[path] = text
+        text = _cached(path, lambda: CharData.from_file(path))
         if run.kind == "lstm":
             assert isinstance(run.config, CharLSTMConfig)
             result = train_charlstm(make, run.config, text)
@@ -333,7 +344,7 @@ def run_study(
     runs_dir.mkdir(parents=True, exist_ok=True)
     say = log or (lambda text: print(text, file=sys.stderr, flush=True))
     done = _load_done(runs_dir)
-    threads = max(1, (torch.get_num_threads() if jobs == 1 else _cores() // jobs))
+    threads = max(1, (torch.get_num_threads() if jobs == 1 else available_cores() // jobs))
     ready, total = plan(tasks, optimizers, peers, seeds, done)
     resumed = sum(1 for _, run in ready if run.key() in done)
     if resumed:
@@ -375,12 +386,6 @@ def run_study(
     (out / "results.md").write_text(format_tables(summarize(results)) + "\n")
     plot(results, out)
     return results
-
-
-def _cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _finish(record: dict[str, Any], runs_dir: Path, done: dict[str, dict[str, Any]],
@@ -425,7 +430,7 @@ def collect(tasks: Sequence[Task], optimizers: Sequence[str], peers: Sequence[st
         "settings": {
             "optimizers": list(optimizers), "peers": list(peers), "seeds": seeds,
             "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cores": _cores(),
+            "machine": platform.machine(), "cores": available_cores(),
         },
         "tasks": {},
     }
@@ -463,14 +468,11 @@ def _mean_curve(records: list[dict[str, Any]]) -> list[list[float | None]]:
 
 
 def _stats(finals: list[float | None]) -> dict[str, Any]:
+    """Mean and sample std of final losses (std 0 for one run); None if any run diverged."""
+    mean = _mean_or_none(finals)
     values = [v for v in finals if v is not None]
-    return {
-        "finals": finals,
-        "mean": statistics.fmean(values) if len(values) == len(finals) and values else None,
-        "std": statistics.stdev(values) if len(values) == len(finals) and len(values) > 1
-        else 0.0 if len(values) == 1 == len(finals) else None,
-        "n": len(finals),
-    }
+    std = None if mean is None else statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"finals": finals, "mean": mean, "std": std, "n": len(finals)}
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
@@ -537,6 +539,7 @@ def _first_at_or_below(curve: list[list[float]], target: float) -> int | None:
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
+    """The mean, or None when there are no values or any is missing."""
     present = [v for v in values if v is not None]
     return statistics.fmean(present) if present and len(present) == len(values) else None
 
@@ -723,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "peers' Adans (timm, pytorch-optimizer, optimi) at our best lr")
     parser.add_argument("--seeds", type=_at_least_one, default=3,
                         help="seeds at the best lr (default 3)")
-    parser.add_argument("--jobs", type=_at_least_one, default=max(1, _cores()),
+    parser.add_argument("--jobs", type=_at_least_one, default=max(1, available_cores()),
                         help="runs in parallel, one process each (default: one per core)")
     parser.add_argument("--iters-scale", type=_positive, default=1.0,
                         help="multiply every task's iterations (a reduced study; say so)")
@@ -763,9 +766,4 @@ def _positive(text: str) -> float:
 
 def _rescale(task: Task, scale: float) -> Task:
     """The task with iterations, warm-up and evaluation spacing multiplied by ``scale``."""
-    cfg = task.config
-    iters = max(1, round(cfg.max_iters * scale))
-    cfg = dataclasses.replace(cfg, max_iters=iters,
-                              warmup_iters=max(1, round(cfg.warmup_iters * scale)),
-                              eval_interval=max(1, round(cfg.eval_interval * scale)))
-    return dataclasses.replace(task, config=cfg)
+    return dataclasses.replace(task, config=_scale_schedule(task.config, scale))
