@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter; the variable
+# must be set before the kernel module is imported (Triton reads it when decorating).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -60,10 +66,11 @@ def run_pair(
     opt_kwargs: dict[str, Any],
     group_hparams: list[dict[str, Any]] = GROUP_HPARAMS,
     seed: int = 0,
+    device: str = "cpu",
 ) -> tuple[list[list[torch.Tensor]], ReferenceAdan, adan.Adan]:
     """Run the package and the reference on the same gradients; return both end states."""
     init = initial_params()
-    tparams = [[torch.tensor(p, dtype=dtype) for p in g] for g in init]
+    tparams = [[torch.tensor(p, dtype=dtype, device=device) for p in g] for g in init]
     common = {k: v for k, v in opt_kwargs.items() if k in ("no_prox", "maximize")}
     groups = [
         {"params": ps, **hp} for ps, hp in zip(tparams, group_hparams, strict=True)
@@ -73,7 +80,7 @@ def run_pair(
     for ps, hp, g in zip(tparams, group_hparams, opt.param_groups, strict=True):
         ref_groups.append(
             RefGroup(
-                [p.detach().double().numpy() for p in ps],
+                [p.detach().double().cpu().numpy() for p in ps],
                 lr=hp.get("lr", 1e-3),
                 betas=tuple(g["betas"]),
                 eps=g["eps"],
@@ -83,12 +90,13 @@ def run_pair(
         )
     ref = ReferenceAdan(ref_groups, max_grad_norm=opt_kwargs.get("max_grad_norm", 0.0))
     for grads in gradients(steps, seed):
-        cast = [[None if g is None else torch.tensor(g, dtype=dtype) for g in gs] for gs in grads]
+        cast = [[None if g is None else torch.tensor(g, dtype=dtype, device=device) for g in gs]
+                for gs in grads]
         for ps, gs in zip(tparams, cast, strict=True):
             for p, g in zip(ps, gs, strict=True):
                 p.grad = g
         opt.step()
-        ref.step([[None if g is None else g.double().numpy() for g in gs] for gs in cast])
+        ref.step([[None if g is None else g.double().cpu().numpy() for g in gs] for gs in cast])
     return tparams, ref, opt
 
 
@@ -99,7 +107,8 @@ def assert_matches_reference(
     """Parameters and every state buffer agree with the reference."""
     for ps, rg in zip(tparams, ref.groups, strict=True):
         for p, rp, rs in zip(ps, rg.params, rg.states, strict=True):
-            np.testing.assert_allclose(p.detach().double().numpy(), rp, rtol=rtol, atol=atol)
+            np.testing.assert_allclose(p.detach().double().cpu().numpy(), rp, rtol=rtol,
+                                       atol=atol)
             if rs.k == 0:
                 assert p not in opt.state or "step" not in opt.state[p]
                 continue
@@ -107,8 +116,14 @@ def assert_matches_reference(
             assert st["step"].item() == rs.k
             for key, arr in (("exp_avg", rs.m), ("exp_avg_diff", rs.v), ("exp_avg_sq", rs.n),
                              ("prev_grad", rs.prev)):
-                np.testing.assert_allclose(st[key].double().numpy(), arr, rtol=rtol,
+                np.testing.assert_allclose(st[key].double().cpu().numpy(), arr, rtol=rtol,
                                            atol=atol, err_msg=key)
+
+
+def allow_grad_dtype(p: torch.Tensor) -> None:
+    """Let ``p`` take a gradient of another dtype (newer torch checks ``grad_dtype``)."""
+    if hasattr(p, "grad_dtype"):
+        p.grad_dtype = None
 
 
 @pytest.fixture(autouse=True)

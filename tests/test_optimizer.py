@@ -214,8 +214,6 @@ def test_grads_untouched(path, maximize, clip):
         (dict(betas=(1.0, 0.9, 0.9)), r"betas\[0\]"),
         (dict(betas=(0.9, -0.1, 0.9)), r"betas\[1\]"),
         (dict(betas=(0.9, 0.9, 1.5)), r"betas\[2\]"),
-        (dict(foreach=True, fused=True), "foreach and fused"),
-        (dict(foreach=True, differentiable=True), "differentiable"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -223,9 +221,13 @@ def test_invalid_arguments(kwargs, match):
         Adan([torch.zeros(2)], **kwargs)
 
 
-def test_fused_and_differentiable_conflict():
-    with pytest.raises(ValueError, match="differentiable"):
-        Adan([torch.zeros(2)], fused=True, differentiable=True)
+@pytest.mark.parametrize("kwargs", [dict(foreach=True, fused=True),
+                                    dict(foreach=True, differentiable=True),
+                                    dict(fused=True, differentiable=True)])
+def test_contradictory_implementation_flags_raise_runtime_error(kwargs):
+    """As torch's optimizers do for foreach+fused and fused+differentiable."""
+    with pytest.raises(RuntimeError, match="foreach|fused|differentiable"):
+        Adan([torch.zeros(2)], **kwargs)
 
 
 def test_sparse_gradient_raises_and_leaves_params():
@@ -239,11 +241,16 @@ def test_sparse_gradient_raises_and_leaves_params():
 
 
 def test_max_grad_norm_must_agree_across_groups():
+    """Rejected when the group is added, and at the step if a group is changed later."""
     a, b = torch.zeros(2), torch.zeros(2)
-    opt = Adan([{"params": [a]}, {"params": [b], "max_grad_norm": 1.0}])
+    with pytest.raises(ValueError, match="max_grad_norm in param group 1"):
+        Adan([{"params": [a]}, {"params": [b], "max_grad_norm": 1.0}])
+    opt = Adan([{"params": [a]}, {"params": [b]}])
+    opt.param_groups[1]["max_grad_norm"] = 1.0
     a.grad, b.grad = torch.ones(2), torch.ones(2)
-    with pytest.raises(ValueError, match="max_grad_norm"):
+    with pytest.raises(ValueError, match="max_grad_norm in param group 1"):
         opt.step()
+    assert not a.any() and not opt.state
 
 
 # --- features a torch.optim user relies on --------------------------------------------------

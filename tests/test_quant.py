@@ -20,12 +20,15 @@ def grid(signed: bool) -> np.ndarray:
     return (np.arange(0, 256) / 255.0) ** 4
 
 
-def block_max(x: np.ndarray) -> np.ndarray:
-    """Each element's block absolute maximum (blocks of 256 consecutive elements)."""
+def block_scale(x: np.ndarray) -> np.ndarray:
+    """Each element's block scale: the largest magnitude in its 256-block other than the
+    block's top (its largest, first of equals), which is kept exactly instead."""
     flat = np.abs(x.reshape(-1))
     out = np.empty_like(flat)
     for start in range(0, flat.size, BLOCK):
-        out[start:start + BLOCK] = flat[start:start + BLOCK].max()
+        block = flat[start:start + BLOCK].copy()
+        block[np.argmax(block)] = 0
+        out[start:start + BLOCK] = block.max()
     return out
 
 
@@ -57,12 +60,12 @@ def test_nearest_roundtrip_within_half_a_grid_step(numel: int, seed: int, signed
         x = x.abs()
     got = roundtrip(x, signed).double().numpy()
     xs = x.double().numpy()
-    scale = block_max(xs)
+    scale = block_scale(xs)
     t = np.divide(xs, scale, out=np.zeros_like(xs), where=scale > 0)
     lo, hi = neighbours(t, signed)
     bound = 0.5 * (hi - lo) * scale * (1 + 1e-5) + 1e-6 * np.abs(xs)
     assert np.all(np.abs(got - xs) <= bound)
-    # Each block's largest element is represented exactly (code +-max).
+    # Each block's largest element is represented exactly (its top).
     for start in range(0, numel, BLOCK):
         i = start + int(np.argmax(np.abs(xs[start:start + BLOCK])))
         assert got[i] == xs[i]
@@ -71,8 +74,8 @@ def test_nearest_roundtrip_within_half_a_grid_step(numel: int, seed: int, signed
 @pytest.mark.parametrize("signed", [True, False])
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(signed: bool):
     torch.manual_seed(0)
-    base = torch.linspace(0.001, 0.9, BLOCK - 1)
-    x = torch.cat([base, torch.ones(1)])  # block max 1, so t = x
+    base = torch.linspace(0.001, 0.9, BLOCK - 2)
+    x = torch.cat([base, torch.ones(2)])  # the top is 1 and the scale 1, so t = x
     if signed:
         x = x * torch.where(torch.arange(BLOCK) % 2 == 0, 1.0, -1.0)
     draws = torch.stack([roundtrip(x, signed, torch.rand(BLOCK)) for _ in range(4000)]).double()
@@ -107,14 +110,46 @@ def test_special_blocks_stay_finite(values: np.ndarray, signed: bool):
     if not signed:
         x = x.abs()
     for noise in (None, torch.rand(x.numel())):
-        codes, scale = quantize_blockwise(x, signed=signed, noise=noise)
-        got = dequantize_blockwise(codes, scale, x.shape, signed=signed)
-        assert torch.isfinite(got).all() and torch.isfinite(scale).all()
+        codes, meta = quantize_blockwise(x, signed=signed, noise=noise)
+        got = dequantize_blockwise(codes, meta, x.shape, signed=signed)
+        assert torch.isfinite(got).all() and torch.isfinite(meta).all()
         xs = x.double().numpy()
         err = np.abs(got.double().numpy() - xs)
-        assert np.all(err <= np.maximum(block_max(xs), 0) * 0.03 + 1e-45)
+        assert np.all(err <= block_scale(xs) * 0.03 + 1e-45)
     if np.ptp(np.abs(x.numpy())) == 0:  # constant magnitude: exact
         assert torch.equal(got, x)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("spike", [float("inf"), float("nan"), 1e30, 1e6])
+def test_one_spike_does_not_spread_to_its_block(spike: float, signed: bool):
+    """A non-finite or huge element is stored exactly, as float32 would store it; its 255
+    neighbours keep their usual precision (they would all round to 0 against its scale)."""
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.uniform(0.5, 1.5, size=3 * BLOCK), dtype=torch.float32)
+    if signed:
+        x = x * torch.tensor(rng.choice([-1.0, 1.0], size=x.numel()), dtype=torch.float32)
+    x[BLOCK + 17] = spike
+    for noise in (None, torch.rand(x.numel())):
+        codes, meta = quantize_blockwise(x, signed=signed, noise=noise)
+        got = dequantize_blockwise(codes, meta, x.shape, signed=signed)
+        assert torch.equal(got[BLOCK + 17:BLOCK + 18], x[BLOCK + 17:BLOCK + 18]) or (
+            np.isnan(spike) and torch.isnan(got[BLOCK + 17]))
+        others = torch.ones(x.numel(), dtype=torch.bool)
+        others[BLOCK + 17] = False
+        rel = (got[others] - x[others]).abs() / x[others].abs()
+        assert torch.isfinite(got[others]).all() and rel.max() < 0.1
+
+
+def test_a_second_non_finite_element_in_a_block_is_coded_as_zero():
+    x = torch.ones(BLOCK)
+    x[3], x[9] = float("inf"), float("nan")
+    codes, meta = quantize_blockwise(x, signed=True)
+    got = dequantize_blockwise(codes, meta, x.shape, signed=True)
+    assert got[3] == float("inf") and got[9] == 0  # the first non-finite one is the top
+    rest = torch.ones(BLOCK, dtype=torch.bool)
+    rest[[3, 9]] = False
+    assert torch.equal(got[rest], x[rest])
 
 
 def test_bf16_nearest_matches_cast_and_stochastic_is_unbiased():

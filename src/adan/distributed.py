@@ -3,7 +3,9 @@
 Adan's update is elementwise, so every rank can update its own shard of each parameter with the
 plain-tensor kernels; only the clipping norm needs a reduction: across the shards of DTensors
 (FSDP2, tensor parallelism), and across ranks whose optimizers hold disjoint partitions of the
-parameters (ZeroRedundancyOptimizer), given as ``grad_norm_group``.
+parameters (ZeroRedundancyOptimizer), given as ``grad_norm_group``. State of a DTensor
+parameter is sharded like it; 8-bit codes live with the local shard and are saved dequantised
+as DTensors, so that ``torch.distributed.checkpoint`` can reshard them.
 """
 
 from __future__ import annotations
@@ -21,10 +23,20 @@ try:
 except ImportError:  # a torch build without torch.distributed: no DTensor can exist
     _DTENSOR = ()
 
+from adan.kernels.common import BUFFER_KEYS, BUFFERS
+from adan.state import decode, init_state
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["check_grad_norm_group", "global_grad_norm", "to_local_shards"]
+__all__ = [
+    "check_grad_norm_group",
+    "dequantize_for_saving",
+    "global_grad_norm",
+    "init_sharded_state",
+    "is_dtensor",
+    "local_views",
+]
 
 GRAD_NORM_GROUP = "grad_norm_group"
 
@@ -60,6 +72,17 @@ def _is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     return isinstance(t, _DTENSOR)
 
 
+_NORM_TAKES_DTYPE = "dtype" in str(torch.ops.aten._foreach_norm.Scalar._schema)
+
+
+def _norms(grads: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Each gradient's 2-norm accumulated in ``dtype``: one foreach launch per device where
+    torch's ``_foreach_norm`` takes a dtype, else one reduction per tensor."""
+    if _NORM_TAKES_DTYPE and grads and not any(_is_dtensor(g) for g in grads):
+        return list(torch._foreach_norm(grads, 2.0, dtype=dtype))
+    return [torch.linalg.vector_norm(g, dtype=dtype) for g in grads]
+
+
 def global_grad_norm(
     grads: list[Tensor],
     dtype: torch.dtype,
@@ -74,12 +97,11 @@ def global_grad_norm(
     already global and is added after, so it is not counted once per rank. Every rank of
     ``group`` must call this, also with no gradients (``grads`` empty).
     """
-    norms = [torch.linalg.vector_norm(g, dtype=dtype) for g in grads]
-    plain = [n.to(device) for n in norms if not _is_dtensor(n)]
+    plain_grads = [g for g in grads if not _is_dtensor(g)]
+    plain = [n.to(device) for n in _norms(plain_grads, dtype)]
     by_layout: dict[tuple[object, ...], list[Tensor]] = {}
-    for n in norms:
-        if _is_dtensor(n):
-            by_layout.setdefault((n.device_mesh, n.placements), []).append(n)
+    for n in _norms([g for g in grads if _is_dtensor(g)], dtype):
+        by_layout.setdefault((n.device_mesh, n.placements), []).append(n)
     sharded = [torch.linalg.vector_norm(torch.stack(ns)).full_tensor().to(device)
                for ns in by_layout.values()]
     if group is None:
@@ -112,24 +134,70 @@ def _local(t: Tensor, param: Tensor, name: str) -> Tensor:
     return t.to_local()
 
 
-def reject_dtensors(params: list[Tensor], what: str) -> None:
-    """Raise, before anything is written, if ``what`` cannot run on DTensor parameters yet."""
-    if any(_is_dtensor(p) for p in params):
-        raise NotImplementedError(
-            f"{what} does not support DTensor (FSDP2) parameters yet; use the default "
-            "state_dtype='fp32' with sharded parameters"
-        )
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (a sharded parameter under FSDP2 or tensor parallelism)."""
+    return _is_dtensor(t)
 
 
-def to_local_shards(tensors: dict[str, list[Tensor]]) -> None:
-    """Replace, in place, every DTensor in the kernel's lists by its local shard (a view).
+def local_views(param: Tensor, grad: Tensor, state: dict[str, Any]
+                ) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """The local shards a kernel updates for a DTensor ``param``: its shard, its gradient's
+    shard laid out like it, and the state with every DTensor replaced by its shard (a view,
+    so the kernel's in-place writes land in the DTensors). Plain tensors pass unchanged."""
+    if not _is_dtensor(param):
+        return param, grad, state
+    local = {k: _local(v, param, k) if k in BUFFER_KEYS and "exp_avg_meta" not in state else v
+             for k, v in state.items()}
+    return param.to_local(), _local(grad, param, "grads"), local
 
-    The lists are keyed as the optimizer collects them; ``steps`` are plain tensors.
-    """
-    params = tensors["params"]
-    if not any(_is_dtensor(p) for p in params):
-        return
-    for name, values in tensors.items():
-        if name == "steps":
-            continue
-        tensors[name] = [_local(t, p, name) for t, p in zip(values, params, strict=True)]
+
+def init_sharded_state(param: DTensor, fmt: str) -> dict[str, Tensor]:
+    """Zeroed state for a DTensor parameter: buffers are DTensors laid out like it, except
+    8-bit codes, which belong to the local shard (they are saved dequantised, see
+    :func:`dequantize_for_saving`)."""
+    state = init_state(param.to_local(), fmt)
+    if fmt != "int8":
+        for key in BUFFER_KEYS:
+            state[key] = DTensor.from_local(state[key], param.device_mesh, param.placements,
+                                            shape=param.shape, stride=param.stride())
+    return state
+
+
+def dequantize_for_saving(state: dict[str, Any], param: Tensor) -> dict[str, Any]:
+    """A DTensor parameter's 8-bit state as float32 DTensors (what DCP can reshard); others
+    unchanged. Loading converts them back to the group's format."""
+    if not (_is_dtensor(param) and "exp_avg_meta" in state):
+        return state
+    out = {k: v for k, v in state.items() if not k.endswith("_meta")}
+    local = param.to_local()
+    for key, signed in BUFFERS:
+        value = decode(state, key, signed, local, torch.float32)
+        out[key] = DTensor.from_local(value, param.device_mesh, param.placements,
+                                      shape=param.shape, stride=param.stride())
+    return out
+
+
+def check_loaded_sharding(state: dict[str, Any], param: Tensor) -> str | None:
+    """What is wrong with loaded state for a DTensor ``param``, or None: its buffers must be
+    DTensors laid out like it (as ``set_optimizer_state_dict`` hands them over)."""
+    if not _is_dtensor(param):
+        return None
+    for key in BUFFER_KEYS:
+        value = state.get(key)
+        if isinstance(value, Tensor) and not _is_dtensor(value):
+            return (f"the parameter is a DTensor (FSDP2) but its saved {key} is a plain "
+                    "tensor; load sharded state with "
+                    "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict")
+        if isinstance(value, Tensor) and value.placements != param.placements:
+            return (f"its saved {key} has placements {value.placements} but the parameter "
+                    f"has {param.placements}")
+    return None
+
+
+def localize(state: dict[str, Any], param: Tensor) -> None:
+    """Replace a DTensor parameter's DTensor buffers by their local shards, in place (before
+    encoding them as 8-bit codes, which belong to the shard)."""
+    for key in BUFFER_KEYS:
+        value = state.get(key)
+        if _is_dtensor(param) and isinstance(value, Tensor) and _is_dtensor(value):
+            state[key] = value.to_local()

@@ -1,38 +1,46 @@
-"""The :class:`Adan` optimizer: validates arguments, owns state, dispatches to a kernel."""
+"""The :class:`Adan` optimizer: validates settings, owns the state, dispatches each step."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from copy import deepcopy
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
+from adan.checks import check_group, check_params
 from adan.compat import convert_foreign_state_dict
 from adan.distributed import (
     check_grad_norm_group,
+    check_loaded_sharding,
+    dequantize_for_saving,
     global_grad_norm,
-    reject_dtensors,
+    init_sharded_state,
+    is_dtensor,
+    local_views,
+    localize,
     scrub_grad_norm_group,
-    to_local_shards,
 )
-from adan.kernels.common import Scalar, real_view
-from adan.kernels.lowmem import convert_state, lowmem_adan, normalize_state_dtype
-from adan.kernels.select import select_kernel
+from adan.kernels.common import StepArgs, real_view
+from adan.kernels.select import Kernel, select_kernel
+from adan.state import (
+    check_saved_state,
+    convert_state,
+    format_matches,
+    init_state,
+    shape_mismatch,
+    step_dtype,
+    storage_format,
+)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["Adan"]
-
-_STATE_KEYS = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
-
-
-def _check_range(name: str, value: float, allowed: str, ok: bool) -> None:
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
 
 
 class Adan(Optimizer):
@@ -52,8 +60,8 @@ class Adan(Optimizer):
 
     Args:
         params: tensors, ``(name, tensor)`` pairs, or dicts defining parameter groups.
-        lr: learning rate, a float or a 0-d tensor. Adan usually takes a peak lr several
-            times AdamW's.
+        lr: learning rate, a finite number >= 0 or a 1-element tensor. Adan usually takes a
+            peak lr several times AdamW's.
         betas: decay rates ``(b1, b2, b3)`` of the gradient, gradient-difference and
             second-moment averages, each in ``[0, 1)``.
         eps: added to the denominator for numerical stability.
@@ -63,7 +71,10 @@ class Adan(Optimizer):
         max_grad_norm: if positive, gradients of all parameters are scaled together by
             ``min(1, max_grad_norm / (global_norm + eps))`` before the update, with ``eps``
             the first group's. The factor stays on the device (no host synchronisation) and
-            the ``.grad`` tensors are not modified. It is one value for the whole optimizer.
+            the ``.grad`` tensors are not modified. A step whose norm is not finite (an inf or
+            NaN gradient) is skipped, leaving params and state as they were, and counted in
+            :attr:`skipped_steps`. It is one value for the whole optimizer: every param group
+            must have the same.
         grad_norm_group: the process group over which the parameters are partitioned
             disjointly, as ``ZeroRedundancyOptimizer`` does (pass it through ZeRO's keywords):
             the clipping norm then sums the local squared norm over this group (one all-reduce
@@ -71,16 +82,22 @@ class Adan(Optimizer):
             already reduced over their mesh and are not summed again. Requires an initialised
             torch.distributed; kept on the optimizer, not in ``param_groups`` or state dicts.
         maximize: ascend the objective instead of descending.
-        foreach: use the multi-tensor implementation (``False``: one tensor at a time).
-        fused: use the single-pass kernel compiled by ``torch.compile`` (CPU, CUDA). With both
-            ``None``, large groups on CPU/CUDA use it and fall back to foreach (one warning)
-            if it cannot be built; see ``adan.kernels.select``.
+        foreach: ``True`` for the multi-tensor eager implementation, ``False`` for the
+            single-tensor one.
+        fused: ``True`` demands the device's fused kernel (Triton on CUDA, compiled C++ on
+            CPU) and raises if it cannot run; it also tells ``GradScaler`` that the step
+            unscales gradients and skips overflow steps itself, as torch's fused optimizers
+            do. With both ``None`` the default is the fused kernel on CUDA, and on CPU for
+            large groups and compact state; see ``adan.kernels.select``.
         differentiable: let autograd flow through the step (single-tensor path only).
-        capturable: keep every step-dependent scalar on the device, for CUDA graphs.
-        state_dtype: storage of the four state buffers: ``"fp32"`` (the parameter's dtype,
-            16 B per fp32 parameter), ``"bf16"`` (8 B) or ``"int8"`` (blockwise 8-bit codes,
-            4.06 B). Compact state is re-encoded with stochastic rounding after each step and
-            converted on ``load_state_dict`` when the saved setting differs. See docs/lowmem.md.
+        capturable: keep every step-dependent scalar on the device, for CUDA graphs (the
+            CUDA fused kernel always does).
+        state_dtype: storage of the four state buffers: ``None`` (default) keeps the
+            parameter's dtype, except float32 for float16 parameters; ``"fp32"`` float32
+            (e.g. for bf16 parameters), ``"bf16"`` bfloat16 (8 B per parameter) or ``"int8"``
+            (blockwise 8-bit codes, 4.19 B). Compact state is re-encoded with stochastic
+            rounding after each step; state in another format is converted on
+            ``load_state_dict`` and when a group's setting changes. See docs/lowmem.md.
         stochastic_param_rounding: write bfloat16 parameters with stochastic rounding so that
             updates smaller than their precision are not lost (no extra memory).
     """
@@ -101,99 +118,157 @@ class Adan(Optimizer):
         differentiable: bool = False,
         capturable: bool = False,
         grad_norm_group: ProcessGroup | None = None,
-        state_dtype: str | torch.dtype = "fp32",
+        state_dtype: str | torch.dtype | None = None,
         stochastic_param_rounding: bool = False,
     ) -> None:
         check_grad_norm_group(grad_norm_group)
         self._grad_norm_group = grad_norm_group
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-            _check_range("lr", lr.item(), ">= 0", lr.item() >= 0)
-        else:
-            _check_range("lr", lr, ">= 0", lr >= 0)
-        _check_range("eps", eps, ">= 0", eps >= 0)
-        _check_range("weight_decay", weight_decay, ">= 0", weight_decay >= 0)
-        _check_range("max_grad_norm", max_grad_norm, ">= 0 (0 disables clipping)",
-                     max_grad_norm >= 0)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 3:
-            raise ValueError(
-                f"Invalid betas: {betas!r} (allowed: a tuple of 3 decay rates, each in [0, 1))"
-            )
-        for i, beta in enumerate(betas):
-            _check_range(f"betas[{i}]", beta, "[0, 1)", 0.0 <= beta < 1.0)
-        if foreach and fused:
-            raise ValueError("foreach and fused cannot both be True; choose one implementation")
-        if differentiable and (foreach or fused):
-            raise ValueError(
-                "differentiable=True is supported only with foreach=False and fused=False"
-            )
-        state_dtype = normalize_state_dtype(state_dtype)
-        if differentiable and (state_dtype != "fp32" or stochastic_param_rounding):
-            raise ValueError(
-                "differentiable=True is supported only with state_dtype='fp32' and "
-                "stochastic_param_rounding=False"
-            )
+        self._kernel_caches: dict[Any, dict[Any, Any]] = {}
+        self._skips: Tensor | None = None
         defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            no_prox=no_prox,
-            max_grad_norm=max_grad_norm,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-            differentiable=differentiable,
-            capturable=capturable,
-            state_dtype=state_dtype,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, no_prox=no_prox,
+            max_grad_norm=max_grad_norm, maximize=maximize, foreach=foreach, fused=fused,
+            differentiable=differentiable, capturable=capturable, state_dtype=state_dtype,
             stochastic_param_rounding=stochastic_param_rounding,
         )
+        check_group(defaults)
         super().__init__(params, defaults)
-
-    # GradScaler hands over ``grad_scale`` and ``found_inf``; every kernel unscales through
-    # ``grad_factor``, and a step with non-finite gradients changes nothing.
-    _step_supports_amp_scaling = True
+        # As torch's optimizers: only fused=True claims to unscale inside the step. GradScaler
+        # then hands over grad_scale/found_inf; otherwise it unscales .grad itself, which keeps
+        # clipping after ``scaler.unscale_`` (e.g. Lightning's gradient_clip_val) available.
+        self._step_supports_amp_scaling = bool(fused)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_grad_norm_group", None)
+        self.__dict__.setdefault("_kernel_caches", {})
+        self.__dict__.setdefault("_skips", None)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; a ``grad_norm_group`` a wrapper copied into it is kept off the group."""
-        scrub_grad_norm_group(param_group, self._grad_norm_group)
-        super().add_param_group(param_group)
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because the clipping norm was not finite (reading it synchronises
+        with the device once)."""
+        return 0 if self._skips is None else int(self._skips.item())
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, validated as the constructor validates its arguments."""
+        scrub_grad_norm_group(param_group, self._grad_norm_group)
+        merged = {**self.defaults, **param_group}
+        index = len(getattr(self, "param_groups", []))
+        check_group(merged, index)
+        params = param_group["params"]
+        if not isinstance(params, set):  # torch rejects sets (their order is not stable)
+            params = param_group["params"] = [params] if isinstance(params, Tensor) else list(
+                params)
+            check_params([p[1] if isinstance(p, tuple) else p for p in params], index)
+        if self.__dict__.get("param_groups"):
+            first = self.param_groups[0]["max_grad_norm"]
+            if merged["max_grad_norm"] != first:
+                raise ValueError(
+                    f"Invalid max_grad_norm in param group {index}: {merged['max_grad_norm']!r}"
+                    f" (allowed: {first!r}, as in every other group: clipping scales all "
+                    "gradients by one global norm)")
+        param_group.update({k: merged[k] for k in ("lr", "betas", "state_dtype")})
+        super().add_param_group(param_group)
+        self._kernel_caches.clear()
+
+    # --- state dicts -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict; 8-bit state of DTensor (FSDP2) parameters is saved dequantised
+        as float32 DTensors, so that ``torch.distributed.checkpoint`` can reshard it."""
+        state_dict = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, param in enumerate(params):
+            if index in state_dict["state"]:
+                state_dict["state"][index] = dequantize_for_saving(state_dict["state"][index],
+                                                                   param)
+        return state_dict
+
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by this class, by sail-sg/Adan or by timm's Adan.
 
-        Each group keeps its current ``state_dtype``; saved state in another format is converted.
+        The whole dict is checked first; anything wrong raises one ``ValueError`` naming the
+        parameter and the problem, leaving the optimizer unchanged. Each group keeps its
+        current ``state_dtype``; saved state in another format is converted. Pre-hooks see
+        the full dict (and may replace it); post-hooks run once everything is loaded.
         """
-        state_dict = convert_foreign_state_dict(state_dict)
-        formats = [normalize_state_dtype(g["state_dtype"]) for g in self.param_groups]
-        # The base class would cast every buffer to the parameter's dtype (int8 codes and bf16
-        # state included), so buffers bypass it and are only moved to the parameter's device.
-        buffers = {pid: {k: v for k, v in s.items() if k != "step"}
-                   for pid, s in state_dict["state"].items()}
-        super().load_state_dict({
-            "state": {pid: {k: v for k, v in s.items() if k == "step"}
-                      for pid, s in state_dict["state"].items()},
-            "param_groups": state_dict["param_groups"],
-        })
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        for group, fmt in zip(self.param_groups, formats, strict=True):
-            group["state_dtype"] = fmt
-        owned = ((p, g) for g in self.param_groups for p in g["params"])
-        for pid, (param, group) in zip(saved_ids, owned, strict=True):
-            if pid not in buffers:
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, state = self._prepare_load(convert_foreign_state_dict(state_dict))
+        self.__setstate__({"state": state, "param_groups": groups})
+        self._kernel_caches.clear()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _prepare_load(self, state_dict: dict[str, Any]
+                      ) -> tuple[list[dict[str, Any]], defaultdict[Tensor, Any]]:
+        """The param groups and state that ``state_dict`` loads into, built without touching
+        the optimizer."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("Cannot load the optimizer state: expected a dict with 'state' and "
+                             "'param_groups' (from Optimizer.state_dict())")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"Cannot load the optimizer state: it has {len(saved_groups)} "
+                             f"param groups, this optimizer {len(self.param_groups)}")
+        groups = []
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups,
+                                                   strict=True)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"Cannot load the optimizer state: its param group {index} has "
+                                 f"{len(saved['params'])} parameters, this optimizer's "
+                                 f"{len(group['params'])}")
+            new = {**self.defaults, **deepcopy({k: v for k, v in saved.items() if k != "params"})}
+            new["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                new["param_names"] = group["param_names"]
+            new["state_dtype"] = group["state_dtype"]
+            check_group(new, index)
+            groups.append(new)
+        state: defaultdict[Tensor, Any] = defaultdict(dict)
+        saved_ids = [(pid, gi) for gi, g in enumerate(saved_groups) for pid in g["params"]]
+        params = [p for g in groups for p in g["params"]]
+        for index, ((pid, gi), param) in enumerate(zip(saved_ids, params, strict=True)):
+            if pid not in state_dict["state"]:
                 continue
-            state = self.state[param]
-            state.update({k: v.to(param.device) if isinstance(v, Tensor) else v
-                          for k, v in buffers[pid].items()})
-            convert_state(state, param, self._state_format(group))
+            saved = state_dict["state"][pid]
+            problem = check_saved_state(saved, param) or (
+                check_loaded_sharding(saved, param) if saved else None)
+            if problem:
+                raise ValueError(f"Cannot load the optimizer state: parameter {index} (param "
+                                 f"group {gi}, saved id {pid!r}): {problem}. The optimizer was "
+                                 "left unchanged.")
+            state[param] = self._loaded_entry(saved, param, groups[gi])
+        return groups, state
+
+    @staticmethod
+    def _loaded_entry(saved: dict[str, Any], param: Tensor, group: dict[str, Any]
+                      ) -> dict[str, Any]:
+        """One parameter's loaded state on its device, converted to the group's format."""
+        if not saved:
+            return {}
+        device = param.to_local().device if is_dtensor(param) else param.device
+        step = saved["step"]
+        entry = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in saved.items()}
+        entry["step"] = torch.as_tensor(step.item() if isinstance(step, Tensor) else step,
+                                        dtype=step_dtype()).to(device).reshape(())
+        fmt = storage_format(param, group["state_dtype"])
+        if "prev_grad" not in entry:  # a state saved at step 0 (e.g. after restart())
+            entry["prev_grad"] = torch.zeros_like(real_view(param), dtype=torch.float32)
+        if fmt == "int8":
+            localize(entry, param)
+        convert_state(entry, param, fmt)
+        return entry
+
+    # --- stepping ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -205,147 +280,139 @@ class Adan(Optimizer):
         Buffers are zeroed in place, so their memory (and any CUDA graph capturing them) stays.
         """
         for state in self.state.values():
-            for key in ("step", "exp_avg", "exp_avg_diff", "exp_avg_sq"):
-                if key in state:
-                    state[key].zero_()
-            state.pop("prev_grad", None)
+            for value in state.values():
+                if isinstance(value, Tensor):
+                    value.zero_()
 
-    @staticmethod
-    def _state_format(group: dict[str, Any]) -> str | None:
-        """The low-memory format of a group's state, or None for the ordinary kernels."""
-        if group["state_dtype"] == "fp32" and not group["stochastic_param_rounding"]:
-            return None
-        return str(group["state_dtype"])
-
-    def _global_grad_factor(self, grad_scale: Tensor | None = None) -> Tensor | None:
+    def _grad_factor(self, grad_scale: Tensor | None, found_inf: Tensor | None
+                     ) -> Tensor | None:
         """The factor every gradient is multiplied by, as a device tensor, or None for 1.
 
         It is ``1 / grad_scale`` (AMP) times the clipping factor ``min(1, max_norm / (norm +
-        eps))``, the norm being that of the unscaled gradients.
+        eps))``, the norm being that of the unscaled gradients. It is NaN, meaning "skip this
+        step", when GradScaler found an overflow or the norm is not finite.
         """
-        unscale = None if grad_scale is None else grad_scale.double().reciprocal().float()
-        max_norms = {group["max_grad_norm"] for group in self.param_groups}
-        if len(max_norms) > 1:
-            raise ValueError(
-                f"max_grad_norm must be the same for every param group (got {sorted(max_norms)}):"
-                " clipping uses the global norm over all parameters"
-            )
-        max_norm = max_norms.pop()
-        if max_norm <= 0:
-            return unscale
-        grads = [
-            real_view(p.grad)
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
-        norm_group = self._grad_norm_group
-        if not grads and norm_group is None:
-            return unscale
-        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        params = (p for group in self.param_groups for p in group["params"])
-        device = grads[0].device if grads else next(params, torch.empty(0)).device
-        total = global_grad_norm(grads, acc, device, norm_group)
-        if unscale is not None:
-            total = total * unscale.to(total.device)
-        eps = self.param_groups[0]["eps"]
-        clip = torch.clamp(max_norm / (total + eps), max=1.0)
-        return clip if unscale is None else clip * unscale.to(clip.device)
+        factor = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        max_norm = self.param_groups[0]["max_grad_norm"]
+        grads = [real_view(p.grad) for g in self.param_groups for p in g["params"]
+                 if p.grad is not None]
+        if max_norm > 0 and (grads or self._grad_norm_group is not None):
+            acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+            params = (p for group in self.param_groups for p in group["params"])
+            device = grads[0].device if grads else next(params, torch.empty(0)).device
+            norm = global_grad_norm(grads, acc, device, self._grad_norm_group)
+            if factor is not None:
+                norm = norm * factor.to(norm.device)
+            finite = torch.isfinite(norm)
+            self._skips = (~finite).long() + (0 if self._skips is None
+                                             else self._skips.to(finite.device))
+            eps = self.param_groups[0]["eps"]
+            clip = torch.where(finite, torch.clamp(max_norm / (norm + eps), max=1.0), torch.nan)
+            factor = clip if factor is None else clip * factor.to(clip.device)
+        if found_inf is not None:
+            base = torch.ones((), device=found_inf.device) if factor is None else factor
+            factor = torch.where(found_inf.to(base.device) > 0, torch.nan, base)
+        return factor
 
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        grad_factor: Tensor | None,
-        tensors: dict[str, list[Tensor]],
-    ) -> None:
-        """Collect the parameters with gradients, creating their state on first use."""
+    def _check_step_groups(self) -> None:
+        """Settings changed since the last step must still be valid (a tensor lr's value is
+        not read: that would synchronise with its device)."""
+        first = self.param_groups[0]["max_grad_norm"]
+        for index, group in enumerate(self.param_groups):
+            check_group(group, index, read_tensors=False)
+            if group["max_grad_norm"] != first:
+                raise ValueError(
+                    f"Invalid max_grad_norm in param group {index}: {group['max_grad_norm']!r}"
+                    f" (allowed: {first!r}, as in every other group: clipping scales all "
+                    "gradients by one global norm)")
+
+    def _collect(self, group: dict[str, Any], index: int
+                 ) -> list[tuple[Tensor, Tensor, str]]:
+        """The parameters of a group that have gradients, with their storage formats, after
+        checking everything that could make the step fail (nothing is changed here)."""
+        out = []
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("Adan does not support sparse gradients")
-            state = self.state[p]
-            if "step" not in state:
-                on_device = group["capturable"]
-                state["step"] = torch.zeros(
-                    (), dtype=torch.float32, device=p.device if on_device else "cpu"
-                )
-                for key in ("exp_avg", "exp_avg_diff", "exp_avg_sq"):
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if "prev_grad" not in state:
-                # g_0 := g_1: the previous gradient starts as this step's (processed) gradient.
-                prev = p.grad.clone(memory_format=torch.preserve_format)
-                if grad_factor is not None:
-                    prev.mul_(grad_factor.to(prev.device))
-                if group["maximize"]:
-                    prev.neg_()
-                state["prev_grad"] = prev
-            if group["differentiable"] and state["step"].requires_grad:
-                raise RuntimeError(
-                    "`requires_grad` is not supported for `step` in differentiable mode"
-                )
-            tensors["params"].append(p)
-            tensors["grads"].append(p.grad)
-            for key in _STATE_KEYS:
-                tensors[key].append(state[key])
-            tensors["steps"].append(state["step"])
+            if p.grad.shape != p.shape:
+                raise RuntimeError(f"a gradient of shape {tuple(p.grad.shape)} for a parameter "
+                                   f"of shape {tuple(p.shape)} in param group {index}")
+            fmt = storage_format(p, group["state_dtype"])
+            if group["differentiable"] and fmt != "plain":
+                raise ValueError(f"differentiable=True needs state in the parameter's dtype, "
+                                 f"but a {p.dtype} parameter in param group {index} keeps "
+                                 f"{fmt} state")
+            state = self.state.get(p)
+            if state:
+                problem = shape_mismatch(state, p)
+                if problem:
+                    raise RuntimeError(f"Cannot step a parameter of param group {index}: "
+                                       f"{problem}")
+                if group["differentiable"] and state["step"].requires_grad:
+                    raise RuntimeError(
+                        "`requires_grad` is not supported for `step` in differentiable mode")
+            out.append((p, p.grad, fmt))
+        return out
+
+    def _prepare_state(self, param: Tensor, fmt: str) -> dict[str, Any]:
+        """``param``'s state in format ``fmt``: created on first use, converted if the group's
+        ``state_dtype`` (or the parameter's dtype) changed since the last step."""
+        state = self.state[param]
+        if "step" not in state:
+            state.update(init_sharded_state(param, fmt) if is_dtensor(param)  # type: ignore[arg-type]
+                         else init_state(param, fmt))
+            self._kernel_caches.clear()
+        elif not format_matches(state, param, fmt):
+            if fmt == "int8":
+                localize(state, param)
+            convert_state(state, param, fmt)
+            self._kernel_caches.clear()
+        return state
+
+    def _plan(self, group: dict[str, Any], index: int, grad_factor: Tensor | None,
+              checked: list[tuple[Tensor, Tensor, str]]
+              ) -> list[tuple[Kernel, list[Tensor], list[Tensor], list[dict[str, Any]], StepArgs]]:
+        """One kernel call per storage format and device of a group's checked parameters."""
+        parts: dict[tuple[str, torch.device], list[list[Any]]] = {}
+        for param, grad, fmt in checked:
+            state = self._prepare_state(param, fmt)
+            p, g, local_state = local_views(param, grad, state)
+            part = parts.setdefault((fmt, p.device), [[], [], []])
+            for lst, item in zip(part, (p, g, local_state), strict=True):
+                lst.append(item)
+        beta1, beta2, beta3 = group["betas"]
+        calls = []
+        for (fmt, device), (params, grads, states) in parts.items():
+            args = StepArgs(
+                lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
+                weight_decay=group["weight_decay"], no_prox=group["no_prox"],
+                maximize=group["maximize"], capturable=group["capturable"],
+                grad_factor=grad_factor, fmt=fmt,
+                stochastic_param=group["stochastic_param_rounding"],
+                cache=self._kernel_caches.setdefault((index, fmt, device), {}),
+            )
+            calls.append((select_kernel(group, fmt, params), params, grads, states, args))
+        return calls
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Perform one step; ``closure``, if given, re-evaluates the model and returns the loss."""
+        """Perform one step; ``closure``, if given, re-evaluates the model and returns the loss.
+
+        Everything that can fail is checked before any parameter or state is written.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
-        found_inf: Tensor | None = getattr(self, "found_inf", None)
-        if found_inf is not None and found_inf.item() != 0:
-            return loss
-        grad_factor = self._global_grad_factor(grad_scale)
-        for group in self.param_groups:
-            fmt = self._state_format(group)
-            if fmt is not None:
-                params = [p for p in group["params"] if p.grad is not None]
-                if any(p.grad.is_sparse for p in params):
-                    raise RuntimeError("Adan does not support sparse gradients")
-                reject_dtensors(params, f"state_dtype={fmt!r}")
-                beta1, beta2, beta3 = group["betas"]
-                lowmem_adan(
-                    params, [p.grad for p in params], [self.state[p] for p in params],
-                    fmt=fmt, compiled=group["foreach"] is not False, grad_factor=grad_factor,
-                    lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
-                    weight_decay=group["weight_decay"], no_prox=group["no_prox"],
-                    maximize=group["maximize"],
-                    stochastic_param=group["stochastic_param_rounding"],
-                    capturable=group["capturable"],
-                )
-                continue
-            tensors: dict[str, list[Tensor]] = {
-                k: [] for k in ("params", "grads", *_STATE_KEYS, "steps")
-            }
-            self._init_group(group, grad_factor, tensors)
-            to_local_shards(tensors)
-            if not tensors["params"]:
-                continue
-            beta1, beta2, beta3 = group["betas"]
-            select_kernel(group, tensors["params"])(
-                tensors["params"],
-                tensors["grads"],
-                tensors["exp_avg"],
-                tensors["exp_avg_diff"],
-                tensors["exp_avg_sq"],
-                tensors["prev_grad"],
-                tensors["steps"],
-                grad_factor=grad_factor,
-                lr=cast(Scalar, group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                beta3=beta3,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                no_prox=group["no_prox"],
-                maximize=group["maximize"],
-                capturable=group["capturable"],
-            )
+        self._check_step_groups()
+        checked = [self._collect(group, i) for i, group in enumerate(self.param_groups)]
+        grad_factor = self._grad_factor(getattr(self, "grad_scale", None),
+                                        getattr(self, "found_inf", None))
+        calls = [call for i, (group, items) in enumerate(zip(self.param_groups, checked,
+                                                              strict=True))
+                 for call in self._plan(group, i, grad_factor, items)]
+        for kernel, params, grads, states, args in calls:
+            kernel(params, grads, states, args)
         return loss

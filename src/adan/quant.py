@@ -1,13 +1,20 @@
 """Compact number codes for optimizer state: blockwise 8-bit codes and bfloat16 rounding.
 
-8-bit codes are *power codes*: a block of ``BLOCK`` values shares one float32 scale (its
-absolute maximum) and each value keeps an integer ``k`` with ``value = scale * c(k)``:
+8-bit codes are *power codes* over blocks of ``BLOCK`` consecutive elements. Each block keeps
+three float32 numbers (its *meta* row): a scale, and the value and position of its
+largest-magnitude element, the *top*, which is stored exactly and not coded. Every other
+element keeps an integer ``k`` with ``value = scale * c(k)``, ``scale`` being the largest
+magnitude among them:
 
 * signed (for m, v and the previous gradient): ``c(k) = (k / 127) ** 3``, ``k`` in
   ``[-127, 127]`` (int8). Steps are fine near the block maximum (2.4 % of it at the top) and
   the code still resolves ``6e-8`` of the maximum, so small entries are not flushed to zero.
 * unsigned (for n, which is never negative): ``c(k) = (k / 255) ** 4``, ``k`` in ``[0, 255]``
   (uint8); that is ``sqrt(n)`` on a square-law grid, the quantity the update divides by.
+
+Keeping the top exact means one outlier (a spike, an inf or a NaN in the gradient) is carried
+as a float32 state would carry it and does not set the scale of its 255 neighbours, whose codes
+would otherwise all round to zero. Non-finite values other than the top are coded as zero.
 
 Rounding picks the lower or upper neighbour on the value grid: the nearer one, or, with
 ``noise`` (uniform in ``[0, 1)``), the upper one with probability proportional to the distance
@@ -17,94 +24,104 @@ from the lower, so the expected decoded value equals the input (stochastic round
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "BLOCK",
-    "block_scales",
-    "num_blocks",
-    "per_element",
+    "META",
     "code_values",
     "dequantize_blockwise",
+    "legacy_meta",
+    "num_blocks",
     "quantize_blockwise",
     "round_to_bf16",
 ]
 
 BLOCK = 256
-"""Elements per block; each block stores one float32 scale (4/256 = 0.016 B per element)."""
+"""Elements per block."""
+
+META = 3
+"""Floats per block in the meta tensor: scale, top value, top position (0.047 B per element)."""
 
 _SIGNED = (127, 3)
 _UNSIGNED = (255, 4)
 
 
-def _code(signed: bool) -> tuple[int, int]:
+def code_levels(signed: bool) -> tuple[int, int]:
     """``(levels, power)`` of the signed or unsigned code."""
     return _SIGNED if signed else _UNSIGNED
 
 
 def code_values(signed: bool, dtype: torch.dtype = torch.float32) -> Tensor:
     """Every value the code can represent for a block scale of 1, ascending."""
-    levels, power = _code(signed)
+    levels, power = code_levels(signed)
     k = torch.arange(-levels if signed else 0, levels + 1, dtype=torch.float64)
     return ((k / levels) ** power).to(dtype)
 
 
-def per_element(scale: Tensor, numel: int) -> Tensor:
-    """Each element's block scale, for a flattened tensor of ``numel`` elements."""
-    return scale[:, None].expand(scale.numel(), BLOCK).reshape(-1)[:numel]
-
-
 def num_blocks(numel: int) -> int:
-    """Scales kept for ``numel`` elements: one per started block, plus one when none is partial.
-
-    Always ``numel // BLOCK + 1``: a fixed formula lets compiled code avoid a shape branch.
-    """
+    """Meta rows kept for ``numel`` elements: one per started block, plus one when none is
+    partial. Always ``numel // BLOCK + 1``, so that compiled code has no shape branch."""
     return numel // BLOCK + 1
 
 
-def block_scales(magnitude: Tensor) -> Tensor:
-    """The maximum of each block of a flat non-negative tensor (0 for an empty last block)."""
-    full = magnitude.numel() // BLOCK * BLOCK
-    head = magnitude[:full].view(-1, BLOCK).amax(dim=1)
-    tail = torch.cat([magnitude[full:], magnitude.new_zeros(1)]).amax(dim=0, keepdim=True)
-    return torch.cat([head, tail])
+def _blocks(flat: Tensor) -> Tensor:
+    """``flat`` zero-padded to ``num_blocks`` full blocks, as a ``(blocks, BLOCK)`` view."""
+    rows = num_blocks(flat.numel())
+    return F.pad(flat, (0, rows * BLOCK - flat.numel())).view(rows, BLOCK)
 
 
 def quantize_blockwise(
     x: Tensor, *, signed: bool, noise: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Encode ``x`` as ``(codes, scales)``: one code per element, flat, and one scale per block.
+    """Encode ``x`` as ``(codes, meta)``: one code per element (flat) and one meta row per block.
 
-    Blocks are runs of ``BLOCK`` consecutive elements of the flattened ``x`` (the last may be
-    shorter). ``noise`` of ``x``'s size, uniform in ``[0, 1)``, selects stochastic rounding;
-    without it values round to the nearest code.
+    ``noise`` of ``x``'s size, uniform in ``[0, 1)``, selects stochastic rounding; without it
+    values round to the nearest code. ``meta`` is float32 ``(num_blocks, META)``.
     """
-    levels, power = _code(signed)
-    flat = x.reshape(-1)
-    magnitude = flat.abs()
-    scale = block_scales(magnitude)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    t = (magnitude / per_element(safe, flat.numel())).clamp(max=1.0)
+    levels, power = code_levels(signed)
+    numel = x.numel()
+    blocks = _blocks(x.reshape(-1))
+    mag = blocks.abs()
+    # The top is the largest magnitude, a NaN counting as the largest of all.
+    top_pos = torch.where(torch.isnan(mag), torch.inf, mag).argmax(dim=1, keepdim=True)
+    top = blocks.gather(1, top_pos)
+    column = torch.arange(BLOCK, device=x.device)
+    rest = torch.where((column == top_pos) | ~torch.isfinite(mag), 0.0, mag)
+    # Rounded to float32 first, so that decoding scales by exactly what encoding divided by.
+    scale = rest.amax(dim=1, keepdim=True).float().to(rest.dtype)
+    t = (rest / torch.where(scale > 0, scale, 1.0)).clamp(max=1.0)
     lower = torch.floor(t.pow(1.0 / power) * levels).clamp(0, levels - 1)
     lo = (lower / levels).pow(power)
     hi = ((lower + 1) / levels).pow(power)
     frac = ((t - lo) / (hi - lo)).clamp(0.0, 1.0)
-    threshold = noise.reshape(-1) if noise is not None else 0.5
+    threshold = _blocks(noise.reshape(-1).to(t.dtype)) if noise is not None else 0.5
     k = lower + (frac > threshold).to(lower.dtype)
+    meta = torch.cat([scale, top, top_pos.to(scale.dtype)], dim=1).float()
     if signed:
-        return (k * torch.sign(flat)).to(torch.int8), scale.float()
-    return k.to(torch.uint8), scale.float()
+        return torch.where(blocks < 0, -k, k).reshape(-1)[:numel].to(torch.int8), meta
+    return k.reshape(-1)[:numel].to(torch.uint8), meta
 
 
 def dequantize_blockwise(
-    codes: Tensor, scale: Tensor, shape: torch.Size | tuple[int, ...], *, signed: bool,
+    codes: Tensor, meta: Tensor, shape: torch.Size | tuple[int, ...], *, signed: bool,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Decode ``(codes, scales)`` from :func:`quantize_blockwise` into a tensor of ``shape``."""
-    levels, power = _code(signed)
-    unit = codes.reshape(-1).to(dtype) / levels
+    """Decode ``(codes, meta)`` from :func:`quantize_blockwise` into a tensor of ``shape``."""
+    levels, power = code_levels(signed)
+    unit = _blocks(codes.reshape(-1).to(dtype)) / levels
     values = unit * unit * unit if power == 3 else (unit * unit) * (unit * unit)
-    return (values * per_element(scale.to(dtype), values.numel())).view(shape)
+    meta = meta.to(dtype)
+    column = torch.arange(BLOCK, device=codes.device)
+    values = torch.where(column == meta[:, 2:3], meta[:, 1:2], values * meta[:, 0:1])
+    return values.reshape(-1)[: codes.numel()].view(shape)
+
+
+def legacy_meta(scale: Tensor) -> Tensor:
+    """The meta rows of a checkpoint saved before tops existed (scales only): no top."""
+    scale = scale.float().reshape(-1, 1)
+    return torch.cat([scale, torch.zeros_like(scale), torch.full_like(scale, -1.0)], dim=1)
 
 
 def round_to_bf16(x: Tensor, noise: Tensor | None = None) -> Tensor:

@@ -1,6 +1,6 @@
-"""Adan update kernels: pure functions that apply one step to lists of tensors in place."""
+"""Adan update kernels: one module per implementation behind one signature (see ``common``).
 
-from adan.kernels.foreach import multi_tensor_adan
-from adan.kernels.single import single_tensor_adan
-
-__all__ = ["multi_tensor_adan", "single_tensor_adan"]
+``single`` (reference, one tensor at a time), ``foreach`` (multi-tensor eager), ``compact``
+(one tensor at a time over any storage format), ``cpu_compiled`` (C++ by torch.compile),
+``cuda_triton`` (one Triton launch per group on CUDA); ``select`` chooses.
+"""

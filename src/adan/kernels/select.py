@@ -1,10 +1,22 @@
-"""Which kernel runs a param group: the user's choice, or the fastest measured for the device.
+"""Which kernel runs a set of tensors: the user's choice, or the fastest for the device.
 
-Default (``foreach=None, fused=None``), from ``python -m adan.bench.speed``
-(see docs/benchmarks.md): groups of at least :data:`FUSED_MIN_NUMEL` elements on CPU or CUDA
-use the fused kernel, whose compilation (seconds, once, cached on disk) then pays for itself;
-smaller groups, tensor subclasses and ``differentiable=True`` use the eager paths. If the fused
-kernel cannot be built, the default falls back to foreach with one warning.
+Every kernel has the signature ``kernel(params, grads, states, args)`` (:mod:`.common`). The
+optimizer calls :func:`select_kernel` once per param group, storage format and device:
+
+* CUDA: the Triton kernel (:mod:`.cuda_triton`), one launch per group and dtype signature,
+  for every group and format; tensors it does not take (float64, non-contiguous) go to the
+  eager paths. No ``torch.compile`` and no warm-up beyond Triton's own build (cached on disk).
+* CPU: the compiled C++ kernel (:mod:`.cpu_compiled`) for groups of at least
+  :data:`FUSED_MIN_NUMEL` elements and for compact state, else foreach.
+* ``foreach=True``/``False`` pick the multi- or single-tensor eager paths (compact state has
+  one eager path, :mod:`.compact`); ``fused=True`` demands the device's fused kernel.
+* ``differentiable=True`` and tensor subclasses take the single-tensor path, and a step traced
+  by ``torch.compile`` the eager paths, which Dynamo traces.
+
+Before its first use for a device, format and dtypes, a fused kernel is built and run on
+scratch tensors. If that fails (no C++ compiler, no Triton, a compiler error), the default
+falls back to the eager path with one warning and ``fused=True`` raises
+``RuntimeError("fused=True cannot run here: ...")``, in both cases before anything is written.
 """
 
 from __future__ import annotations
@@ -16,44 +28,78 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adan.kernels.common import StepArgs, real_view
+from adan.kernels.compact import compact_adan
+from adan.kernels.cpu_compiled import (
+    PACK_MAX,
+    SERIAL_MAX,
+    cpu_compiled_adan,
+    cpu_compiler_missing,
+)
 from adan.kernels.foreach import multi_tensor_adan
-from adan.kernels.fused import PACK_MAX, SERIAL_MAX, fused_adan, fused_unavailable_reason
 from adan.kernels.single import single_tensor_adan
+from adan.state import init_state
 
-Kernel = Callable[..., None]
+Kernel = Callable[[list[Tensor], list[Tensor], list[dict[str, Any]], StepArgs], None]
 
-# Smallest group (in elements) for which the default compiles the fused kernel.
+# Smallest plain-state group (in elements) for which the CPU default compiles its kernel.
 FUSED_MIN_NUMEL = 1 << 20
 
-# Outcome of building the fused kernel per (device type, param dtype, grad dtype):
+# Outcome of building a fused kernel per (kind, device type, format, param dtype, grad dtype):
 # None once it ran, else the exception that stopped it.
-_built: dict[tuple[str, torch.dtype, torch.dtype], BaseException | None] = {}
+_built: dict[tuple[Any, ...], BaseException | None] = {}
 
 
-def _probe(device: torch.device, dtype: torch.dtype, grad_dtype: torch.dtype) -> None:
-    """Build and run every fused variant on scratch tensors, so a failure touches no state."""
-    sizes = (SERIAL_MAX, PACK_MAX, 2)
-    params = [torch.zeros(k, device=device, dtype=dtype) for k in sizes]
-    m, v, n, prev = ([torch.zeros_like(p) for p in params] for _ in range(4))
-    grads = [torch.ones(k, device=device, dtype=grad_dtype) for k in sizes]
-    steps = [torch.zeros(()) for _ in sizes]
-    fused_adan(params, grads, m, v, n, prev, steps, grad_factor=None, lr=0.0, beta1=0.9, beta2=0.9,
-               beta3=0.9, eps=1e-8, weight_decay=0.0, no_prox=False, maximize=False,
-               capturable=False)
+def _triton_module() -> Any:
+    """:mod:`adan.kernels.cuda_triton`, imported on first use (it needs Triton)."""
+    from adan.kernels import cuda_triton
+
+    return cuda_triton
 
 
-def fused_build_error(params: list[Tensor], grads: list[Tensor]) -> BaseException | None:
-    """Build the fused kernel for these tensors' devices and dtypes; the error, if it failed."""
-    if torch.compiler.is_compiling():
-        return None
+def _probe(kind: str, device: torch.device, fmt: str, dtype: torch.dtype,
+           grad_dtype: torch.dtype) -> None:
+    """Build and run a fused kernel's variants on scratch tensors (no user tensor is touched)."""
+    if kind == "cpu":
+        sizes = [SERIAL_MAX, PACK_MAX, 2] if fmt == "plain" else [SERIAL_MAX, 300]
+        variants = [dict(grad_factor=None)]
+        kernel: Kernel = cpu_compiled_adan
+    else:
+        sizes = [300, 5]
+        one = torch.ones((), device=device)
+        variants = [dict(grad_factor=None),
+                    dict(grad_factor=one, lr=one * 0, no_prox=True, maximize=True)]
+        kernel = _triton_module().triton_adan
+    for variant in variants:
+        params = [torch.zeros(k, device=device, dtype=dtype) for k in sizes]
+        grads = [torch.ones(k, device=device, dtype=grad_dtype) for k in sizes]
+        states = [init_state(p, fmt) for p in params]
+        settings: dict[str, Any] = {**dict(lr=0.0, beta1=0.9, beta2=0.9, beta3=0.9, eps=1e-8,
+                                           weight_decay=0.0, fmt=fmt), **variant}
+        kernel(params, grads, states, StepArgs(**settings))
+
+
+def _unavailable(kind: str, device: torch.device) -> str | None:
+    if kind == "cpu":
+        return cpu_compiler_missing()
+    try:
+        _triton_module()
+    except ImportError as exc:
+        return f"Triton is not installed ({exc})"
+    return None
+
+
+def build_error(kind: str, device: torch.device, fmt: str, params: list[Tensor],
+                grads: list[Tensor]) -> BaseException | None:
+    """Build fused kernel ``kind`` ("cpu" or "triton") for these tensors; the error, if any."""
     for p, g in zip(params, grads, strict=True):
-        key = (p.device.type, p.dtype, g.dtype)
+        key = (kind, device.type, fmt, real_view(p).dtype, real_view(g).dtype)
         if key not in _built:
-            reason = fused_unavailable_reason(p.device)
             try:
+                reason = _unavailable(kind, device)
                 if reason is not None:
                     raise RuntimeError(reason)
-                _probe(p.device, p.dtype, g.dtype)
+                _probe(kind, device, fmt, key[3], key[4])
                 _built[key] = None
             except Exception as exc:  # noqa: BLE001 - any build failure means "cannot fuse"
                 _built[key] = exc
@@ -62,39 +108,61 @@ def fused_build_error(params: list[Tensor], grads: list[Tensor]) -> BaseExceptio
     return None
 
 
-def _fused_or_foreach(*args: Any, **kwargs: Any) -> None:
-    """The default's fused kernel, falling back to foreach (one warning) where it cannot build."""
-    error = fused_build_error(args[0], args[1])
-    if error is None:
-        fused_adan(*args, **kwargs)
-        return
-    if not getattr(error, "_adan_warned", False):
-        error._adan_warned = True  # type: ignore[attr-defined]
-        warnings.warn(f"adan: the fused kernel is unavailable ({error}); using foreach instead",
-                      RuntimeWarning, stacklevel=4)
-    multi_tensor_adan(*args, **kwargs)
+def _fused(kind: str, fallback: Kernel, must: bool) -> Kernel:
+    """Fused kernel ``kind`` behind its build check, with ``fallback`` where it cannot run
+    (and, for Triton, for the tensors it does not take)."""
+
+    def run(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+            args: StepArgs) -> None:
+        if kind == "triton":
+            unsupported = _triton_module().triton_unsupported
+            taken = [i for i, t in enumerate(zip(params, grads, states, strict=True))
+                     if unsupported(*t) is None]
+        else:
+            taken = list(range(len(params)))
+        picked = [[xs[i] for i in taken] for xs in (params, grads, states)]
+        error = build_error(kind, params[0].device, args.fmt, picked[0], picked[1])
+        if error is not None:
+            if must:
+                raise RuntimeError(f"fused=True cannot run here: {error}") from error
+            if not getattr(error, "_adan_warned", False):
+                error._adan_warned = True  # type: ignore[attr-defined]
+                warnings.warn(f"adan: the fused kernel is unavailable ({error}); using the "
+                              "eager implementation instead", RuntimeWarning, stacklevel=4)
+            fallback(params, grads, states, args)
+            return
+        if len(taken) < len(params):
+            taken_set = set(taken)
+            rest = [i for i in range(len(params)) if i not in taken_set]
+            fallback(*([xs[i] for i in rest] for xs in (params, grads, states)), args)
+        kernel = cpu_compiled_adan if kind == "cpu" else _triton_module().triton_adan
+        kernel(*picked, args)
+
+    return run
 
 
-def _fused_or_raise(*args: Any, **kwargs: Any) -> None:
-    """``fused=True``: the fused kernel, or a clear error saying why it cannot run."""
-    error = fused_build_error(args[0], args[1])
-    if error is not None:
-        raise RuntimeError(f"fused=True cannot run here: {error}") from error
-    fused_adan(*args, **kwargs)
-
-
-def select_kernel(group: dict[str, Any], params: list[Tensor]) -> Kernel:
-    """The kernel for one param group's step, honouring ``foreach``/``fused`` when set."""
-    if group["fused"]:
-        return _fused_or_raise
+def select_kernel(group: dict[str, Any], fmt: str, params: list[Tensor]) -> Kernel:
+    """The kernel for ``params`` (one device, one storage format) of one param group."""
+    plain = fmt == "plain" and not group["stochastic_param_rounding"]
+    eager = single_tensor_adan if plain else compact_adan
+    multi = multi_tensor_adan if plain else compact_adan
     if group["differentiable"] or torch.jit.is_scripting():
         return single_tensor_adan
-    if group["foreach"] is not None:
-        return multi_tensor_adan if group["foreach"] else single_tensor_adan
+    if torch.compiler.is_compiling():
+        return eager if group["foreach"] is False else multi
+    device = params[0].device
+    kind = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
+    if group["fused"]:
+        if kind is None:
+            raise RuntimeError(f"fused=True supports CPU and CUDA parameters, not {device.type}")
+        return _fused(kind, multi, must=True)
+    if group["foreach"] is False:
+        return eager
+    if group["foreach"] and plain:
+        return multi_tensor_adan
     if not all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params):
-        return single_tensor_adan
-    if (group["fused"] is None and not group["capturable"]
-            and sum(p.numel() for p in params) >= FUSED_MIN_NUMEL
-            and all(p.device.type in ("cpu", "cuda") for p in params)):
-        return _fused_or_foreach
-    return multi_tensor_adan
+        return eager
+    if kind == "triton" or (kind == "cpu" and (
+            fmt != "plain" or sum(p.numel() for p in params) >= FUSED_MIN_NUMEL)):
+        return _fused(kind, multi, must=False)
+    return multi

@@ -1,58 +1,61 @@
 """Single-tensor Adan: the readable statement of the algorithm, one parameter at a time.
 
-This is the path every other implementation is checked against in spirit; it favours clarity
-over speed (it allocates a few temporaries per tensor) and supports ``differentiable=True``.
+The reference path for plain state (buffers in the parameter's dtype). It favours clarity over
+speed (a few temporaries per tensor) and is the one path that supports ``differentiable=True``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from adan.kernels.common import Scalar, bias_corrections, scalars_and_lr, step_as
+from adan.kernels.common import (
+    BUFFER_KEYS,
+    StepArgs,
+    bias_corrections,
+    real_view,
+    scalars_and_lr,
+    skip_step,
+    step_as,
+    use_tensor_scalars,
+)
 
 
 def single_tensor_adan(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_diffs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    prev_grads: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    grad_factor: Tensor | None,
-    lr: Scalar,
-    beta1: float,
-    beta2: float,
-    beta3: float,
-    eps: float,
-    weight_decay: float,
-    no_prox: bool,
-    maximize: bool,
-    capturable: bool,
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs
 ) -> None:
     """Apply one Adan step to each tensor in place.
 
-    ``grad_factor`` (a 0-d tensor, e.g. the clipping coefficient) scales every gradient
-    before it is used; the user's gradients themselves are never written.
+    The gradients are cast to the parameter's dtype and scaled by ``args.grad_factor``; the
+    user's gradient tensors themselves are never written.
     """
-    tensor_scalars, lr = scalars_and_lr(lr, capturable)
-    for i, param in enumerate(params):
-        grad = grads[i]
-        if grad_factor is not None:
-            grad = grad * grad_factor.to(grad.device)
-        if maximize:
+    if skip_step(args):
+        return
+    beta1, beta2, beta3 = args.betas
+    tensor_scalars = use_tensor_scalars(args.capturable, [s["step"] for s in states])
+    lr = scalars_and_lr(args.lr, tensor_scalars)
+    for param, grad, state in zip(params, grads, states, strict=True):
+        grad = grad.to(param.dtype)
+        if args.grad_factor is not None:
+            grad = grad * args.grad_factor.to(grad.device)
+        if args.maximize:
             grad = -grad
-        m, v, n, prev = exp_avgs[i], exp_avg_diffs[i], exp_avg_sqs[i], prev_grads[i]
-        if torch.is_complex(param):
-            param, grad, m, v, n, prev = (
-                torch.view_as_real(t) for t in (param, grad, m, v, n, prev)
-            )
+        param, grad, m, v, n, prev = (
+            real_view(t) for t in (param, grad, *(state[k] for k in BUFFER_KEYS))
+        )
 
-        step_t = state_steps[i]
-        step_t += 1
-        step = step_as(step_t, param) if tensor_scalars else step_t.item()
+        step_t = state["step"]
+        if tensor_scalars:
+            prev.copy_(torch.where(step_t == 0, grad, prev))
+            step_t += 1
+            step: Any = step_as(step_t, param)
+        else:
+            step_t += 1
+            step = step_t.item()
+            if step == 1:  # g_0 := g_1, so the first difference is zero
+                prev.copy_(grad)
 
         diff = grad - prev
         m.lerp_(grad, 1 - beta1)
@@ -62,9 +65,9 @@ def single_tensor_adan(
         prev.copy_(grad)
 
         bc1, bc2, bc3_sqrt = bias_corrections(step, beta1, beta2, beta3)
-        denom = (n.sqrt() / bc3_sqrt).add_(eps)
+        denom = (n.sqrt() / bc3_sqrt).add_(args.eps)
         update = (m / bc1).add_(v * (beta2 / bc2)).div_(denom)
-        if no_prox:
-            param.mul_(1 - lr * weight_decay).sub_(update.mul_(lr))
+        if args.no_prox:
+            param.mul_(1 - lr * args.weight_decay).sub_(update.mul_(lr))
         else:
-            param.sub_(update.mul_(lr)).div_(1 + lr * weight_decay)
+            param.sub_(update.mul_(lr)).div_(1 + lr * args.weight_decay)

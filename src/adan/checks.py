@@ -1,0 +1,91 @@
+"""Validation of Adan's settings: one place for the constructor, param groups and loading.
+
+Every check raises naming the argument (and the param group), the value and the allowed
+range, before anything is changed. Value errors are ``ValueError``; contradictory
+implementation flags are ``RuntimeError``, as in torch's own optimizers.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from torch import Tensor
+
+from adan.state import normalize_state_dtype
+
+__all__ = ["check_group", "check_params"]
+
+
+def _where(index: int | None) -> str:
+    return "" if index is None else f" in param group {index}"
+
+
+def _check_number(name: str, value: Any, index: int | None, allowed: str,
+                  ok: Any = lambda x: x >= 0) -> None:
+    """``value`` must be a finite real number satisfying ``ok``."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or not ok(value)):
+        raise ValueError(f"Invalid {name}{_where(index)}: {value!r} (allowed: {allowed})")
+
+
+def _check_lr(group: dict[str, Any], index: int | None, read_tensor: bool) -> None:
+    """A finite number >= 0 or a 1-element tensor (kept as a 0-d view of it)."""
+    lr = group["lr"]
+    if not isinstance(lr, Tensor):
+        _check_number("lr", lr, index, "a finite number >= 0, or a 1-element tensor")
+        return
+    if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
+        raise ValueError(f"Invalid lr{_where(index)}: a {lr.dtype} tensor of shape "
+                         f"{tuple(lr.shape)} (allowed: a 1-element floating-point tensor)")
+    if lr.dim() != 0:
+        group["lr"] = lr = lr.view(())  # torch treats a 1-element tensor as the scalar
+    if read_tensor:
+        _check_number("lr", lr.item(), index, "a finite value >= 0")
+
+
+def check_group(group: dict[str, Any], index: int | None = None, *,
+                read_tensors: bool = True) -> None:
+    """Validate one param group's settings (or the defaults) and normalise them in place.
+
+    ``read_tensors=False`` skips reading a tensor lr's value (a device read) for checks
+    made at every step.
+    """
+    _check_lr(group, index, read_tensors)
+    betas = group["betas"]
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 3:
+        raise ValueError(f"Invalid betas{_where(index)}: {betas!r} (allowed: 3 decay rates "
+                         "(b1, b2, b3), each in [0, 1); Adan has three, AdamW two)")
+    for i, beta in enumerate(betas):
+        _check_number(f"betas[{i}]", beta, index, "a decay rate in [0, 1)",
+                      lambda b: 0 <= b < 1)
+    group["betas"] = tuple(float(b) for b in betas)
+    _check_number("eps", group["eps"], index, "a finite number >= 0")
+    _check_number("weight_decay", group["weight_decay"], index, "a finite number >= 0")
+    _check_number("max_grad_norm", group["max_grad_norm"], index,
+                  "a finite number >= 0; 0 disables clipping")
+    group["state_dtype"] = normalize_state_dtype(group["state_dtype"])
+    if group["foreach"] and group["fused"]:
+        raise RuntimeError("foreach=True and fused=True cannot both be set; choose one "
+                           "implementation")
+    if group["differentiable"] and (group["foreach"] or group["fused"]):
+        raise RuntimeError("differentiable=True is supported only by the single-tensor path "
+                           "(foreach=False, fused=False)")
+    if group["differentiable"] and (group["state_dtype"] not in (None, "fp32")
+                                    or group["stochastic_param_rounding"]):
+        raise ValueError("differentiable=True is supported only with state in the "
+                         "parameter's dtype (state_dtype=None) and "
+                         "stochastic_param_rounding=False")
+
+
+def check_params(params: list[Any], index: int | None = None) -> None:
+    """Parameters must be floating-point or complex tensors (an integer one cannot step)."""
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"Adan can only optimize tensors, but parameter {i}"
+                            f"{_where(index)} is a {type(p).__name__}")
+        if not (p.is_floating_point() or p.is_complex()):
+            raise ValueError(f"Invalid parameter {i}{_where(index)}: dtype {p.dtype} (allowed: "
+                             "floating-point or complex tensors; an integer parameter cannot "
+                             "take a fractional update)")

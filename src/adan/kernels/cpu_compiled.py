@@ -1,0 +1,102 @@
+"""CPU Adan compiled by ``torch.compile`` (Inductor's C++/OpenMP backend): one pass per element.
+
+:func:`adan.kernels.compact.tensor_step` is compiled with dynamic sizes and every
+hyperparameter in a small tensor, so lr schedules, step counts and new sizes never recompile.
+Each signature (storage format, dtypes, stochastic parameter rounding, threading) gets a
+compiled callable of its own, built on a code object of its own: Dynamo keeps its graph
+cache, and its limit of 8 graphs, per code object, so a process that meets many dtypes and
+options never runs into that limit. Plain-state tensors of fewer than :data:`PACK_MAX`
+elements are packed into one call per step, so that hundreds of biases cost one call.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adan.kernels.common import Scalar, StepArgs, skip_step
+from adan.kernels.compact import scalar_vector, step_scalars, tensor_step, tensor_views
+from adan.state import work_dtype
+
+__all__ = ["cpu_compiled_adan", "cpu_compiler_missing"]
+
+# Plain-state tensors below this many elements are packed together into one call.
+PACK_MAX = 1 << 16
+# Calls below this many elements run single-threaded: forking OpenMP threads costs more than
+# the work (milliseconds when the machine is busy).
+SERIAL_MAX = 1 << 18
+
+
+@functools.cache
+def _compiled(signature: tuple[Any, ...], serial: bool) -> Callable[..., None]:
+    """``tensor_step`` compiled for one signature, on a fresh code object (its own cache)."""
+    name = "adan_cpu_" + "_".join(str(x).replace("torch.", "") for x in signature)
+    code = tensor_step.__code__.replace(co_name=name, co_qualname=name)
+    fn = types.FunctionType(code, tensor_step.__globals__, name)
+    options = {"cpp.threads": 1} if serial else {}
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+
+
+def _run(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None], s: Tensor,
+         args: StepArgs) -> None:
+    """One :func:`tensor_step` call, compiled unless compiling already or too small."""
+    if torch.compiler.is_compiling() or p.numel() <= 1:
+        # Sizes 0 and 1 would specialise the compiled kernel; eager is as fast for them.
+        tensor_step(p, g, buffers, metas, s, args.fmt, args.stochastic_param)
+        return
+    flat = [t.view(-1) for t in (p, g, *buffers)]
+    signature = (args.fmt, args.stochastic_param, *(t.dtype for t in flat), s.dtype)
+    _compiled(signature, p.numel() < SERIAL_MAX)(flat[0], flat[1], flat[2:], metas, s,
+                                                 args.fmt, args.stochastic_param)
+
+
+def cpu_compiled_adan(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs
+) -> None:
+    """Apply one Adan step to every tensor in place, reading and writing each element once."""
+    if skip_step(args):
+        return
+    tensor_scalars, lr = step_scalars(states, args)
+    packs: dict[tuple[Any, ...], list[int]] = {}
+    for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
+        p, g, buffers, metas = tensor_views(param, grad, state)
+        dense = all(t.is_contiguous() for t in (p, g, *buffers))
+        if args.fmt == "plain" and not tensor_scalars and (p.numel() < PACK_MAX or not dense):
+            key = (p.dtype, g.dtype, state["step"].item())
+            packs.setdefault(key, []).append(i)
+            continue
+        step: Scalar = state["step"] + 1 if tensor_scalars else state["step"].item() + 1
+        s = scalar_vector(step, lr, args, work_dtype(param), param.device)
+        if dense:
+            _run(p, g, buffers, metas, s, args)
+        else:
+            tensor_step(p, g, buffers, metas, s, args.fmt, args.stochastic_param)
+    for (_, _, step_value), index in packs.items():
+        views = [tensor_views(params[i], grads[i], states[i]) for i in index]
+        lists = [[v[0] for v in views], [v[1] for v in views],
+                 *([v[2][k] for v in views] for k in range(4))]
+        packed = [torch.cat([x.reshape(-1) for x in ts]) for ts in lists]
+        s = scalar_vector(step_value + 1, lr, args, work_dtype(params[index[0]]), packed[0].device)
+        _run(packed[0], packed[1], packed[2:], [None] * 4, s, args)
+        sizes = [t.numel() for t in lists[0]]
+        for k in (0, 2, 3, 4, 5):
+            torch._foreach_copy_(lists[k], [chunk.view(x.shape) for chunk, x
+                                            in zip(packed[k].split(sizes), lists[k], strict=True)])
+    # Counted last, so a kernel that fails to build leaves the step counts as they were.
+    for state in states:
+        state["step"] += 1
+
+
+def cpu_compiler_missing() -> str | None:
+    """Why the C++ kernel cannot be built here, or None if it can."""
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None and shutil.which("clang++") is None:
+        return f"no C++ compiler found ({compiler!r}); torch.compile needs one on CPU"
+    return None

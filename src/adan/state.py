@@ -1,0 +1,260 @@
+"""Adan's per-parameter state: its storage formats, creation, conversion and checking.
+
+A parameter's state is ``step`` (a 0-d float tensor on the parameter's device) and four
+buffers, ``exp_avg`` (m), ``exp_avg_diff`` (v), ``exp_avg_sq`` (n) and ``prev_grad``, stored in
+one of these formats (:func:`storage_format` picks it from the group's ``state_dtype``):
+
+* ``"plain"``: the parameter's own dtype and layout (complex parameters keep complex buffers).
+* ``"fp32"``: float32, shaped like the parameter's real view (for bf16, fp16 or fp64 params).
+* ``"bf16"``: bfloat16, re-encoded with stochastic rounding after every step.
+* ``"int8"``: blockwise 8-bit codes (:mod:`adan.quant`), flat, with a ``<buffer>_meta``
+  float32 tensor of ``(blocks, 3)`` per buffer.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adan.kernels.common import BUFFER_KEYS, BUFFERS, real_view
+from adan.quant import META, dequantize_blockwise, legacy_meta, num_blocks, quantize_blockwise
+
+__all__ = [
+    "STATE_DTYPES",
+    "check_saved_state",
+    "convert_state",
+    "decode",
+    "init_state",
+    "normalize_state_dtype",
+    "state_bytes",
+    "storage_format",
+]
+
+STATE_DTYPES = (None, "fp32", "bf16", "int8")
+_ALIASES: dict[Any, str | None] = {
+    None: None,
+    "fp32": "fp32", "float32": "fp32", torch.float32: "fp32",
+    "bf16": "bf16", "bfloat16": "bf16", torch.bfloat16: "bf16",
+    "int8": "int8", torch.int8: "int8",
+}
+_STATE_DTYPE_HELP = (
+    "allowed: None (as the parameter; float32 for float16 parameters), 'fp32', 'bf16', 'int8' "
+    "(or torch.float32, torch.bfloat16, torch.int8)"
+)
+
+
+def normalize_state_dtype(value: Any) -> str | None:
+    """Map a user's ``state_dtype`` to None, ``"fp32"``, ``"bf16"`` or ``"int8"``, or raise."""
+    try:
+        return _ALIASES[value]
+    except (KeyError, TypeError):
+        hint = ""
+        if value in ("fp16", "float16", torch.float16):
+            hint = ("; float16 cannot hold Adan's second moment (it underflows for gradients "
+                    "near 1e-3), so it is not offered")
+        raise ValueError(f"Invalid state_dtype: {value!r} ({_STATE_DTYPE_HELP}){hint}") from None
+
+
+def storage_format(param: Tensor, state_dtype: str | None) -> str:
+    """The storage format of ``param``'s state for a group's ``state_dtype``.
+
+    None keeps the parameter's dtype, except float16, whose state is float32: float16 cannot
+    hold ``n`` (squares of small gradients underflow, and so does ``eps``).
+    """
+    dtype = real_view(param).dtype
+    if state_dtype is None:
+        return "fp32" if dtype == torch.float16 else "plain"
+    if state_dtype == "fp32":
+        return "plain" if dtype == torch.float32 else "fp32"
+    return state_dtype
+
+
+def work_dtype(param: Tensor) -> torch.dtype:
+    """The dtype updates are computed in: float32, or float64 for float64 parameters."""
+    return torch.promote_types(real_view(param).dtype, torch.float32)
+
+
+def _buffer_dtype(param: Tensor, fmt: str, signed: bool) -> torch.dtype:
+    if fmt == "int8":
+        return torch.int8 if signed else torch.uint8
+    return {"plain": param.dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[fmt]
+
+
+def _new_buffer(param: Tensor, fmt: str, signed: bool) -> Tensor:
+    if fmt == "plain":
+        return torch.zeros_like(param, memory_format=torch.preserve_format)
+    real = real_view(param)
+    shape = (real.numel(),) if fmt == "int8" else real.shape
+    return torch.zeros(shape, dtype=_buffer_dtype(param, fmt, signed), device=param.device)
+
+
+def step_dtype() -> torch.dtype:
+    """The dtype of step counts: float64 when that is torch's default dtype, as torch's own
+    optimizers do, else float32 (exact up to 2**24 steps)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def init_state(param: Tensor, fmt: str) -> dict[str, Tensor]:
+    """Zeroed state for ``param`` in format ``fmt``, the step count on the parameter's device."""
+    state = {"step": torch.zeros((), dtype=step_dtype(), device=param.device)}
+    for key, signed in BUFFERS:
+        state[key] = _new_buffer(param, fmt, signed)
+        if fmt == "int8":
+            state[key + "_meta"] = torch.zeros(num_blocks(real_view(param).numel()), META,
+                                               device=param.device)
+    return state
+
+
+def _buffer_shape(param: Tensor, fmt: str) -> tuple[int, ...]:
+    if fmt == "plain":
+        return tuple(param.shape)
+    real = real_view(param)
+    return (real.numel(),) if fmt == "int8" else tuple(real.shape)
+
+
+def format_matches(state: dict[str, Any], param: Tensor, fmt: str) -> bool:
+    """Whether ``state``'s buffers are all stored as format ``fmt`` stores them for ``param``
+    (8-bit codes are checked on the local shard of a DTensor parameter)."""
+    if fmt == "int8" and hasattr(param, "to_local"):
+        param = param.to_local()
+    for key, signed in BUFFERS:
+        buffer = state.get(key)
+        if (not isinstance(buffer, Tensor) or (fmt == "int8") != (key + "_meta" in state)
+                or buffer.dtype != _buffer_dtype(param, fmt, signed)
+                or tuple(buffer.shape) != _buffer_shape(param, fmt)):
+            return False
+    return True
+
+
+def shape_mismatch(state: dict[str, Any], param: Tensor) -> str | None:
+    """Why ``state`` cannot belong to ``param`` (it was made for another shape), or None."""
+    buffer = state.get("exp_avg")
+    if not isinstance(buffer, Tensor):
+        return None
+    if "exp_avg_meta" in state:
+        local = param.to_local() if hasattr(param, "to_local") else param
+        ok = buffer.numel() == real_view(local).numel()
+    else:
+        ok = tuple(real_view(buffer).shape) == tuple(real_view(param).shape)
+    if ok:
+        return None
+    return (f"its state was made for shape {tuple(buffer.shape)} but the parameter now has "
+            f"shape {tuple(param.shape)}; a reshaped or resized parameter needs fresh state "
+            "(del optimizer.state[param])")
+
+
+def decode(state: dict[str, Any], key: str, signed: bool, param: Tensor,
+           dtype: torch.dtype) -> Tensor:
+    """Buffer ``key`` as a ``dtype`` tensor shaped like ``param``'s real view."""
+    shape = real_view(param).shape
+    value = state[key]
+    if key + "_meta" in state:
+        return dequantize_blockwise(value, state[key + "_meta"], shape, signed=signed,
+                                    dtype=dtype)
+    if key + "_scale" in state:  # an 8-bit checkpoint saved before blocks kept their top
+        return dequantize_blockwise(value, legacy_meta(state[key + "_scale"]), shape,
+                                    signed=signed, dtype=dtype)
+    return real_view(value).to(dtype).reshape(shape)
+
+
+def _local(t: Any) -> Any:
+    """A DTensor's local shard; anything else unchanged."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def convert_state(state: dict[str, Any], param: Tensor, fmt: str) -> None:
+    """Re-encode ``state``'s buffers in place into format ``fmt``, rounding to nearest.
+
+    Conversions are deterministic; a state already in ``fmt`` is left untouched. For a DTensor
+    parameter each rank converts its shard: 8-bit codes belong to the shard, other buffers are
+    DTensors laid out like the parameter.
+    """
+    if "exp_avg" not in state or format_matches(state, param, fmt):
+        return
+    local = _local(param)
+    for key, signed in BUFFERS:
+        view = {k: _local(v) for k, v in state.items() if k.startswith(key)}
+        value = decode(view, key, signed, local, torch.float64)
+        state.pop(key + "_meta", None)
+        state.pop(key + "_scale", None)
+        if fmt == "int8":
+            state[key], state[key + "_meta"] = quantize_blockwise(value.float(), signed=signed)
+            continue
+        if fmt == "plain" and torch.is_complex(param):
+            new = torch.view_as_complex(value.to(real_view(local).dtype).contiguous())
+        else:
+            new = value.to(_buffer_dtype(param, fmt, signed)).reshape(_buffer_shape(local, fmt))
+        if local is not param:
+            new = type(param).from_local(new, param.device_mesh, param.placements,  # type: ignore[attr-defined]
+                                         shape=param.shape, stride=param.stride())
+        state[key] = new
+
+
+def state_bytes(states: list[dict[str, Any]]) -> int:
+    """Bytes held by the buffers of the given per-parameter states (the step count excluded)."""
+    return sum(v.numel() * v.element_size() for s in states for k, v in s.items()
+               if k != "step" and isinstance(v, Tensor))
+
+
+def _as_step(value: Any) -> float | None:
+    """A saved step count as a float, or None if it is not a finite count >= 0."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def check_saved_state(saved: Any, param: Tensor) -> str | None:
+    """What is wrong with a saved per-parameter state for ``param``, or None if it can load.
+
+    Accepted: any storage format (it is converted on load), a number or tensor ``step``, and
+    8-bit checkpoints from before block tops existed (``<buffer>_scale``).
+    """
+    if not isinstance(saved, dict):
+        return f"its state is a {type(saved).__name__}, not a dict"
+    if not saved:
+        return None
+    if "exp_avg" in saved and "exp_avg_diff" not in saved:
+        return ("it has exp_avg but no exp_avg_diff: this is not Adan's state (an AdamW or "
+                "Adam checkpoint?); Adan keeps exp_avg, exp_avg_diff, exp_avg_sq and prev_grad")
+    if "step" not in saved:
+        return "it has no 'step' (the step count its bias corrections need)"
+    step = _as_step(saved["step"])
+    if step is None:
+        return f"its 'step' is {saved['step']!r}, not a finite count >= 0"
+    wanted = list(BUFFER_KEYS if step > 0 else BUFFER_KEYS[:3])
+    missing = [k for k in wanted if k not in saved]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    numel = real_view(param).numel()
+    for key, signed in BUFFERS:
+        if key not in saved:
+            continue
+        value = saved[key]
+        if not isinstance(value, Tensor):
+            return f"its {key} is {type(value).__name__}, not a tensor"
+        meta = saved.get(key + "_meta", saved.get(key + "_scale"))
+        if meta is not None:
+            if value.dtype != (torch.int8 if signed else torch.uint8) or value.numel() != numel:
+                return (f"its 8-bit {key} has {value.numel()} {value.dtype} codes; the parameter "
+                        f"needs {numel} of {torch.int8 if signed else torch.uint8}")
+            rows = num_blocks(numel)
+            want = (rows, META) if key + "_meta" in saved else (rows,)
+            if not isinstance(meta, Tensor) or tuple(meta.shape) != want:
+                got = tuple(meta.shape) if isinstance(meta, Tensor) else type(meta).__name__
+                return f"its {key} block data has shape {got}, expected {want}"
+            continue
+        if not (value.is_floating_point() or value.is_complex()):
+            return f"its {key} has dtype {value.dtype}, not a floating dtype"
+        if tuple(real_view(value).shape) != tuple(real_view(param).shape):
+            return (f"its {key} has shape {tuple(value.shape)} but the parameter has shape "
+                    f"{tuple(param.shape)}")
+    return None

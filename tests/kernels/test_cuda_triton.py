@@ -1,0 +1,349 @@
+"""The Triton kernel against the float64 reference, on CUDA and, without a GPU, on CPU tensors
+through Triton's interpreter (CI). CUDA-only: no host synchronisation, CUDA graphs,
+``torch.compile``, a tensor of more than 2**31 elements."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+import torch
+from codes import check_kernel_step
+from conftest import assert_matches_reference, run_pair
+from reference import ReferenceAdan, RefGroup
+
+import adan.optimizer
+from adan import Adan
+from adan.kernels import select
+
+triton = pytest.importorskip("triton")
+from adan.kernels import cuda_triton  # noqa: E402  (needs Triton)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available() and not INTERPRETED
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device")),
+]
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+F32 = dict(rtol=1e-5, atol=1e-6)
+BLOCK = cuda_triton.BLOCK
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
+    """The device to test on; every group takes the Triton kernel there (CPU tensors too)."""
+    def triton_kernel(group, fmt, params):
+        plain = fmt == "plain" and not group["stochastic_param_rounding"]
+        fallback = select.multi_tensor_adan if plain else select.compact_adan
+        return select._fused("triton", fallback, must=True)
+
+    monkeypatch.setattr(adan.optimizer, "select_kernel", triton_kernel)
+    return request.param
+
+
+@pytest.mark.parametrize("no_prox,max_grad_norm,maximize",
+                         list(itertools.product([False, True], [0.0, 3.0], [False, True])))
+def test_matches_reference(device, no_prox, max_grad_norm, maximize):
+    """Two groups, a late and an intermittent gradient, clipping, both weight decays."""
+    kwargs = dict(no_prox=no_prox, max_grad_norm=max_grad_norm, maximize=maximize)
+    tparams, ref, opt = run_pair(12, torch.float32, kwargs, device=device)
+    assert_matches_reference(tparams, ref, opt, **F32)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16", "fp32"])
+@pytest.mark.parametrize("shape, no_prox, factor, maximize",
+                         [((1000,), False, None, False), ((7, 300), True, 0.5, True)])
+def test_compact_state_matches_reference_with_same_quantisation(device, fmt, shape, no_prox,
+                                                                factor, maximize):
+    check_kernel_step(cuda_triton.triton_adan, fmt, device, shape, no_prox, factor, maximize,
+                      steps=3)
+
+
+def _reference_run(device, shapes, steps, dtype=torch.float32, **kwargs):
+    """Adan on tensors of ``shapes`` (two groups) and the float64 reference on the same."""
+    rng = np.random.default_rng(0)
+    init = [rng.normal(size=s) for s in shapes]
+    params = [torch.tensor(x, dtype=dtype, device=device) for x in init]
+    half = len(params) // 2
+    opt = Adan([{"params": params[:half], "weight_decay": 0.1}, {"params": params[half:]}],
+               lr=0.01, **kwargs)
+    ref = ReferenceAdan([RefGroup([p.double().cpu().numpy() for p in params[:half]], lr=0.01,
+                                  weight_decay=0.1),
+                         RefGroup([p.double().cpu().numpy() for p in params[half:]], lr=0.01)],
+                        max_grad_norm=kwargs.get("max_grad_norm", 0.0))
+    for _ in range(steps):
+        grads = [torch.tensor(rng.normal(size=s), dtype=dtype, device=device) for s in shapes]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+        ref.step([[g.double().cpu().numpy() for g in grads[:half]],
+                  [g.double().cpu().numpy() for g in grads[half:]]])
+    return params, [p for g in ref.groups for p in g.params], opt
+
+
+def test_sizes_around_blocks_and_many_tensors(device):
+    """Sizes 0, 1, odd, a block and one past it, 2.x blocks, and 24 more of mixed sizes."""
+    rng = np.random.default_rng(1)
+    shapes = [(0,), (1,), (7, 3), (BLOCK,), (BLOCK + 1,), (2 * BLOCK + 5,),
+              *[(int(n),) for n in rng.integers(1, 300, size=24)]]
+    params, want, opt = _reference_run(device, shapes, 3, max_grad_norm=5.0)
+    for p, w in zip(params, want, strict=True):
+        np.testing.assert_allclose(p.double().cpu().numpy(), w, **F32)
+    assert all(s["step"].item() == 3 for s in opt.state.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_params(device, dtype):
+    """bf16 keeps bf16 state (rounded to nearest), fp16 float32 state; math in float32."""
+    params, want, opt = _reference_run(device, [(300,), (33, 4)], 4, dtype=dtype)
+    state_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    for p, w in zip(params, want, strict=True):
+        assert opt.state[p]["exp_avg"].dtype == state_dtype
+        np.testing.assert_allclose(p.double().cpu().numpy(), w, rtol=2e-2, atol=2e-2)
+
+
+def test_float64_and_non_contiguous_tensors_take_an_exact_eager_path(device):
+    rng = np.random.default_rng(2)
+    p64 = torch.tensor(rng.normal(size=(5,)), device=device)
+    strided = torch.tensor(rng.normal(size=(6, 4)), dtype=torch.float32, device=device).t()
+    dense = torch.tensor(rng.normal(size=(9,)), dtype=torch.float32, device=device)
+    params = [p64, strided, dense]
+    opt = Adan(params, lr=0.01)
+    ref = ReferenceAdan([RefGroup([p.double().cpu().numpy() for p in params], lr=0.01)])
+    for _ in range(3):
+        grads = [torch.randn(p.shape, dtype=p.dtype, device=device) for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+        ref.step([[g.double().cpu().numpy() for g in grads]])
+    for p, w in zip(params, ref.groups[0].params, strict=True):
+        tol = dict(rtol=1e-12, atol=1e-12) if p.dtype == torch.float64 else F32
+        np.testing.assert_allclose(p.double().cpu().numpy(), w, **tol)
+
+
+def _snapshot(opt, params):
+    return ([p.clone() for p in params],
+            [{k: v.clone() for k, v in opt.state[p].items()} for p in params])
+
+
+def _assert_unchanged(opt, params, snapshot):
+    for p, before, state in zip(params, *snapshot, strict=True):
+        assert torch.equal(p, before)
+        for key, value in state.items():
+            assert torch.equal(opt.state[p][key], value), key
+
+
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_overflow_and_non_finite_norm_skip_without_a_host_read(device, fmt):
+    """GradScaler's found_inf and a NaN clipping norm skip the step inside the kernel."""
+    params = [torch.randn(300, device=device), torch.randn(5, device=device)]
+    opt = Adan(params, lr=0.01, max_grad_norm=1.0, state_dtype=fmt)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    snapshot = _snapshot(opt, params)
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0, device=device), torch.ones((),
+                                                                                device=device)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    _assert_unchanged(opt, params, snapshot)
+    assert opt.skipped_steps == 0
+    params[1].grad[2] = float("nan")
+    opt.step()
+    _assert_unchanged(opt, params, snapshot)
+    assert opt.skipped_steps == 1
+    params[1].grad[2] = 1.0
+    opt.step()
+    assert all(opt.state[p]["step"].item() == 2 for p in params)
+
+
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_tensor_lr_on_the_device(device, shape):
+    """A 0-d or 1-element tensor lr, changed in place by a scheduler, is read by the kernel."""
+    rng = np.random.default_rng(3)
+    p0 = rng.normal(size=(40,))
+    p = torch.tensor(p0, dtype=torch.float32, device=device)
+    lr = torch.full(shape, 0.01, device=device)
+    opt = Adan([p], lr=lr, weight_decay=0.02, capturable=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+    group = RefGroup([p0], weight_decay=0.02)
+    ref = ReferenceAdan([group])
+    for _ in range(4):
+        g = rng.normal(size=(40,))
+        group.lr = float(opt.param_groups[0]["lr"])
+        p.grad = torch.tensor(g, dtype=torch.float32, device=device)
+        opt.step()
+        sched.step()
+        ref.step([[g]])
+    np.testing.assert_allclose(p.double().cpu().numpy(), group.params[0], **F32)
+
+
+def test_stochastic_param_rounding_keeps_small_bf16_updates(device):
+    """lr*|u| = 1e-4 per step is far below bf16's spacing at 1 (2**-8 below, 2**-7 above)."""
+    results = {}
+    for sr in (False, True):
+        p = torch.ones(2048, dtype=torch.bfloat16, device=device)
+        opt = Adan([p], lr=1e-4, state_dtype="fp32", stochastic_param_rounding=sr)
+        for _ in range(60):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        results[sr] = p.double().mean().item()
+    assert results[False] == 1.0  # every update lost
+    assert abs(results[True] - (1 - 60 * 1e-4)) < 1e-3
+
+
+def test_compact_state_is_reproducible_under_manual_seed(device):
+    """Stochastic rounding draws from Philox seeded by torch's generator."""
+    runs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(0)
+        p = torch.randn(600, generator=gen).to(device)
+        opt = Adan([p], lr=0.01, state_dtype="int8", stochastic_param_rounding=True)
+        for _ in range(3):
+            p.grad = torch.randn(600, generator=gen).to(device)
+            opt.step()
+        runs.append((p, opt.state[p]))
+    (p1, s1), (p2, s2), (_, s3) = runs
+    assert torch.equal(p1, p2)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not torch.equal(s1["exp_avg_sq"], s3["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("spike", [1e30, 1e6])
+def test_int8_spike_damages_only_its_own_element(device, spike):
+    """One gradient element 1e30, or 1e6 times its block's others: the element ends as with
+    float32 state, and its 255 neighbours step as they do with float32 state."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(512, generator=gen) for _ in range(4)]
+    finals = {}
+    for fmt in ("fp32", "int8"):
+        torch.manual_seed(0)
+        p = torch.zeros(512, device=device)
+        opt = Adan([p], lr=0.01, state_dtype=fmt)
+        for k, g in enumerate(grads):
+            p.grad = g.clone().to(device)
+            if k == 1:
+                p.grad[300] = spike if spike > 1e10 else p.grad[300] * spike
+            opt.step()
+        finals[fmt] = p.cpu()
+    torch.testing.assert_close(finals["int8"][300], finals["fp32"][300])
+    rest = torch.ones(512, dtype=torch.bool)
+    rest[300] = False
+    moved = finals["fp32"][rest].abs().max()
+    assert (finals["int8"][rest] - finals["fp32"][rest]).abs().max() < 0.1 * moved
+
+
+# --- CUDA only ----------------------------------------------------------------------------
+
+
+def _train_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=False)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,fmt", [(torch.float32, None), (torch.bfloat16, None),
+                                       (torch.float32, "bf16"), (torch.float32, "int8"),
+                                       (torch.bfloat16, "fp32")])
+def test_no_host_synchronisation_in_any_option_combination(dtype, fmt):
+    x, y = torch.randn(32, 16, device="cuda"), torch.randn(32, 4, device="cuda")
+    options = itertools.product([False, True], repeat=5)
+    for no_prox, maximize, clip, tensor_lr, scaler in options:
+        model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Linear(64, 4)).to(
+            "cuda", dtype)
+        lr = torch.tensor(0.01, device="cuda") if tensor_lr else 0.01
+        opt = Adan(model.parameters(), lr=lr, no_prox=no_prox, maximize=maximize,
+                   max_grad_norm=1.0 if clip else 0.0, state_dtype=fmt, capturable=tensor_lr)
+        _train_step(model, opt, x.to(dtype), y.to(dtype))  # state and kernels built
+        torch.cuda.synchronize()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            opt.zero_grad(set_to_none=False)
+            torch.nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype)).backward()
+            if scaler:
+                opt.grad_scale = torch.tensor(2.0, device="cuda")
+                opt.found_inf = torch.zeros((), device="cuda")
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            opt.__dict__.pop("grad_scale", None)
+            opt.__dict__.pop("found_inf", None)
+
+
+@needs_cuda
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_cuda_graph_capture_equals_eager(fmt):
+    """A whole training step, opt.step() included, captured once and replayed, with the lr
+    scheduler writing a tensor lr between replays."""
+    torch.manual_seed(0)
+    data = [(torch.randn(64, 16, device="cuda"), torch.randn(64, 4, device="cuda"))
+            for _ in range(6)]
+    results = []
+    for graphed in (False, True):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 4)).cuda()
+        opt = Adan(model.parameters(), lr=torch.tensor(0.01, device="cuda"), capturable=True,
+                   max_grad_norm=1.0, state_dtype=fmt)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+        sx, sy = data[0][0].clone(), data[0][1].clone()
+        if graphed:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                _train_step(model, opt, sx, sy)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                _train_step(model, opt, sx, sy)
+        else:
+            _train_step(model, opt, sx, sy)
+            _train_step(model, opt, sx, sy)
+        sched.step()
+        for x, y in data[1:]:
+            sx.copy_(x)
+            sy.copy_(y)
+            graph.replay() if graphed else _train_step(model, opt, sx, sy)
+            sched.step()
+        torch.cuda.synchronize()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+def test_compiled_training_step_equals_eager():
+    x, y = torch.randn(16, 4, device="cuda"), torch.randn(16, 1, device="cuda")
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                                    torch.nn.Linear(8, 1)).cuda()
+        opt = Adan(model.parameters(), lr=0.01, weight_decay=0.02, max_grad_norm=1.0)
+
+        def train_step(model=model, opt=opt):
+            _train_step(model, opt, x, y)
+
+        fn = torch.compile(train_step) if compiled else train_step
+        for _ in range(5):
+            fn()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+def test_a_tensor_of_more_than_2_31_elements():
+    """64-bit offsets: the last elements of a (2**31 + 5)-element bf16 tensor are updated."""
+    n = 2**31 + 5
+    p = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+    p.grad = torch.ones_like(p)
+    p.grad[-3:] = -2.0
+    Adan([p], lr=2.0**-6).step()  # step 1 with d = 0: u = sign(g), so p = -lr * sign(g)
+    assert p[0].item() == -(2.0**-6) and p[2**31 + 1].item() == -(2.0**-6)
+    assert p[-1].item() == 2.0**-6
