@@ -201,3 +201,23 @@ def test_cuda_run_measures_every_row(tmp_path: Path, capsys):
         if result["status"] == "ok":
             assert result["peak_bytes_per_param"] is not None and result["device_ms"] > 0
             assert "leaked_bytes" not in result, result
+
+
+def test_an_interrupt_keeps_the_rows_measured_so_far(tmp_path: Path, monkeypatch, capsys):
+    real = speed.run_row
+
+    def interrupted_on_second_row(row: speed.Row, *args: Any) -> dict[str, Any]:
+        if row.name != "adan foreach":
+            raise KeyboardInterrupt
+        return real(row, *args)
+
+    monkeypatch.setattr(speed, "run_row", interrupted_on_second_row)
+    out_json = tmp_path / "speed.json"
+    argv = ["--device", "cpu", "--workload", "custom", "--numel", "100", "--steps", "1",
+            "--bandwidth-mib", "4", "--rows", "adan foreach,AdamW foreach",
+            "--json", str(out_json)]
+    assert speed.main(argv) == 130
+    assert "| adan foreach |" in capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    assert report["interrupted"] is True
+    assert [r["row"] for r in report["workloads"][0]["rows"]] == ["adan foreach"]

@@ -492,28 +492,41 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [w.strip() for w in args.rows.split(",") if w.strip()]
     all_rows = [r for r in rows(peers_dir, single=args.single or device.type != "cuda")
                 if not wanted or any(w in r.name for w in wanted)]
-    for work in chosen:
-        # Adan moves 11 parameter-sized tensors a step when its state has the params' dtype.
-        floor = 1e3 * work.numel * 11 * work.dtype.itemsize / (bw * 1e9)
-        print(f"\n## {work.name}: {work.numel / 1e6:.1f}M {str(work.dtype).removeprefix('torch.')}"
-              f" params in {len(work.shapes)} tensors (Adan floor {floor:.2f} ms)\n", flush=True)
-        entry: dict[str, Any] = dict(name=work.name, params=work.numel,
-                                     tensors=len(work.shapes),
-                                     dtype=str(work.dtype).removeprefix("torch."), rows=[])
-        report["workloads"].append(entry)
-        for row in all_rows:
-            result = run_row(row, work, device, args.steps, args.warmup, bw)
-            result["peer"] = row.peer
-            entry["rows"].append(result)
-            done = (f"{result['device_ms']:.2f} ms, {result['x_floor']:.2f}x floor"
-                    if result["status"] == "ok" else f"{result['status']}: {result['reason']}")
-            print(f"  [{work.name}] {row.name}: {done}", file=sys.stderr, flush=True)
-            if args.json is not None:
-                args.json.write_text(json.dumps(report, indent=1))
-        print("\n".join(table(entry["rows"])), flush=True)
+    try:
+        for work in chosen:
+            _run_workload(work, all_rows, device, args, bw, report)
+    except KeyboardInterrupt:  # e.g. `timeout -s INT`: keep what was measured
+        report["interrupted"] = True
+        if report["workloads"]:
+            print("\n".join(table(report["workloads"][-1]["rows"])))
+        print("\ninterrupted: the rows above are all that were measured", flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))
-    return 0
+    return 130 if report.get("interrupted") else 0
+
+
+def _run_workload(work: Workload, all_rows: list[Row], device: torch.device,
+                  args: argparse.Namespace, bw: float, report: dict[str, Any]) -> None:
+    """Run every row on ``work``, print its table, keep the results in ``report`` (and the
+    JSON file, rewritten after each row), with one progress line per row on stderr."""
+    # Adan moves 11 parameter-sized tensors a step when its state has the params' dtype.
+    floor = 1e3 * work.numel * 11 * work.dtype.itemsize / (bw * 1e9)
+    dtype = str(work.dtype).removeprefix("torch.")
+    print(f"\n## {work.name}: {work.numel / 1e6:.1f}M {dtype} params in {len(work.shapes)} "
+          f"tensors (Adan floor {floor:.2f} ms)\n", flush=True)
+    entry: dict[str, Any] = dict(name=work.name, params=work.numel, tensors=len(work.shapes),
+                                 dtype=dtype, rows=[])
+    report["workloads"].append(entry)
+    for row in all_rows:
+        result = run_row(row, work, device, args.steps, args.warmup, bw)
+        result["peer"] = row.peer
+        entry["rows"].append(result)
+        done = (f"{result['device_ms']:.2f} ms, {result['x_floor']:.2f}x floor"
+                if result["status"] == "ok" else f"{result['status']}: {result['reason']}")
+        print(f"  [{work.name}] {row.name}: {done}", file=sys.stderr, flush=True)
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=1))
+    print("\n".join(table(entry["rows"])), flush=True)
 
 
 if __name__ == "__main__":
