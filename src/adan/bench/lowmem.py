@@ -1,6 +1,7 @@
 """Benchmarks of Adan's low-memory state: bytes per parameter, step time, convergence.
 
-``python -m adan.bench.lowmem memory|speed`` prints a table; ``convergence`` trains the
+``python -m adan.bench.lowmem memory|speed [--device cuda]`` prints a table (on CUDA with each
+step's transient peak per parameter, and CUDA-event timing); ``convergence`` trains the
 character-level GPT of :mod:`adan.bench.charlm` for each state setting and seed, writes the
 curves to JSON and, with ``--plot``, draws the mean validation curves (needs matplotlib);
 ``report`` summarises and plots a saved JSON without training.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,26 +29,49 @@ def _make(params: list[torch.Tensor], fmt: str, **kwargs: Any) -> Adan:
     return Adan(params, lr=1e-3, weight_decay=0.02, state_dtype=fmt, **kwargs)
 
 
-def memory(numel: int) -> list[tuple[str, float]]:
-    """Measured state bytes per parameter after one step on one ``numel``-element tensor."""
-    rows = []
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory(numel: int, device: torch.device | str = "cpu"
+           ) -> list[tuple[str, float, float | None]]:
+    """Per setting, on one ``numel``-element fp32 tensor: measured state bytes per parameter
+    after one step, and on CUDA the transient peak of a later step per parameter
+    (``max_memory_allocated`` during the step minus what was allocated before it)."""
+    device = torch.device(device)
+    rows: list[tuple[str, float, float | None]] = []
     for fmt in STATE_FORMATS:
-        p = torch.zeros(numel, requires_grad=True)
-        p.grad = torch.randn(numel)
+        p = torch.zeros(numel, device=device, requires_grad=True)
+        p.grad = torch.randn(numel, device=device)
         opt = _make([p], fmt, foreach=False)
         opt.step()
-        rows.append((fmt, state_bytes([opt.state[p]]) / numel))
+        peak = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            opt.step()
+            torch.cuda.synchronize(device)
+            peak = (torch.cuda.max_memory_allocated(device) - before) / numel
+        rows.append((fmt, state_bytes([opt.state[p]]) / numel, peak))
+        del opt, p
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
-def speed(numel: int, tensors: int, repeats: int, steps: int) -> dict[str, float]:
-    """Median seconds per step of each setting, timed in interleaved rounds."""
+def speed(numel: int, tensors: int, repeats: int, steps: int,
+          device: torch.device | str = "cpu") -> dict[str, float]:
+    """Median seconds per step of each setting, timed in interleaved rounds (CUDA: with CUDA
+    events around each round of ``steps`` steps)."""
+    device = torch.device(device)
     torch.manual_seed(0)
     runs = {}
     for fmt in STATE_FORMATS:
-        params = [torch.zeros(numel, requires_grad=True) for _ in range(tensors)]
+        params = [torch.zeros(numel, device=device, requires_grad=True) for _ in range(tensors)]
         for p in params:
-            p.grad = torch.randn(numel)
+            p.grad = torch.randn(numel, device=device)
         opt = _make(params, fmt)
         for _ in range(3):  # warm-up, compilation included
             opt.step()
@@ -54,6 +79,17 @@ def speed(numel: int, tensors: int, repeats: int, steps: int) -> dict[str, float
     times: dict[str, list[float]] = {fmt: [] for fmt in STATE_FORMATS}
     for _ in range(repeats):
         for fmt, opt in runs.items():
+            _sync(device)
+            if device.type == "cuda":
+                begin = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                begin.record()
+                for _ in range(steps):
+                    opt.step()
+                end.record()
+                end.synchronize()
+                times[fmt].append(begin.elapsed_time(end) / 1e3 / steps)
+                continue
             start = time.perf_counter()
             for _ in range(steps):
                 opt.step()
@@ -129,13 +165,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m adan.bench.lowmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--device", default=None,
+                        help="cpu or cuda for memory and speed (default: cpu)")
     mem = sub.add_parser("memory", help="state bytes per parameter")
     mem.add_argument("--numel", type=int, default=1 << 20)
     spd = sub.add_parser("speed", help="median step time per setting")
+    for sub_parser in (mem, spd):  # accepted before or after the mode
+        sub_parser.add_argument("--device", default=argparse.SUPPRESS,
+                                help="cpu or cuda (default: cpu)")
     spd.add_argument("--numel", type=int, default=1 << 20)
     spd.add_argument("--tensors", type=int, default=4)
     spd.add_argument("--repeats", type=int, default=7)
@@ -152,15 +193,26 @@ def main(argv: list[str] | None = None) -> None:
     rep.add_argument("--out", type=Path, default=Path("lowmem_convergence.json"))
     rep.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device or "cpu")
+    except RuntimeError as exc:
+        print(f"adan bench lowmem: error: bad --device {args.device!r}: {exc}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"adan bench lowmem: error: --device {args.device}, but CUDA is not available "
+              "here", file=sys.stderr)
+        return 2
 
     if args.command == "memory":
-        print(f"state bytes per parameter ({args.numel} elements)")
-        for fmt, per in memory(args.numel):
-            print(f"  {fmt:5s} {per:7.4f}")
+        print(f"state bytes per parameter ({args.numel} elements, {device})")
+        for fmt, per, peak in memory(args.numel, device):
+            extra = "" if peak is None else f"  step peak {peak:7.4f} B/p"
+            print(f"  {fmt:5s} {per:7.4f}{extra}")
     elif args.command == "speed":
-        medians = speed(args.numel, args.tensors, args.repeats, args.steps)
-        print(f"median step time, {args.tensors} x {args.numel} params, "
-              f"{torch.get_num_threads()} threads")
+        medians = speed(args.numel, args.tensors, args.repeats, args.steps, device)
+        where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                 else f"{torch.get_num_threads()} threads")
+        print(f"median step time, {args.tensors} x {args.numel} params, {where}")
         for fmt, sec in medians.items():
             print(f"  {fmt:5s} {sec * 1e3:9.2f} ms  x{sec / medians['fp32']:.2f} of fp32")
     else:
@@ -173,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {fmt:5s} mean final val loss {mean:.4f} ({diff:+.4f} vs fp32, {n} seeds)")
         if args.plot is not None:
             plot(results, args.plot)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""``adan bench lowmem`` memory and speed modes: --device before or after the mode, CPU runs,
+a clear error for CUDA without CUDA, and a CUDA run where a GPU exists. No timing asserted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adan.__main__ import main as adan_main
+from adan.bench import lowmem
+
+
+@pytest.mark.parametrize("argv", [["memory", "--numel", "1000", "--device", "cpu"],
+                                  ["--device", "cpu", "memory", "--numel", "1000"]])
+def test_memory_mode_takes_device_either_side(argv: list[str], capsys):
+    assert lowmem.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(1000 elements, cpu)" in out and "fp32  16.0000" in out and "step peak" not in out
+
+
+def test_speed_mode_runs_on_cpu(capsys):
+    argv = ["speed", "--device", "cpu", "--numel", "1000", "--tensors", "1", "--repeats", "1",
+            "--steps", "1"]
+    assert lowmem.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "median step time, 1 x 1000 params" in out and "x1.00 of fp32" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(capsys):
+    assert adan_main(["bench", "lowmem", "memory", "--device", "cuda"]) == 2
+    assert lowmem.main(["memory", "--device", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "bad --device 'nonsense'" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_memory_reports_state_and_step_peak():
+    rows = lowmem.memory(1 << 16, "cuda")
+    assert [fmt for fmt, _, _ in rows] == ["fp32", "bf16", "int8"]
+    assert rows[0][1] == 16 and all(peak is not None and peak >= 0 for _, _, peak in rows)
+    medians = lowmem.speed(1 << 16, 2, 1, 2, "cuda")
+    assert set(medians) == {"fp32", "bf16", "int8"} and all(t > 0 for t in medians.values())
