@@ -10,7 +10,7 @@ as DTensors, so that ``torch.distributed.checkpoint`` can reshard them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 import torch.distributed as dist
@@ -101,7 +101,8 @@ def global_grad_norm(
     plain = [n.to(device) for n in _norms(plain_grads, dtype)]
     by_layout: dict[tuple[object, ...], list[Tensor]] = {}
     for n in _norms([g for g in grads if _is_dtensor(g)], dtype):
-        by_layout.setdefault((n.device_mesh, n.placements), []).append(n)
+        spec = cast(DTensor, n)
+        by_layout.setdefault((spec.device_mesh, spec.placements), []).append(n)
     sharded = [torch.linalg.vector_norm(torch.stack(ns)).full_tensor().to(device)
                for ns in by_layout.values()]
     if group is None:
@@ -134,7 +135,7 @@ def _local(t: Tensor, param: Tensor, name: str) -> Tensor:
     return t.to_local()
 
 
-def is_dtensor(t: Tensor) -> bool:
+def is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     """Whether ``t`` is a DTensor (a sharded parameter under FSDP2 or tensor parallelism)."""
     return _is_dtensor(t)
 
@@ -184,11 +185,13 @@ def check_loaded_sharding(state: dict[str, Any], param: Tensor) -> str | None:
         return None
     for key in BUFFER_KEYS:
         value = state.get(key)
-        if isinstance(value, Tensor) and not _is_dtensor(value):
+        if not isinstance(value, Tensor):
+            continue
+        if not _is_dtensor(value):
             return (f"the parameter is a DTensor (FSDP2) but its saved {key} is a plain "
                     "tensor; load sharded state with "
                     "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict")
-        if isinstance(value, Tensor) and value.placements != param.placements:
+        if value.placements != param.placements:
             return (f"its saved {key} has placements {value.placements} but the parameter "
                     f"has {param.placements}")
     return None

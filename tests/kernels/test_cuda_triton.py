@@ -23,11 +23,12 @@ from adan.kernels import cuda_triton  # noqa: E402  (needs Triton)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRETED
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device")),
-]
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED,
+                                                 reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=needs_cuda),
+]
 F32 = dict(rtol=1e-5, atol=1e-6)
 BLOCK = cuda_triton.BLOCK
 

@@ -104,7 +104,8 @@ def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor 
         else b.to(work).view(p.shape)
         for b, meta, (_, signed) in zip(buffers, metas, BUFFERS, strict=True)
     ]
-    new, *moments = adan_update(p.to(work), g.to(work), *decoded, s)
+    m, v, n, prev = decoded
+    new, *moments = adan_update(p.to(work), g.to(work), m, v, n, prev, s)
     for b, meta, x, (_, signed) in zip(buffers, metas, moments, BUFFERS, strict=True):
         _store(b, meta, x, fmt, signed)
     if stochastic_param and p.dtype == torch.bfloat16:

@@ -38,9 +38,9 @@ SERIAL_MAX = 1 << 18
 def _compiled(signature: tuple[Any, ...], serial: bool) -> Callable[..., None]:
     """``tensor_step`` compiled for one signature, on a fresh code object (its own cache)."""
     name = "adan_cpu_" + "_".join(str(x).replace("torch.", "") for x in signature)
-    code = tensor_step.__code__.replace(co_name=name, co_qualname=name)
+    code = tensor_step.__code__.replace(co_name=name)
     fn = types.FunctionType(code, tensor_step.__globals__, name)
-    options = {"cpp.threads": 1} if serial else {}
+    options: dict[str, Any] = {"cpp.threads": 1} if serial else {}
     return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
 

@@ -62,7 +62,7 @@ def _probe(kind: str, device: torch.device, fmt: str, dtype: torch.dtype,
     """Build and run a fused kernel's variants on scratch tensors (no user tensor is touched)."""
     if kind == "cpu":
         sizes = [SERIAL_MAX, PACK_MAX, 2] if fmt == "plain" else [SERIAL_MAX, 300]
-        variants = [dict(grad_factor=None)]
+        variants: list[dict[str, Any]] = [dict(grad_factor=None)]
         kernel: Kernel = cpu_compiled_adan
     else:
         sizes = [300, 5]
@@ -120,8 +120,8 @@ def _fused(kind: str, fallback: Kernel, must: bool) -> Kernel:
                      if unsupported(*t) is None]
         else:
             taken = list(range(len(params)))
-        picked = [[xs[i] for i in taken] for xs in (params, grads, states)]
-        error = build_error(kind, params[0].device, args.fmt, picked[0], picked[1])
+        error = build_error(kind, params[0].device, args.fmt, [params[i] for i in taken],
+                            [grads[i] for i in taken])
         if error is not None:
             if must:
                 raise RuntimeError(f"fused=True cannot run here: {error}") from error
@@ -131,12 +131,14 @@ def _fused(kind: str, fallback: Kernel, must: bool) -> Kernel:
                               "eager implementation instead", RuntimeWarning, stacklevel=4)
             fallback(params, grads, states, args)
             return
-        if len(taken) < len(params):
-            taken_set = set(taken)
-            rest = [i for i in range(len(params)) if i not in taken_set]
-            fallback(*([xs[i] for i in rest] for xs in (params, grads, states)), args)
+        taken_set = set(taken)
+        rest = [i for i in range(len(params)) if i not in taken_set]
+        if rest:
+            fallback([params[i] for i in rest], [grads[i] for i in rest],
+                     [states[i] for i in rest], args)
         kernel = cpu_compiled_adan if kind == "cpu" else _triton_module().triton_adan
-        kernel(*picked, args)
+        kernel([params[i] for i in taken], [grads[i] for i in taken],
+               [states[i] for i in taken], args)
 
     return run
 
