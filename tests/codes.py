@@ -67,7 +67,7 @@ def encode(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
 def assert_codes_close(got: torch.Tensor, want: np.ndarray, mismatch: float = 0.01) -> None:
     """Codes agree within one level, and differ in at most ``mismatch`` of the elements
     (rounding boundaries; stochastic rounding picks either neighbour: pass 1.0)."""
-    diff = np.abs(got.cpu().numpy().astype(np.int64) - want)
+    diff = np.abs(got.cpu().numpy().astype(np.int64).ravel() - want)
     assert diff.max(initial=0) <= 1 and (diff > 0).mean() <= mismatch
 
 

@@ -65,7 +65,7 @@ def check_group(group: dict[str, Any], index: int | None = None, *,
     _check_number("weight_decay", group["weight_decay"], index, "a finite number >= 0")
     _check_number("max_grad_norm", group["max_grad_norm"], index,
                   "a finite number >= 0; 0 disables clipping")
-    group["state_dtype"] = normalize_state_dtype(group["state_dtype"])
+    group["state_dtype"] = normalize_state_dtype(group["state_dtype"], _where(index))
     if group["foreach"] and group["fused"]:
         raise RuntimeError("foreach=True and fused=True cannot both be set; choose one "
                            "implementation")

@@ -78,7 +78,7 @@ _NORM_TAKES_DTYPE = "dtype" in str(torch.ops.aten._foreach_norm.Scalar._schema)
 def _norms(grads: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     """Each gradient's 2-norm accumulated in ``dtype``: one foreach launch per device where
     torch's ``_foreach_norm`` takes a dtype, else one reduction per tensor."""
-    if _NORM_TAKES_DTYPE and grads and not any(_is_dtensor(g) for g in grads):
+    if _NORM_TAKES_DTYPE and grads and not _is_dtensor(grads[0]):  # all plain, or all DTensor
         return list(torch._foreach_norm(grads, 2.0, dtype=dtype))
     return [torch.linalg.vector_norm(g, dtype=dtype) for g in grads]
 
@@ -97,10 +97,13 @@ def global_grad_norm(
     already global and is added after, so it is not counted once per rank. Every rank of
     ``group`` must call this, also with no gradients (``grads`` empty).
     """
-    plain_grads = [g for g in grads if not _is_dtensor(g)]
-    plain = [n.to(device) for n in _norms(plain_grads, dtype)]
+    plain_grads: list[Tensor] = []
+    sharded_grads: list[Tensor] = []
+    for g in grads:
+        (sharded_grads if _is_dtensor(g) else plain_grads).append(g)
+    plain = [n if n.device == device else n.to(device) for n in _norms(plain_grads, dtype)]
     by_layout: dict[tuple[object, ...], list[Tensor]] = {}
-    for n in _norms([g for g in grads if _is_dtensor(g)], dtype):
+    for n in _norms(sharded_grads, dtype):
         spec = cast(DTensor, n)
         by_layout.setdefault((spec.device_mesh, spec.placements), []).append(n)
     sharded = [torch.linalg.vector_norm(torch.stack(ns)).full_tensor().to(device)

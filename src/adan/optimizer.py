@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from copy import deepcopy
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -26,7 +27,7 @@ from adan.distributed import (
     scrub_grad_norm_group,
 )
 from adan.kernels.common import StepArgs, real_view
-from adan.kernels.select import Kernel, select_kernel
+from adan.kernels.select import Kernel, route
 from adan.state import (
     check_saved_state,
     convert_state,
@@ -123,7 +124,7 @@ class Adan(Optimizer):
     ) -> None:
         check_grad_norm_group(grad_norm_group)
         self._grad_norm_group = grad_norm_group
-        self._kernel_caches: dict[Any, dict[Any, Any]] = {}
+        self._plans: dict[int, _Plan] = {}
         self._skips: Tensor | None = None
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, no_prox=no_prox,
@@ -141,7 +142,7 @@ class Adan(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_grad_norm_group", None)
-        self.__dict__.setdefault("_kernel_caches", {})
+        self.__dict__["_plans"] = {}
         self.__dict__.setdefault("_skips", None)
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -173,7 +174,7 @@ class Adan(Optimizer):
                     "gradients by one global norm)")
         param_group.update({k: merged[k] for k in ("lr", "betas", "state_dtype")})
         super().add_param_group(param_group)
-        self._kernel_caches.clear()
+        self._plans.clear()
 
     # --- state dicts -------------------------------------------------------------------------
 
@@ -204,7 +205,6 @@ class Adan(Optimizer):
                 state_dict = result
         groups, state = self._prepare_load(convert_foreign_state_dict(state_dict))
         self.__setstate__({"state": state, "param_groups": groups})
-        self._kernel_caches.clear()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -361,58 +361,138 @@ class Adan(Optimizer):
         ``state_dtype`` (or the parameter's dtype) changed since the last step."""
         state = self.state[param]
         if "step" not in state:
-            state.update(init_sharded_state(param, fmt) if is_dtensor(param)  # type: ignore[arg-type]
+            state.update(init_sharded_state(param, fmt) if is_dtensor(param)
                          else init_state(param, fmt))
-            self._kernel_caches.clear()
         elif not format_matches(state, param, fmt):
             if fmt == "int8":
                 localize(state, param)
             convert_state(state, param, fmt)
-            self._kernel_caches.clear()
         return state
 
-    def _plan(self, group: dict[str, Any], index: int, grad_factor: Tensor | None,
-              checked: list[tuple[Tensor, Tensor, str]]
-              ) -> list[tuple[Kernel, list[Tensor], list[Tensor], list[dict[str, Any]], StepArgs]]:
-        """One kernel call per storage format and device of a group's checked parameters."""
-        parts: dict[tuple[str, torch.device], list[list[Any]]] = {}
-        for param, grad, fmt in checked:
-            state = self._prepare_state(param, fmt)
-            p, g, local_state = local_views(param, grad, state)
-            part = parts.setdefault((fmt, p.device), [[], [], []])
-            for lst, item in zip(part, (p, g, local_state), strict=True):
-                lst.append(item)
-        beta1, beta2, beta3 = group["betas"]
+    def _step_key(self, group: dict[str, Any]) -> list[Any] | None:
+        """What a group's cached plan depends on, read cheaply at every step: the settings that
+        pick kernels and formats and, per parameter with a gradient, the identity of it and
+        of its state (and first buffer), and the dtypes, shape and layout of it and its
+        gradient. Addresses are not part of it: the kernels follow them at every step. None
+        where no plan is cached (a step traced by torch.compile, a sparse gradient).
+        Replacing a state buffer object other than ``exp_avg`` goes unseen: state is
+        replaced through ``load_state_dict``, or whole."""
+        if torch.compiler.is_compiling():
+            return None
+        state = self.state
+        key: list[Any] = [group["state_dtype"], group["foreach"], group["fused"],
+                          group["differentiable"], group["stochastic_param_rounding"],
+                          group["capturable"]]
+        for p in group["params"]:
+            g = p.grad
+            if g is not None:
+                if g.layout is not torch.strided:
+                    return None
+                s = state.get(p)
+                key.append((id(p), p.dtype, p.is_contiguous(), g.dtype, g.shape,
+                            g.is_contiguous(), id(s), s and id(s.get("exp_avg"))))
+        return key
+
+    def _route(self, group: dict[str, Any], checked: list[tuple[Tensor, Tensor, str]]
+               ) -> list[tuple[Kernel, str, list[int]]]:
+        """The kernels of a group's checked parameters, one call per storage format, device
+        and kernel, with the positions of the parameters each updates (nothing is changed:
+        a fused kernel that cannot be built raises or falls back here)."""
+        parts: dict[tuple[str, torch.device], list[int]] = {}
+        for i, (param, _, fmt) in enumerate(checked):
+            device = param.to_local().device if is_dtensor(param) else param.device
+            parts.setdefault((fmt, device), []).append(i)
         calls = []
-        for (fmt, device), (params, grads, states) in parts.items():
-            args = StepArgs(
-                lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
-                weight_decay=group["weight_decay"], no_prox=group["no_prox"],
-                maximize=group["maximize"], capturable=group["capturable"],
-                grad_factor=grad_factor, fmt=fmt,
-                stochastic_param=group["stochastic_param_rounding"],
-                cache=self._kernel_caches.setdefault((index, fmt, device), {}),
-            )
-            calls.append((select_kernel(group, fmt, params), params, grads, states, args))
+        for (fmt, _), members in parts.items():
+            params, grads, states = [], [], []
+            for i in members:
+                param, grad, _ = checked[i]
+                p, g, s = local_views(param, grad, self.state.get(param) or {})
+                params.append(p)
+                grads.append(g)
+                states.append(s or None)
+            for kernel, positions in route(group, fmt, params, grads, states):
+                calls.append((kernel, fmt, [members[k] for k in positions]))
         return calls
+
+    def _plan(self, group: dict[str, Any], checked: list[tuple[Tensor, Tensor, str]],
+              routes: list[tuple[Kernel, str, list[int]]]) -> _Plan:
+        """Prepare the state of a group's checked parameters (creating or converting it) and
+        keep their kernel calls as a plan."""
+        local: list[tuple[Tensor, dict[str, Any]]] = []
+        for param, grad, fmt in checked:
+            p, _, state = local_views(param, grad, self._prepare_state(param, fmt))
+            local.append((p, state))
+        calls = [_Call(kernel, fmt, members, [local[m][0] for m in members],
+                       [local[m][1] for m in members], {})
+                 for kernel, fmt, members in routes]
+        sharded = any(is_dtensor(p) for p, _, _ in checked)
+        return _Plan(key=None if sharded else self._step_key(group),
+                     params=[p for p, _, _ in checked], calls=calls,
+                     refs=[(s, s.get("exp_avg")) for c in calls for s in c.states])
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one step; ``closure``, if given, re-evaluates the model and returns the loss.
 
-        Everything that can fail is checked before any parameter or state is written.
+        Everything that can fail is checked before any parameter or state is written. A
+        group's plan (its checked parameters, their formats and kernels) is kept while the
+        parameters, gradients and state it was made from stay the same, so that a steady
+        training loop pays only for reading addresses and launching kernels.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._check_step_groups()
-        checked = [self._collect(group, i) for i, group in enumerate(self.param_groups)]
+        groups = self.param_groups
+        keys = [self._step_key(group) for group in groups]
+        stale = [i for i, key in enumerate(keys)
+                 if key is None or getattr(self._plans.get(i), "key", None) != key]
+        checked = {i: self._collect(groups[i], i) for i in stale}
+        routes = {i: self._route(groups[i], checked[i]) for i in stale}
         grad_factor = self._grad_factor(getattr(self, "grad_scale", None),
                                         getattr(self, "found_inf", None))
-        calls = [call for i, (group, items) in enumerate(zip(self.param_groups, checked,
-                                                              strict=True))
-                 for call in self._plan(group, i, grad_factor, items)]
-        for kernel, params, grads, states, args in calls:
-            kernel(params, grads, states, args)
+        for i in stale:
+            self._plans[i] = self._plan(groups[i], checked[i], routes[i])
+        for i, group in enumerate(groups):
+            plan = self._plans[i]
+            beta1, beta2, beta3 = group["betas"]
+            for call in plan.calls:
+                # A plan holds only parameters with gradients; DTensor ones take local shards.
+                grads = [cast(Tensor, plan.params[m].grad) for m in call.members]
+                if plan.key is None:
+                    grads = [local_views(plan.params[m], g, {})[1]
+                             for m, g in zip(call.members, grads, strict=True)]
+                call.kernel(call.params, grads, call.states, StepArgs(
+                    lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
+                    weight_decay=group["weight_decay"], no_prox=group["no_prox"],
+                    maximize=group["maximize"], capturable=group["capturable"],
+                    grad_factor=grad_factor, fmt=call.fmt,
+                    stochastic_param=group["stochastic_param_rounding"], cache=call.cache))
         return loss
+
+
+@dataclass
+class _Call:
+    """One kernel call of a group's step: its kernel, format, the positions of its parameters
+    among the group's checked ones, the (local) tensors and states, and the kernel's cache."""
+
+    kernel: Kernel
+    fmt: str
+    members: list[int]
+    params: list[Tensor]
+    states: list[dict[str, Any]]
+    cache: dict[Any, Any]
+
+
+@dataclass
+class _Plan:
+    """A group's checked parameters and kernel calls, valid while ``key`` still holds (see
+    ``Adan._step_key``). ``refs`` keeps the states and buffers that the key names by
+    identity alive, so that no new object can take over one of their ids."""
+
+    key: list[Any] | None
+    params: list[Tensor]
+    calls: list[_Call]
+    refs: list[Any] = field(default_factory=list)

@@ -7,8 +7,9 @@ one of these formats (:func:`storage_format` picks it from the group's ``state_d
 * ``"plain"``: the parameter's own dtype and layout (complex parameters keep complex buffers).
 * ``"fp32"``: float32, shaped like the parameter's real view (for bf16, fp16 or fp64 params).
 * ``"bf16"``: bfloat16, re-encoded with stochastic rounding after every step.
-* ``"int8"``: blockwise 8-bit codes (:mod:`adan.quant`), flat, with a ``<buffer>_meta``
-  float32 tensor of ``(blocks, 3)`` per buffer.
+* ``"int8"``: blockwise 8-bit codes (:mod:`adan.quant`) shaped like the parameter's real
+  view, with a ``<buffer>_meta`` float32 tensor of ``(blocks, 3)`` per buffer (blocks run
+  over the flattened codes).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ _STATE_DTYPE_HELP = (
 )
 
 
-def normalize_state_dtype(value: Any) -> str | None:
-    """Map a user's ``state_dtype`` to None, ``"fp32"``, ``"bf16"`` or ``"int8"``, or raise."""
+def normalize_state_dtype(value: Any, where: str = "") -> str | None:
+    """Map a user's ``state_dtype`` to None, ``"fp32"``, ``"bf16"`` or ``"int8"``, or raise
+    (``where``, e.g. " in param group 1", is added to the message)."""
     try:
         return _ALIASES[value]
     except (KeyError, TypeError):
@@ -56,7 +58,8 @@ def normalize_state_dtype(value: Any) -> str | None:
         if value in ("fp16", "float16", torch.float16):
             hint = ("; float16 cannot hold Adan's second moment (it underflows for gradients "
                     "near 1e-3), so it is not offered")
-        raise ValueError(f"Invalid state_dtype: {value!r} ({_STATE_DTYPE_HELP}){hint}") from None
+        raise ValueError(f"Invalid state_dtype{where}: {value!r} ({_STATE_DTYPE_HELP}){hint}"
+                         ) from None
 
 
 def storage_format(param: Tensor, state_dtype: str | None) -> str:
@@ -88,7 +91,7 @@ def _new_buffer(param: Tensor, fmt: str, signed: bool) -> Tensor:
     if fmt == "plain":
         return torch.zeros_like(param, memory_format=torch.preserve_format)
     real = real_view(param)
-    shape = (real.numel(),) if fmt == "int8" else real.shape
+    shape = real.shape
     return torch.zeros(shape, dtype=_buffer_dtype(param, fmt, signed), device=param.device)
 
 
@@ -113,7 +116,7 @@ def _buffer_shape(param: Tensor, fmt: str) -> tuple[int, ...]:
     if fmt == "plain":
         return tuple(param.shape)
     real = real_view(param)
-    return (real.numel(),) if fmt == "int8" else tuple(real.shape)
+    return tuple(real.shape)
 
 
 def format_matches(state: dict[str, Any], param: Tensor, fmt: str) -> bool:
@@ -135,12 +138,9 @@ def shape_mismatch(state: dict[str, Any], param: Tensor) -> str | None:
     buffer = state.get("exp_avg")
     if not isinstance(buffer, Tensor):
         return None
-    if "exp_avg_meta" in state:
-        local = param.to_local() if hasattr(param, "to_local") else param
-        ok = buffer.numel() == real_view(local).numel()
-    else:
-        ok = tuple(real_view(buffer).shape) == tuple(real_view(param).shape)
-    if ok:
+    if "exp_avg_meta" in state and hasattr(param, "to_local"):
+        param = param.to_local()  # 8-bit codes belong to the local shard
+    if tuple(real_view(buffer).shape) == tuple(real_view(param).shape):
         return None
     return (f"its state was made for shape {tuple(buffer.shape)} but the parameter now has "
             f"shape {tuple(param.shape)}; a reshaped or resized parameter needs fresh state "
@@ -182,7 +182,8 @@ def convert_state(state: dict[str, Any], param: Tensor, fmt: str) -> None:
         state.pop(key + "_meta", None)
         state.pop(key + "_scale", None)
         if fmt == "int8":
-            state[key], state[key + "_meta"] = quantize_blockwise(value.float(), signed=signed)
+            codes, state[key + "_meta"] = quantize_blockwise(value.float(), signed=signed)
+            state[key] = codes.view(value.shape)
             continue
         if fmt == "plain" and torch.is_complex(param):
             new = torch.view_as_complex(value.to(real_view(local).dtype).contiguous())
@@ -243,9 +244,12 @@ def check_saved_state(saved: Any, param: Tensor) -> str | None:
             return f"its {key} is {type(value).__name__}, not a tensor"
         meta = saved.get(key + "_meta", saved.get(key + "_scale"))
         if meta is not None:
-            if value.dtype != (torch.int8 if signed else torch.uint8) or value.numel() != numel:
-                return (f"its 8-bit {key} has {value.numel()} {value.dtype} codes; the parameter "
-                        f"needs {numel} of {torch.int8 if signed else torch.uint8}")
+            # Codes are shaped like the parameter's real view (flat before block tops existed).
+            shape = real_view(param).shape if key + "_meta" in saved else (numel,)
+            code = torch.int8 if signed else torch.uint8
+            if value.dtype != code or value.shape != shape:
+                return (f"its 8-bit {key} has {value.dtype} codes of shape {tuple(value.shape)};"
+                        f" the parameter needs {code} codes of shape {tuple(shape)}")
             rows = num_blocks(numel)
             want = (rows, META) if key + "_meta" in saved else (rows,)
             if not isinstance(meta, Tensor) or tuple(meta.shape) != want:

@@ -36,12 +36,12 @@ BLOCK = cuda_triton.BLOCK
 @pytest.fixture(params=DEVICES)
 def device(request, monkeypatch):
     """The device to test on; every group takes the Triton kernel there (CPU tensors too)."""
-    def triton_kernel(group, fmt, params):
+    def triton_route(group, fmt, params, grads, states):
         plain = fmt == "plain" and not group["stochastic_param_rounding"]
         fallback = select.multi_tensor_adan if plain else select.compact_adan
-        return select._fused("triton", fallback, must=True)
+        return select._fused("triton", fallback, True, params, grads, states, fmt)
 
-    monkeypatch.setattr(adan.optimizer, "select_kernel", triton_kernel)
+    monkeypatch.setattr(adan.optimizer, "route", triton_route)
     return request.param
 
 

@@ -251,15 +251,16 @@ def _adan_kernel(
     tl.store(counters + t, 0, mask=last)
 
 
-def triton_unsupported(param: Tensor, grad: Tensor, state: dict[str, Any]) -> str | None:
-    """Why this tensor cannot take the Triton kernel (it then takes another path), or None."""
-    p = real_view(param)
-    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+def triton_unsupported(param: Tensor, grad: Tensor, state: dict[str, Any] | None
+                       ) -> str | None:
+    """Why this tensor cannot take the Triton kernel (it then takes another path), or None.
+    ``state`` None: not created yet (new state is contiguous)."""
+    if real_view(param).dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"parameter dtype {param.dtype} (the kernel computes in float32)"
     if real_view(grad).dtype not in _TL_DTYPES:
         return f"gradient dtype {grad.dtype}"
-    tensors = [param, grad, *(state[k] for k in BUFFER_KEYS)]
-    if not all(t.is_contiguous() for t in tensors):
+    buffers = [state[k] for k in BUFFER_KEYS if k in state] if state else []
+    if not all(t.is_contiguous() for t in (param, grad, *buffers)):
         return "a non-contiguous tensor"
     return None
 
@@ -319,8 +320,7 @@ def _launch(params: list[Tensor], grads: list[Tensor], states: list[dict[str, An
     p0, g0, s0 = params[0], grads[0], states[0]
     signature = (real_view(p0).dtype, real_view(g0).dtype, s0["exp_avg"].dtype,
                  s0["step"].dtype, p0.device)
-    key = [*(t.data_ptr() for t in params), *(t.data_ptr() for t in grads),
-           *(t.shape for t in grads), *(id(s["exp_avg"]) for s in states)]
+    key = [*(t.data_ptr() for t in params), *(t.data_ptr() for t in grads)]
     table = cache.get(signature)
     if table is None or table.key != key:
         table = cache[signature] = _build(key, params, grads, states)
@@ -352,12 +352,17 @@ def triton_adan(
     """Apply one step to every tensor in place: one launch per (dtypes, device) signature.
 
     Every tensor must pass :func:`triton_unsupported`; the selector routes others elsewhere.
+    ``args.cache`` keeps the address tables: its owner empties it when the tensors' dtypes,
+    shapes or state buffers change (addresses alone are checked here, at every step).
     """
     cache = args.cache if args.cache is not None else {}
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, (p, g, s) in enumerate(zip(params, grads, states, strict=True)):
-        groups.setdefault((p.dtype, g.dtype, s["exp_avg"].dtype, s["step"].dtype, p.device),
-                          []).append(i)
-    for index in groups.values():
+    groups = cache.get("groups")
+    if groups is None or sum(len(index) for index in groups) != len(params):
+        by_signature: dict[tuple[Any, ...], list[int]] = {}
+        for i, (p, g, s) in enumerate(zip(params, grads, states, strict=True)):
+            by_signature.setdefault((p.dtype, g.dtype, s["exp_avg"].dtype, s["step"].dtype,
+                                     p.device), []).append(i)
+        groups = cache["groups"] = list(by_signature.values())
+    for index in groups:
         _launch([params[i] for i in index], [grads[i] for i in index],
                 [states[i] for i in index], args, cache)

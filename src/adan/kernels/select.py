@@ -30,12 +30,7 @@ from torch import Tensor
 
 from adan.kernels.common import StepArgs, real_view
 from adan.kernels.compact import compact_adan
-from adan.kernels.cpu_compiled import (
-    PACK_MAX,
-    SERIAL_MAX,
-    cpu_compiled_adan,
-    cpu_compiler_missing,
-)
+from adan.kernels.cpu_compiled import cpu_compiled_adan, cpu_compiler_missing
 from adan.kernels.foreach import multi_tensor_adan
 from adan.kernels.single import single_tensor_adan
 from adan.state import init_state
@@ -61,7 +56,7 @@ def _probe(kind: str, device: torch.device, fmt: str, dtype: torch.dtype,
            grad_dtype: torch.dtype) -> None:
     """Build and run a fused kernel's variants on scratch tensors (no user tensor is touched)."""
     if kind == "cpu":
-        sizes = [SERIAL_MAX, PACK_MAX, 2] if fmt == "plain" else [SERIAL_MAX, 300]
+        sizes = [300, 2]  # one compiled (single-threaded) call, and an eager one
         variants: list[dict[str, Any]] = [dict(grad_factor=None)]
         kernel: Kernel = cpu_compiled_adan
     else:
@@ -108,63 +103,64 @@ def build_error(kind: str, device: torch.device, fmt: str, params: list[Tensor],
     return None
 
 
-def _fused(kind: str, fallback: Kernel, must: bool) -> Kernel:
-    """Fused kernel ``kind`` behind its build check, with ``fallback`` where it cannot run
-    (and, for Triton, for the tensors it does not take)."""
-
-    def run(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
-            args: StepArgs) -> None:
-        if kind == "triton":
-            unsupported = _triton_module().triton_unsupported
-            taken = [i for i, t in enumerate(zip(params, grads, states, strict=True))
-                     if unsupported(*t) is None]
-        else:
-            taken = list(range(len(params)))
-        error = build_error(kind, params[0].device, args.fmt, [params[i] for i in taken],
-                            [grads[i] for i in taken])
-        if error is not None:
-            if must:
-                raise RuntimeError(f"fused=True cannot run here: {error}") from error
-            if not getattr(error, "_adan_warned", False):
-                error._adan_warned = True  # type: ignore[attr-defined]
-                warnings.warn(f"adan: the fused kernel is unavailable ({error}); using the "
-                              "eager implementation instead", RuntimeWarning, stacklevel=4)
-            fallback(params, grads, states, args)
-            return
-        taken_set = set(taken)
-        rest = [i for i in range(len(params)) if i not in taken_set]
-        if rest:
-            fallback([params[i] for i in rest], [grads[i] for i in rest],
-                     [states[i] for i in rest], args)
-        kernel = cpu_compiled_adan if kind == "cpu" else _triton_module().triton_adan
-        kernel([params[i] for i in taken], [grads[i] for i in taken],
-               [states[i] for i in taken], args)
-
-    return run
+Route = list[tuple[Kernel, list[int]]]
 
 
-def select_kernel(group: dict[str, Any], fmt: str, params: list[Tensor]) -> Kernel:
-    """The kernel for ``params`` (one device, one storage format) of one param group."""
+def _fused(kind: str, fallback: Kernel, must: bool, params: list[Tensor], grads: list[Tensor],
+           states: list[dict[str, Any] | None], fmt: str) -> Route:
+    """Fused kernel ``kind`` for the tensors it takes (after its build check), ``fallback``
+    for the others (Triton's: float64, non-contiguous) or for all where it cannot be built."""
+    everything = list(range(len(params)))
+    taken = everything
+    if kind == "triton":
+        unsupported = _triton_module().triton_unsupported
+        taken = [i for i in everything if unsupported(params[i], grads[i], states[i]) is None]
+    error = build_error(kind, params[0].device, fmt, [params[i] for i in taken],
+                        [grads[i] for i in taken])
+    if error is not None:
+        if must:
+            raise RuntimeError(f"fused=True cannot run here: {error}") from error
+        if not getattr(error, "_adan_warned", False):
+            error._adan_warned = True  # type: ignore[attr-defined]
+            warnings.warn(f"adan: the fused kernel is unavailable ({error}); using the "
+                          "eager implementation instead", RuntimeWarning, stacklevel=5)
+        return [(fallback, everything)]
+    kernel = cpu_compiled_adan if kind == "cpu" else _triton_module().triton_adan
+    rest = sorted(set(everything) - set(taken))
+    return [(kernel, taken)] + ([(fallback, rest)] if rest else [])
+
+
+def route(group: dict[str, Any], fmt: str, params: list[Tensor], grads: list[Tensor],
+          states: list[dict[str, Any] | None]) -> Route:
+    """The kernels for one device's parameters of one storage format in one param group, each
+    with the positions of the parameters it updates (``states``: None where none exists yet).
+
+    Fused kernels are built (and probed) here, so that a failure raises or falls back before
+    anything is written.
+    """
+    everything = list(range(len(params)))
     plain = fmt == "plain" and not group["stochastic_param_rounding"]
     eager = single_tensor_adan if plain else compact_adan
     multi = multi_tensor_adan if plain else compact_adan
     if group["differentiable"] or torch.jit.is_scripting():
-        return single_tensor_adan
+        return [(single_tensor_adan, everything)]
     if torch.compiler.is_compiling():
-        return eager if group["foreach"] is False else multi
+        return [(eager if group["foreach"] is False else multi, everything)]
     device = params[0].device
     kind = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
-    if group["fused"]:
-        if kind is None:
-            raise RuntimeError(f"fused=True supports CPU and CUDA parameters, not {device.type}")
-        return _fused(kind, multi, must=True)
-    if group["foreach"] is False:
-        return eager
-    if group["foreach"] and plain:
-        return multi_tensor_adan
-    if not all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params):
-        return eager
-    if kind == "triton" or (kind == "cpu" and (
-            fmt != "plain" or sum(p.numel() for p in params) >= FUSED_MIN_NUMEL)):
-        return _fused(kind, multi, must=False)
-    return multi
+    fused = ("must" if group["fused"] else None)
+    if group["fused"] and kind is None:
+        raise RuntimeError(f"fused=True supports CPU and CUDA parameters, not {device.type}")
+    if fused is None:
+        if group["foreach"] is False:
+            return [(eager, everything)]
+        if group["foreach"] and plain:
+            return [(multi_tensor_adan, everything)]
+        if not all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params):
+            return [(eager, everything)]
+        if kind == "triton" or (kind == "cpu" and (
+                fmt != "plain" or sum(p.numel() for p in params) >= FUSED_MIN_NUMEL)):
+            fused = "may"
+    if fused is None or kind is None:
+        return [(multi, everything)]
+    return _fused(kind, multi, fused == "must", params, grads, states, fmt)
