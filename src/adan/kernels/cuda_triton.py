@@ -52,11 +52,18 @@ _ALIGN = 16
 
 @triton.jit
 def _ptr(row, col: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
-    """The address in column ``col`` of a table row, as a pointer to ``DT``."""
-    addr = tl.load(row + col)
+    """The address in column ``col`` of a table row, as a pointer to ``DT``.
+
+    Formed as the row's own pointer plus an element offset rather than cast from the integer:
+    the compiler knows the row is 16-byte aligned (the table is, and a row is 96 bytes) and,
+    with ``ALIGNED``, that so is the offset, so it can use 16-byte loads; a pointer cast from
+    an integer would lose that and load one element at a time.
+    """
+    SIZE: tl.constexpr = DT.primitive_bitwidth // 8
+    offset = (tl.load(row + col) - row.to(tl.int64, bitcast=True)) // SIZE
     if ALIGNED:
-        addr = tl.multiple_of(addr, 16)
-    return addr.to(tl.pointer_type(DT))
+        offset = tl.multiple_of(offset, 16 // SIZE)
+    return row.to(tl.pointer_type(DT), bitcast=True) + offset
 
 
 @triton.jit
@@ -77,25 +84,43 @@ def _power(u, SIGNED: tl.constexpr):
 
 
 @triton.jit
+def _ld(ptr, mask, MASKED: tl.constexpr):
+    """Load a tile: masked only for a tensor's last tile, so that full tiles load in wide,
+    unpredicated accesses (a mask against a bound read from memory stops vectorisation)."""
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0)
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
+def _st(ptr, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, x, mask=mask)
+    else:
+        tl.store(ptr, x)
+
+
+@triton.jit
 def _load(row, col: tl.constexpr, meta_col: tl.constexpr, offs, mask, qrow, qmask, cols,
-          S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr, ALIGNED: tl.constexpr):
+          S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr, ALIGNED: tl.constexpr,
+          MASKED: tl.constexpr):
     """Decode one state buffer's tile to float32 (masked elements read as 0)."""
     if FMT == 2:
         if SIGNED:
-            codes = tl.load(_ptr(row, col, tl.int8, ALIGNED) + offs, mask=mask, other=0)
+            codes = _ld(_ptr(row, col, tl.int8, ALIGNED) + offs, mask, MASKED)
             levels = 127.0
         else:
-            codes = tl.load(_ptr(row, col, tl.uint8, ALIGNED) + offs, mask=mask, other=0)
+            codes = _ld(_ptr(row, col, tl.uint8, ALIGNED) + offs, mask, MASKED)
             levels = 255.0
         value = _power(codes.to(tl.float32) / levels, SIGNED)
         meta = _ptr(row, meta_col, tl.float32, False) + qrow * 3
         scale = tl.load(meta, mask=qmask, other=0.0)
         top = tl.load(meta + 1, mask=qmask, other=0.0)
         pos = tl.load(meta + 2, mask=qmask, other=-1.0).to(tl.int32)
-        value = tl.where(cols[None, :] == pos[:, None], top[:, None], value * scale[:, None])
-        return tl.where(mask, value, 0.0)
+        return tl.where(cols[None, :] == pos[:, None], top[:, None], value * scale[:, None])
     else:
-        return tl.load(_ptr(row, col, S_DT, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
+        return _ld(_ptr(row, col, S_DT, ALIGNED) + offs, mask, MASKED).to(tl.float32)
 
 
 @triton.jit
@@ -120,12 +145,13 @@ def _cast(x, DT: tl.constexpr):
 @triton.jit
 def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, qmask, cols,
            noise16, S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr,
-           ALIGNED: tl.constexpr):
+           ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """Encode a float32 tile into one state buffer (see :mod:`adan.quant` for the codes)."""
     if FMT == 2:
         inf = float("inf")
         mag = tl.where(x != x, inf, tl.abs(x))
-        mag = tl.where(mask, mag, -1.0)
+        if MASKED:
+            mag = tl.where(mask, mag, -1.0)
         pos = tl.argmax(mag, axis=1)
         is_top = cols[None, :] == pos[:, None]
         top = tl.sum(tl.where(is_top, x, 0.0), axis=1)
@@ -145,18 +171,76 @@ def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, 
         uniform = (noise16.to(tl.float32) + 0.5) / 65536.0
         k = lower + tl.where(frac > uniform, 1.0, 0.0)
         if SIGNED:
-            tl.store(_ptr(row, col, tl.int8, ALIGNED) + offs,
-                     tl.where(x < 0, -k, k).to(tl.int8), mask=mask)
+            _st(_ptr(row, col, tl.int8, ALIGNED) + offs, tl.where(x < 0, -k, k).to(tl.int8),
+                mask, MASKED)
         else:
-            tl.store(_ptr(row, col, tl.uint8, ALIGNED) + offs, k.to(tl.uint8), mask=mask)
+            _st(_ptr(row, col, tl.uint8, ALIGNED) + offs, k.to(tl.uint8), mask, MASKED)
         meta = _ptr(row, meta_col, tl.float32, False) + qrow * 3
         tl.store(meta, scale, mask=qmask)
         tl.store(meta + 1, top, mask=qmask)
         tl.store(meta + 2, pos.to(tl.float32), mask=qmask)
     elif FMT == 1:
-        tl.store(_ptr(row, col, tl.bfloat16, ALIGNED) + offs, _round_bf16(x, noise16), mask=mask)
+        _st(_ptr(row, col, tl.bfloat16, ALIGNED) + offs, _round_bf16(x, noise16), mask, MASKED)
     else:
-        tl.store(_ptr(row, col, S_DT, ALIGNED) + offs, _cast(x, S_DT), mask=mask)
+        _st(_ptr(row, col, S_DT, ALIGNED) + offs, _cast(x, S_DT), mask, MASKED)
+
+
+@triton.jit
+def _tile(row, t, tile, numel, k_old, k, factor, lr, seed,
+          beta1, omb1, beta2, omb2, beta3, omb3, log_b1, log_b2, log_b3, eps, weight_decay,
+          P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, FMT: tl.constexpr,
+          NO_PROX: tl.constexpr, SR_PARAM: tl.constexpr, RANDOM: tl.constexpr,
+          ALIGNED: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
+          MASKED: tl.constexpr):
+    """Update one tile of one tensor: load, Adan's step in float32, store."""
+    ROWS: tl.constexpr = BLOCK // QBLOCK
+    cols = tl.arange(0, QBLOCK)
+    qrow = tile * ROWS + tl.arange(0, ROWS)
+    offs = qrow[:, None] * QBLOCK + cols[None, :]
+    mask = offs < numel
+    qmask = qrow <= numel // QBLOCK  # meta rows: one per started block, plus one
+    if RANDOM:  # 16 random bits per element for each buffer and the parameter
+        r0, r1, r2, r3 = tl.randint4x(seed + t, offs + (k.to(tl.int64) << 40))
+    else:
+        r0 = tl.zeros(offs.shape, tl.uint32)
+        r1 = r0
+        r2 = r0
+    p_ptr = _ptr(row, 0, P_DT, ALIGNED) + offs
+    p = _ld(p_ptr, mask, MASKED).to(tl.float32)
+    g = _ld(_ptr(row, 1, G_DT, ALIGNED) + offs, mask, MASKED).to(tl.float32) * factor
+    m = _load(row, 2, 8, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED, MASKED)
+    v = _load(row, 3, 9, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED, MASKED)
+    n = _load(row, 4, 10, offs, mask, qrow, qmask, cols, S_DT, FMT, False, ALIGNED, MASKED)
+    prev = _load(row, 5, 11, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED, MASKED)
+    prev = tl.where(k_old > 0, prev, g)  # g_0 := g_1: the first difference is zero
+
+    bc1 = -_expm1(k * log_b1)
+    bc2 = -_expm1(k * log_b2)
+    bc3 = -_expm1(k * log_b3)
+    diff = g - prev
+    m = m * beta1 + g * omb1
+    v = v * beta2 + diff * omb2
+    nesterov = g + diff * beta2
+    n = n * beta3 + nesterov * nesterov * omb3
+    denom = tl.sqrt(n) / tl.sqrt(bc3) + eps
+    update = (m / bc1 + v * (beta2 / bc2)) / denom
+    if NO_PROX:
+        new = p * (1.0 - lr * weight_decay) - lr * update
+    else:
+        new = (p - lr * update) / (1.0 + lr * weight_decay)
+
+    _store(row, 2, 8, m, offs, mask, qrow, qmask, cols, (r0 & 65535).to(tl.int32),
+           S_DT, FMT, True, ALIGNED, MASKED)
+    _store(row, 3, 9, v, offs, mask, qrow, qmask, cols, (r0 >> 16).to(tl.int32),
+           S_DT, FMT, True, ALIGNED, MASKED)
+    _store(row, 4, 10, n, offs, mask, qrow, qmask, cols, (r1 & 65535).to(tl.int32),
+           S_DT, FMT, False, ALIGNED, MASKED)
+    _store(row, 5, 11, g, offs, mask, qrow, qmask, cols, (r1 >> 16).to(tl.int32),
+           S_DT, FMT, True, ALIGNED, MASKED)
+    if SR_PARAM:
+        _st(p_ptr, _round_bf16(new, (r2 & 65535).to(tl.int32)), mask, MASKED)
+    else:
+        _st(p_ptr, _cast(new, P_DT), mask, MASKED)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -166,6 +250,7 @@ def _adan_kernel(
     P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, STEP_DT: tl.constexpr,
     FMT: tl.constexpr, NO_PROX: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_FACTOR: tl.constexpr, LR_ON_DEVICE: tl.constexpr, SR_PARAM: tl.constexpr,
+    RANDOM: tl.constexpr,
     ALIGNED: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, NCOL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -188,67 +273,22 @@ def _adan_kernel(
     else:
         lr = lr_value
 
-    ROWS: tl.constexpr = BLOCK // QBLOCK
-    cols = tl.arange(0, QBLOCK)
-    qrow = tile * ROWS + tl.arange(0, ROWS)
-    offs = qrow[:, None] * QBLOCK + cols[None, :]
-    # Masks as bounds (a skipped step masks everything): 0-d booleans do not broadcast in
-    # Triton's interpreter.
-    limit = tl.where(go, numel, 0)
-    mask = offs < limit
-    qmask = qrow <= tl.where(go, numel // QBLOCK, -1)
+    if go:
+        if (tile + 1) * BLOCK <= numel:
+            _tile(row, t, tile, numel, k_old, k, factor, lr, seed, beta1, omb1, beta2, omb2,
+                  beta3, omb3, log_b1, log_b2, log_b3, eps, weight_decay, P_DT, G_DT, S_DT, FMT,
+                  NO_PROX, SR_PARAM, RANDOM, ALIGNED, BLOCK, QBLOCK, False)
+        else:
+            _tile(row, t, tile, numel, k_old, k, factor, lr, seed, beta1, omb1, beta2, omb2,
+                  beta3, omb3, log_b1, log_b2, log_b3, eps, weight_decay, P_DT, G_DT, S_DT, FMT,
+                  NO_PROX, SR_PARAM, RANDOM, ALIGNED, BLOCK, QBLOCK, True)
 
-    if (FMT != 0) or SR_PARAM:
-        r0, r1, r2, r3 = tl.randint4x(seed + t, offs + (k.to(tl.int64) << 40))
-    else:
-        r0 = tl.zeros(offs.shape, tl.uint32)
-        r1 = r0
-        r2 = r0
-    p_ptr = _ptr(row, 0, P_DT, ALIGNED)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(_ptr(row, 1, G_DT, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)
-    g = g * factor
-    m = _load(row, 2, 8, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED)
-    v = _load(row, 3, 9, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED)
-    n = _load(row, 4, 10, offs, mask, qrow, qmask, cols, S_DT, FMT, False, ALIGNED)
-    prev = _load(row, 5, 11, offs, offs < tl.where(k_old > 0, limit, 0), qrow, qmask, cols,
-                 S_DT, FMT, True, ALIGNED)
-    prev = tl.where(k_old > 0, prev, g)  # g_0 := g_1: the first difference is zero
-
-    bc1 = -_expm1(k * log_b1)
-    bc2 = -_expm1(k * log_b2)
-    bc3 = -_expm1(k * log_b3)
-    diff = g - prev
-    m = m * beta1 + g * omb1
-    v = v * beta2 + diff * omb2
-    nesterov = g + diff * beta2
-    n = n * beta3 + nesterov * nesterov * omb3
-    denom = tl.sqrt(n) / tl.sqrt(bc3) + eps
-    update = (m / bc1 + v * (beta2 / bc2)) / denom
-    if NO_PROX:
-        new = p * (1.0 - lr * weight_decay) - lr * update
-    else:
-        new = (p - lr * update) / (1.0 + lr * weight_decay)
-
-    _store(row, 2, 8, m, offs, mask, qrow, qmask, cols, (r0 & 65535).to(tl.int32),
-           S_DT, FMT, True, ALIGNED)
-    _store(row, 3, 9, v, offs, mask, qrow, qmask, cols, (r0 >> 16).to(tl.int32),
-           S_DT, FMT, True, ALIGNED)
-    _store(row, 4, 10, n, offs, mask, qrow, qmask, cols, (r1 & 65535).to(tl.int32),
-           S_DT, FMT, False, ALIGNED)
-    _store(row, 5, 11, g, offs, mask, qrow, qmask, cols, (r1 >> 16).to(tl.int32),
-           S_DT, FMT, True, ALIGNED)
-    if SR_PARAM:
-        tl.store(p_ptr + offs, _round_bf16(new, (r2 & 65535).to(tl.int32)), mask=mask)
-    else:
-        tl.store(p_ptr + offs, _cast(new, P_DT), mask=mask)
-
-    # The last program of this tensor to finish advances its step count.
-    tiles_of_tensor = tl.maximum((numel + BLOCK - 1) // BLOCK, 1)
-    done = tl.atomic_add(counters + t, 1, mask=go)
-    last = go & (done == tiles_of_tensor - 1)
-    tl.store(step_ptr, k.to(STEP_DT), mask=last)
-    tl.store(counters + t, 0, mask=last)
+        # The last program of this tensor to finish advances its step count.
+        tiles_of_tensor = tl.maximum((numel + BLOCK - 1) // BLOCK, 1)
+        done = tl.atomic_add(counters + t, 1)
+        last = done == tiles_of_tensor - 1
+        tl.store(step_ptr, k.to(STEP_DT), mask=last)
+        tl.store(counters + t, 0, mask=last)
 
 
 def triton_unsupported(param: Tensor, grad: Tensor, state: dict[str, Any] | None
@@ -330,8 +370,9 @@ def _launch(params: list[Tensor], grads: list[Tensor], states: list[dict[str, An
     factor = (table.counters if args.grad_factor is None
               else args.grad_factor.to(p0.device, non_blocking=True))
     b1, b2, b3 = args.betas
-    seed = int(torch.randint(0, 2**62, ())) if args.fmt in ("bf16", "int8") or (
-        args.stochastic_param and real_view(p0).dtype == torch.bfloat16) else 0
+    sr_param = args.stochastic_param and real_view(p0).dtype == torch.bfloat16
+    random = args.fmt in ("bf16", "int8") or sr_param
+    seed = int(torch.randint(0, 2**62, ())) if random else 0
     grid = (table.tiles.numel() // 2,)
     _adan_kernel[grid](
         table.table, table.tiles, table.counters, factor, lr_tensor, seed,
@@ -341,7 +382,7 @@ def _launch(params: list[Tensor], grads: list[Tensor], states: list[dict[str, An
         S_DT=_TL_DTYPES[state_dtype], STEP_DT=_TL_DTYPES[s0["step"].dtype],
         FMT=_FORMATS[args.fmt], NO_PROX=args.no_prox, MAXIMIZE=args.maximize,
         HAS_FACTOR=args.grad_factor is not None, LR_ON_DEVICE=lr_on_device,
-        SR_PARAM=args.stochastic_param and real_view(p0).dtype == torch.bfloat16,
+        SR_PARAM=sr_param, RANDOM=random,
         ALIGNED=table.aligned, BLOCK=BLOCK, QBLOCK=QBLOCK, NCOL=NCOL, num_warps=NUM_WARPS,
     )
 

@@ -1,7 +1,7 @@
 """Which kernel runs a set of tensors: the user's choice, or the fastest for the device.
 
 Every kernel has the signature ``kernel(params, grads, states, args)`` (:mod:`.common`). The
-optimizer calls :func:`select_kernel` once per param group, storage format and device:
+optimizer calls :func:`route` once per param group, storage format and device:
 
 * CUDA: the Triton kernel (:mod:`.cuda_triton`), one launch per group and dtype signature,
   for every group and format; tensors it does not take (float64, non-contiguous) go to the
