@@ -309,7 +309,7 @@ def triton_unsupported(param: Tensor, grad: Tensor, state: dict[str, Any] | None
 class _Table:
     """One launch's address table on the device, and what it was built from."""
 
-    key: list[Any]
+    key: list[int]
     table: Tensor
     tiles: Tensor
     counters: Tensor
@@ -317,14 +317,12 @@ class _Table:
     keepalive: list[Tensor] = field(default_factory=list)
 
 
-def _upload(values: list[int], dtype: torch.dtype, device: torch.device,
-            keepalive: list[Tensor]) -> Tensor:
-    """``values`` as a device tensor, copied without blocking the host.
+def _upload(host: Tensor, device: torch.device, keepalive: list[Tensor]) -> Tensor:
+    """A host tensor on ``device``, copied without blocking the host.
 
     During CUDA graph capture the pinned source is kept alive with the table: the captured
     copy reads it again at every replay.
     """
-    host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
     host = host.pin_memory()
@@ -333,25 +331,35 @@ def _upload(values: list[int], dtype: torch.dtype, device: torch.device,
     return host.to(device, non_blocking=True)
 
 
-def _build(key: list[Any], params: list[Tensor], grads: list[Tensor],
-           states: list[dict[str, Any]]) -> _Table:
-    rows: list[int] = []
-    tiles: list[int] = []
-    for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
-        numel = real_view(param).numel()
+def _tiles(numels: list[int], device: torch.device, keepalive: list[Tensor]) -> Tensor:
+    """(tensor, tile) pairs of every program, int32 (an empty tensor gets one tile, so that
+    its step is counted)."""
+    counts = torch.tensor([max(1, -(-n // BLOCK)) for n in numels])
+    tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    pairs = torch.stack([tensor, torch.arange(tensor.numel()) - first], dim=1)
+    return _upload(pairs.to(torch.int32), device, keepalive)
+
+
+def _build(key: list[int], params: list[Tensor], grads: list[Tensor],
+           states: list[dict[str, Any]], previous: _Table | None) -> _Table:
+    """The address table of these tensors; the tiles of ``previous`` are reused (sizes do not
+    change while the owner's cache lives), and so is what it keeps alive."""
+    rows = []
+    for param, grad, state in zip(params, grads, states, strict=True):
         metas = [state[k + "_meta"].data_ptr() if k + "_meta" in state else 0
                  for k in BUFFER_KEYS]
-        rows += [param.data_ptr(), grad.data_ptr(), *(state[k].data_ptr() for k in BUFFER_KEYS),
-                 state["step"].data_ptr(), numel, *metas]
-        for j in range(max(1, -(-numel // BLOCK))):
-            tiles += [i, j]
-    addresses = [rows[i * NCOL + c] for i in range(len(params)) for c in range(6)]
+        rows.append([param.data_ptr(), grad.data_ptr(),
+                     *(state[k].data_ptr() for k in BUFFER_KEYS), state["step"].data_ptr(),
+                     real_view(param).numel(), *metas])
     device = params[0].device
-    keepalive: list[Tensor] = []
-    return _Table(key=key, table=_upload(rows, torch.int64, device, keepalive),
-                  tiles=_upload(tiles, torch.int32, device, keepalive),
-                  counters=torch.zeros(len(params), dtype=torch.int32, device=device),
-                  aligned=all(a % _ALIGN == 0 for a in addresses), keepalive=keepalive)
+    keepalive: list[Tensor] = [] if previous is None else previous.keepalive
+    tiles = (_tiles([row[7] for row in rows], device, keepalive) if previous is None
+             else previous.tiles)
+    return _Table(key=key, table=_upload(torch.tensor(rows, dtype=torch.int64), device, keepalive),
+                  tiles=tiles, counters=torch.zeros(len(params), dtype=torch.int32, device=device),
+                  aligned=all(a % _ALIGN == 0 for row in rows for a in row[:6]),
+                  keepalive=keepalive)
 
 
 def _launch(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
@@ -363,7 +371,7 @@ def _launch(params: list[Tensor], grads: list[Tensor], states: list[dict[str, An
     key = [*(t.data_ptr() for t in params), *(t.data_ptr() for t in grads)]
     table = cache.get(signature)
     if table is None or table.key != key:
-        table = cache[signature] = _build(key, params, grads, states)
+        table = cache[signature] = _build(key, params, grads, states, table)
     state_dtype = real_view(s0["exp_avg"]).dtype if args.fmt != "int8" else torch.float32
     lr_on_device = isinstance(args.lr, Tensor) and args.lr.device == p0.device
     lr_tensor = args.lr if lr_on_device else table.counters
@@ -372,8 +380,9 @@ def _launch(params: list[Tensor], grads: list[Tensor], states: list[dict[str, An
     b1, b2, b3 = args.betas
     sr_param = args.stochastic_param and real_view(p0).dtype == torch.bfloat16
     random = args.fmt in ("bf16", "int8") or sr_param
-    seed = int(torch.randint(0, 2**62, ())) if random else 0
-    grid = (table.tiles.numel() // 2,)
+    # At least 2**31, so that Triton always passes it as a 64-bit integer (one compiled kernel).
+    seed = 2**31 + (int(torch.randint(0, 2**62, ())) if random else 0)
+    grid = (table.tiles.shape[0],)
     _adan_kernel[grid](
         table.table, table.tiles, table.counters, factor, lr_tensor, seed,
         0.0 if lr_on_device else float(args.lr), b1, 1 - b1, b2, 1 - b2, b3, 1 - b3,
