@@ -72,29 +72,37 @@ def _blocks(flat: Tensor) -> Tensor:
     return F.pad(flat, (0, rows * BLOCK - flat.numel())).view(rows, BLOCK)
 
 
+def _power(u: Tensor, power: int) -> Tensor:
+    return u * u * u if power == 3 else (u * u) * (u * u)
+
+
 def quantize_blockwise(
     x: Tensor, *, signed: bool, noise: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Encode ``x`` as ``(codes, meta)``: one code per element (flat) and one meta row per block.
 
     ``noise`` of ``x``'s size, uniform in ``[0, 1)``, selects stochastic rounding; without it
-    values round to the nearest code. ``meta`` is float32 ``(num_blocks, META)``.
+    values round to the nearest code. ``meta`` is float32 ``(num_blocks, META)``. Written with
+    row reductions and elementwise ops only (no argmax or gather), which ``torch.compile`` fuses.
     """
     levels, power = code_levels(signed)
     numel = x.numel()
     blocks = _blocks(x.reshape(-1))
     mag = blocks.abs()
-    # The top is the largest magnitude, a NaN counting as the largest of all.
-    top_pos = torch.where(torch.isnan(mag), torch.inf, mag).argmax(dim=1, keepdim=True)
-    top = blocks.gather(1, top_pos)
+    mag = torch.where(torch.isnan(mag), torch.inf, mag)  # a NaN ranks with the largest
     column = torch.arange(BLOCK, device=x.device)
-    rest = torch.where((column == top_pos) | ~torch.isfinite(mag), 0.0, mag)
+    top_mag = mag.amax(dim=1, keepdim=True)
+    top_pos = torch.where(mag == top_mag, column, BLOCK).amin(dim=1, keepdim=True)
+    is_top = column == top_pos
+    top = torch.where(is_top, blocks, 0.0).sum(dim=1, keepdim=True)
+    rest = torch.where(is_top | torch.isinf(mag), 0.0, mag)
     # Rounded to float32 first, so that decoding scales by exactly what encoding divided by.
     scale = rest.amax(dim=1, keepdim=True).float().to(rest.dtype)
     t = (rest / torch.where(scale > 0, scale, 1.0)).clamp(max=1.0)
-    lower = torch.floor(t.pow(1.0 / power) * levels).clamp(0, levels - 1)
-    lo = (lower / levels).pow(power)
-    hi = ((lower + 1) / levels).pow(power)
+    root = torch.exp(torch.log(t.clamp(min=1e-30)) / 3) if power == 3 else t.sqrt().sqrt()
+    lower = torch.floor(root * levels).clamp(0, levels - 1)
+    lo = _power(lower / levels, power)
+    hi = _power((lower + 1) / levels, power)
     frac = ((t - lo) / (hi - lo)).clamp(0.0, 1.0)
     threshold = _blocks(noise.reshape(-1).to(t.dtype)) if noise is not None else 0.5
     k = lower + (frac > threshold).to(lower.dtype)
@@ -110,8 +118,7 @@ def dequantize_blockwise(
 ) -> Tensor:
     """Decode ``(codes, meta)`` from :func:`quantize_blockwise` into a tensor of ``shape``."""
     levels, power = code_levels(signed)
-    unit = _blocks(codes.reshape(-1).to(dtype)) / levels
-    values = unit * unit * unit if power == 3 else (unit * unit) * (unit * unit)
+    values = _power(_blocks(codes.reshape(-1).to(dtype)) / levels, power)
     meta = meta.to(dtype)
     column = torch.arange(BLOCK, device=codes.device)
     values = torch.where(column == meta[:, 2:3], meta[:, 1:2], values * meta[:, 0:1])

@@ -77,27 +77,38 @@ def adan_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, n: Tensor, prev: Ten
     return p * s[KEEP] - update * s[LR], m, v, n, g
 
 
-def _stochastic_bf16(x: Tensor) -> Tensor:
-    """``x`` rounded to bfloat16 stochastically (unbiased), with fresh noise."""
-    return round_to_bf16(x, torch.randint_like(x, 0, 65536, dtype=torch.int32))
+def random_bits(like: Tensor, seed: Tensor, stream: int) -> Tensor:
+    """16 pseudo-random bits per element of ``like`` (int32 in ``[0, 65536)``): an integer hash
+    of (seed, stream, element index). Elementwise integer arithmetic, so a compiled step fuses
+    it into its one pass, where drawing from torch's generator per element would cost more than
+    the whole update; the seed (below 2**31) comes from torch's generator at every step."""
+    index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
+    x = (index + seed * 40503 + stream * 0x5BD1E995) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (((x >> 16) ^ x) & 0xFFFF).to(torch.int32)
 
 
-def _store(buffer: Tensor, meta: Tensor | None, x: Tensor, fmt: str, signed: bool) -> None:
-    """Encode ``x`` into ``buffer`` (and its block ``meta``) in format ``fmt``."""
+def _store(buffer: Tensor, meta: Tensor | None, x: Tensor, fmt: str, signed: bool,
+           noise: Tensor | None) -> None:
+    """Encode ``x`` into ``buffer`` (and its block ``meta``) in format ``fmt``; ``noise``
+    (:func:`random_bits`) rounds stochastically."""
     if meta is not None:
-        codes, new_meta = quantize_blockwise(x, signed=signed, noise=torch.rand_like(x))
+        uniform = None if noise is None else (noise.to(x.dtype) + 0.5) / 65536
+        codes, new_meta = quantize_blockwise(x, signed=signed, noise=uniform)
         buffer.copy_(codes.view(buffer.shape))
         meta.copy_(new_meta)
     elif fmt == "bf16":
-        buffer.copy_(_stochastic_bf16(x).view(buffer.shape))
+        buffer.copy_(round_to_bf16(x, noise).view(buffer.shape))
     else:
         buffer.copy_(x.view(buffer.shape))
 
 
 def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None],
-                s: Tensor, fmt: str, stochastic_param: bool) -> None:
+                s: Tensor, seed: Tensor, fmt: str, stochastic_param: bool) -> None:
     """One step of one parameter in place: ``p`` and ``g`` real views, the four buffers (real
-    views) with their 8-bit block data or None, ``s`` from :func:`scalar_vector`."""
+    views) with their 8-bit block data or None, ``s`` from :func:`scalar_vector`, ``seed`` a
+    0-d int64 tensor for stochastic rounding (:func:`draw_seed`)."""
     work = s.dtype
     decoded = [
         dequantize_blockwise(b, meta, p.shape, signed=signed, dtype=work) if meta is not None
@@ -106,12 +117,20 @@ def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor 
     ]
     m, v, n, prev = decoded
     new, *moments = adan_update(p.to(work), g.to(work), m, v, n, prev, s)
-    for b, meta, x, (_, signed) in zip(buffers, metas, moments, BUFFERS, strict=True):
-        _store(b, meta, x, fmt, signed)
+    stochastic = fmt in ("bf16", "int8")
+    for stream, (b, meta, x, (_, signed)) in enumerate(zip(buffers, metas, moments, BUFFERS,
+                                                           strict=True)):
+        _store(b, meta, x, fmt, signed, random_bits(x, seed, stream) if stochastic else None)
     if stochastic_param and p.dtype == torch.bfloat16:
-        p.copy_(_stochastic_bf16(new))
+        p.copy_(round_to_bf16(new, random_bits(new, seed, 4)))
     else:
         p.copy_(new)
+
+
+def draw_seed() -> Tensor:
+    """A seed for one tensor's stochastic rounding in one step, from torch's generator (so that
+    ``torch.manual_seed`` reproduces a run), as a 0-d int64 CPU tensor."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
 def step_scalars(states: list[dict[str, Any]], args: StepArgs) -> tuple[bool, Scalar]:
@@ -140,5 +159,5 @@ def compact_adan(
         step: Scalar = (step_as(state["step"], p) + 1 if tensor_scalars
                         else state["step"].item() + 1)
         s = scalar_vector(step, lr, args, work_dtype(param), param.device)
-        tensor_step(p, g, buffers, metas, s, args.fmt, args.stochastic_param)
+        tensor_step(p, g, buffers, metas, s, draw_seed(), args.fmt, args.stochastic_param)
         state["step"] += 1

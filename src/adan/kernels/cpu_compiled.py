@@ -22,7 +22,13 @@ import torch
 from torch import Tensor
 
 from adan.kernels.common import Scalar, StepArgs, skip_step
-from adan.kernels.compact import scalar_vector, step_scalars, tensor_step, tensor_views
+from adan.kernels.compact import (
+    draw_seed,
+    scalar_vector,
+    step_scalars,
+    tensor_step,
+    tensor_views,
+)
 from adan.state import work_dtype
 
 __all__ = ["cpu_compiled_adan", "cpu_compiler_missing"]
@@ -47,13 +53,14 @@ def _compiled(signature: tuple[Any, ...], serial: bool) -> Callable[..., None]:
 def _run(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None], s: Tensor,
          args: StepArgs) -> None:
     """One :func:`tensor_step` call, compiled unless compiling already or too small."""
+    seed = draw_seed()
     if torch.compiler.is_compiling() or p.numel() <= 1:
         # Sizes 0 and 1 would specialise the compiled kernel; eager is as fast for them.
-        tensor_step(p, g, buffers, metas, s, args.fmt, args.stochastic_param)
+        tensor_step(p, g, buffers, metas, s, seed, args.fmt, args.stochastic_param)
         return
     flat = [t.view(-1) for t in (p, g, *buffers)]
     signature = (args.fmt, args.stochastic_param, *(t.dtype for t in flat), s.dtype)
-    _compiled(signature, p.numel() < SERIAL_MAX)(flat[0], flat[1], flat[2:], metas, s,
+    _compiled(signature, p.numel() < SERIAL_MAX)(flat[0], flat[1], flat[2:], metas, s, seed,
                                                  args.fmt, args.stochastic_param)
 
 
@@ -77,7 +84,7 @@ def cpu_compiled_adan(
         if dense:
             _run(p, g, buffers, metas, s, args)
         else:
-            tensor_step(p, g, buffers, metas, s, args.fmt, args.stochastic_param)
+            tensor_step(p, g, buffers, metas, s, draw_seed(), args.fmt, args.stochastic_param)
     for (_, _, step_value), index in packs.items():
         views = [tensor_views(params[i], grads[i], states[i]) for i in index]
         lists = [[v[0] for v in views], [v[1] for v in views],
