@@ -84,8 +84,14 @@ def assert_rounds(state: dict, key: str, signed: bool, want: np.ndarray) -> None
     np.testing.assert_allclose(got[:, :2], meta[:, :2], rtol=1e-5, atol=1e-30, err_msg=key)
 
 
+def mixed_gradient(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Gradients whose magnitudes span four decades."""
+    return rng.normal(size=shape) * 10.0 ** rng.uniform(-3, 1, size=shape)
+
+
 def check_kernel_step(kernel, fmt: str, device: str, shape: tuple[int, ...], no_prox: bool,
-                      factor: float | None, maximize: bool, steps: int = 4) -> None:
+                      factor: float | None, maximize: bool, steps: int = 4,
+                      gradient=mixed_gradient) -> None:
     """Run ``kernel`` for ``steps`` on one tensor; after each, the parameter must equal the
     float64 reference applied to the decoded state of the step before, and every buffer must
     hold the reference's new value stochastically rounded to its format."""
@@ -94,8 +100,7 @@ def check_kernel_step(kernel, fmt: str, device: str, shape: tuple[int, ...], no_
     state = init_state(p, fmt)
     lr, wd = 0.01, 0.05
     for k in range(1, steps + 1):
-        g = torch.tensor(rng.normal(size=shape) * 10.0 ** rng.uniform(-3, 1, size=shape),
-                         dtype=torch.float32, device=device)
+        g = torch.tensor(gradient(rng, shape), dtype=torch.float32, device=device)
         rs = RefState(k=k - 1, **{name: decode(state, key, signed, shape) for name, (key, signed)
                                   in zip(("m", "v", "n", "prev"), KEYS, strict=True)})
         group = RefGroup([p.double().cpu().numpy()], lr=lr,

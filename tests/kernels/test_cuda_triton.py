@@ -63,6 +63,23 @@ def test_compact_state_matches_reference_with_same_quantisation(device, fmt, sha
                       steps=3)
 
 
+def _edge_blocks(rng, shape):
+    """Blocks of 256 that are all equal, all zero, one huge value among small ones, and a
+    partial last block."""
+    g = rng.normal(size=shape).ravel()
+    g[:256] = 0.75
+    g[256:512] = 0.0
+    g[512:768] *= 1e-3
+    g[600] = 1e4
+    return g.reshape(shape)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_compact_state_block_edges(device, fmt):
+    check_kernel_step(cuda_triton.triton_adan, fmt, device, (1000,), False, None, False,
+                      steps=3, gradient=_edge_blocks)
+
+
 def _reference_run(device, shapes, steps, dtype=torch.float32, **kwargs):
     """Adan on tensors of ``shapes`` (two groups) and the float64 reference on the same."""
     rng = np.random.default_rng(0)
