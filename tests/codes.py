@@ -29,7 +29,7 @@ def decode(state: dict, key: str, signed: bool, shape: tuple[int, ...]) -> np.nd
         return state[key].double().cpu().numpy().reshape(shape)
     top, power = levels(signed)
     k = state[key].cpu().numpy().astype(np.float64).ravel()
-    meta = state[key + "_meta"].double().cpu().numpy()
+    meta = state[key + "_meta"].double().cpu().numpy().reshape(-1, 3)
     values = np.repeat(meta[:, 0], BLOCK)[: k.size] * (k / top) ** power
     for b, (_, value, pos) in enumerate(meta):
         if b * BLOCK + int(pos) < k.size:
@@ -79,7 +79,7 @@ def assert_rounds(state: dict, key: str, signed: bool, want: np.ndarray) -> None
         return
     codes, meta = encode(want, signed)
     assert_codes_close(state[key], codes, mismatch=1.0)
-    got = state[key + "_meta"].double().cpu().numpy()
+    got = state[key + "_meta"].double().cpu().numpy().reshape(-1, 3)
     np.testing.assert_array_equal(got[:, 2], meta[:, 2], err_msg=key)
     np.testing.assert_allclose(got[:, :2], meta[:, :2], rtol=1e-5, atol=1e-30, err_msg=key)
 

@@ -1,10 +1,10 @@
 """Compact number codes for optimizer state: blockwise 8-bit codes and bfloat16 rounding.
 
 8-bit codes are *power codes* over blocks of ``BLOCK`` consecutive elements. Each block keeps
-three float32 numbers (its *meta* row): a scale, and the value and position of its
-largest-magnitude element, the *top*, which is stored exactly and not coded. Every other
-element keeps an integer ``k`` with ``value = scale * c(k)``, ``scale`` being the largest
-magnitude among them:
+three float32 numbers (its *meta* row; optimizer state keeps the rows flat): a scale, and the
+value and position of its largest-magnitude element, the *top*, which is stored exactly and
+not coded. Every other element keeps an integer ``k`` with ``value = scale * c(k)``, ``scale``
+being the largest magnitude among them:
 
 * signed (for m, v and the previous gradient): ``c(k) = (k / 127) ** 3``, ``k`` in
   ``[-127, 127]`` (int8). Steps are fine near the block maximum (2.4 % of it at the top) and
@@ -30,7 +30,6 @@ from torch import Tensor
 __all__ = [
     "BLOCK",
     "META",
-    "code_values",
     "dequantize_blockwise",
     "legacy_meta",
     "num_blocks",
@@ -53,13 +52,6 @@ def code_levels(signed: bool) -> tuple[int, int]:
     return _SIGNED if signed else _UNSIGNED
 
 
-def code_values(signed: bool, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Every value the code can represent for a block scale of 1, ascending."""
-    levels, power = code_levels(signed)
-    k = torch.arange(-levels if signed else 0, levels + 1, dtype=torch.float64)
-    return ((k / levels) ** power).to(dtype)
-
-
 def num_blocks(numel: int) -> int:
     """Meta rows kept for ``numel`` elements: one per started block, plus one when none is
     partial. Always ``numel // BLOCK + 1``, so that compiled code has no shape branch."""
@@ -67,8 +59,11 @@ def num_blocks(numel: int) -> int:
 
 
 def _blocks(flat: Tensor) -> Tensor:
-    """``flat`` zero-padded to ``num_blocks`` full blocks, as a ``(blocks, BLOCK)`` view."""
-    rows = num_blocks(flat.numel())
+    """``flat`` zero-padded to ``num_blocks`` full blocks plus one, as a ``(blocks + 1, BLOCK)``
+    view. The extra row (dropped by the callers) keeps the row count above 1 for every size,
+    so that a compiled kernel does not need one graph for tensors of under 256 elements and
+    another for larger ones."""
+    rows = num_blocks(flat.numel()) + 1
     return F.pad(flat, (0, rows * BLOCK - flat.numel())).view(rows, BLOCK)
 
 
@@ -82,9 +77,18 @@ def quantize_blockwise(
     """Encode ``x`` as ``(codes, meta)``: one code per element (flat) and one meta row per block.
 
     ``noise`` of ``x``'s size, uniform in ``[0, 1)``, selects stochastic rounding; without it
-    values round to the nearest code. ``meta`` is float32 ``(num_blocks, META)``. Written with
-    row reductions and elementwise ops only (no argmax or gather), which ``torch.compile`` fuses.
+    values round to the nearest code. ``meta`` is float32 ``(num_blocks, META)``.
     """
+    codes, meta = quantize_blockwise_flat(x, signed=signed, noise=noise)
+    return codes, meta.view(-1, META)
+
+
+def quantize_blockwise_flat(
+    x: Tensor, *, signed: bool, noise: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_blockwise` with the meta rows flattened. Written with row reductions and
+    elementwise ops only (no argmax or gather) and with no shape that is 1 for small tensors,
+    so that ``torch.compile`` fuses it and needs one graph for every size."""
     levels, power = code_levels(signed)
     numel = x.numel()
     blocks = _blocks(x.reshape(-1))
@@ -106,7 +110,9 @@ def quantize_blockwise(
     frac = ((t - lo) / (hi - lo)).clamp(0.0, 1.0)
     threshold = _blocks(noise.reshape(-1).to(t.dtype)) if noise is not None else 0.5
     k = lower + (frac > threshold).to(lower.dtype)
-    meta = torch.cat([scale, top, top_pos.to(scale.dtype)], dim=1).float()
+    rows = num_blocks(numel)
+    meta = torch.cat([scale, top, top_pos.to(scale.dtype)], dim=1).reshape(-1)[: rows * META]
+    meta = meta.float()
     if signed:
         return torch.where(blocks < 0, -k, k).reshape(-1)[:numel].to(torch.int8), meta
     return k.reshape(-1)[:numel].to(torch.uint8), meta
@@ -116,10 +122,11 @@ def dequantize_blockwise(
     codes: Tensor, meta: Tensor, shape: torch.Size | tuple[int, ...], *, signed: bool,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Decode ``(codes, meta)`` from :func:`quantize_blockwise` into a tensor of ``shape``."""
+    """Decode ``(codes, meta)`` from :func:`quantize_blockwise` into a tensor of ``shape``
+    (``meta`` as rows or flat)."""
     levels, power = code_levels(signed)
     values = _power(_blocks(codes.reshape(-1).to(dtype)) / levels, power)
-    meta = meta.to(dtype)
+    meta = F.pad(meta.reshape(-1).to(dtype), (0, META)).view(-1, META)  # _blocks' extra row
     column = torch.arange(BLOCK, device=codes.device)
     values = torch.where(column == meta[:, 2:3], meta[:, 1:2], values * meta[:, 0:1])
     return values.reshape(-1)[: codes.numel()].view(shape)

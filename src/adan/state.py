@@ -8,7 +8,7 @@ one of these formats (:func:`storage_format` picks it from the group's ``state_d
 * ``"fp32"``: float32, shaped like the parameter's real view (for bf16, fp16 or fp64 params).
 * ``"bf16"``: bfloat16, re-encoded with stochastic rounding after every step.
 * ``"int8"``: blockwise 8-bit codes (:mod:`adan.quant`) shaped like the parameter's real
-  view, with a ``<buffer>_meta`` float32 tensor of ``(blocks, 3)`` per buffer (blocks run
+  view, with a flat ``<buffer>_meta`` float32 tensor of 3 numbers per block (blocks run
   over the flattened codes).
 """
 
@@ -22,10 +22,15 @@ import torch
 from torch import Tensor
 
 from adan.kernels.common import BUFFER_KEYS, BUFFERS, real_view
-from adan.quant import META, dequantize_blockwise, legacy_meta, num_blocks, quantize_blockwise
+from adan.quant import (
+    META,
+    dequantize_blockwise,
+    legacy_meta,
+    num_blocks,
+    quantize_blockwise_flat,
+)
 
 __all__ = [
-    "STATE_DTYPES",
     "check_saved_state",
     "convert_state",
     "decode",
@@ -35,7 +40,6 @@ __all__ = [
     "storage_format",
 ]
 
-STATE_DTYPES = (None, "fp32", "bf16", "int8")
 _ALIASES: dict[Any, str | None] = {
     None: None,
     "fp32": "fp32", "float32": "fp32", torch.float32: "fp32",
@@ -107,7 +111,7 @@ def init_state(param: Tensor, fmt: str) -> dict[str, Tensor]:
     for key, signed in BUFFERS:
         state[key] = _new_buffer(param, fmt, signed)
         if fmt == "int8":
-            state[key + "_meta"] = torch.zeros(num_blocks(real_view(param).numel()), META,
+            state[key + "_meta"] = torch.zeros(num_blocks(real_view(param).numel()) * META,
                                                device=param.device)
     return state
 
@@ -182,7 +186,7 @@ def convert_state(state: dict[str, Any], param: Tensor, fmt: str) -> None:
         state.pop(key + "_meta", None)
         state.pop(key + "_scale", None)
         if fmt == "int8":
-            codes, state[key + "_meta"] = quantize_blockwise(value.float(), signed=signed)
+            codes, state[key + "_meta"] = quantize_blockwise_flat(value.float(), signed=signed)
             state[key] = codes.view(value.shape)
             continue
         if fmt == "plain" and torch.is_complex(param):
@@ -251,7 +255,7 @@ def check_saved_state(saved: Any, param: Tensor) -> str | None:
                 return (f"its 8-bit {key} has {value.dtype} codes of shape {tuple(value.shape)};"
                         f" the parameter needs {code} codes of shape {tuple(shape)}")
             rows = num_blocks(numel)
-            want = (rows, META) if key + "_meta" in saved else (rows,)
+            want = (rows * META,) if key + "_meta" in saved else (rows,)
             if not isinstance(meta, Tensor) or tuple(meta.shape) != want:
                 got = tuple(meta.shape) if isinstance(meta, Tensor) else type(meta).__name__
                 return f"its {key} block data has shape {got}, expected {want}"

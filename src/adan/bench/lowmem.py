@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from adan import Adan
+from adan.bench.speed import step_peak
 from adan.state import state_bytes
 
 # The settings compared: float32 moments (as the parameter, here), bfloat16 and 8-bit.
@@ -49,14 +50,7 @@ def memory(numel: int, device: torch.device | str = "cpu"
         p.grad = torch.randn(numel, device=device)
         opt = _make([p], fmt, foreach=False)
         opt.step()
-        peak = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            opt.step()
-            torch.cuda.synchronize(device)
-            peak = (torch.cuda.max_memory_allocated(device) - before) / numel
+        peak = step_peak(opt, device, numel)
         rows.append((fmt, state_bytes([opt.state[p]]) / numel, peak))
         del opt, p
         if device.type == "cuda":

@@ -125,6 +125,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def step_peak(opt: torch.optim.Optimizer, device: torch.device, numel: int) -> float | None:
+    """One more step's transient memory per parameter on CUDA (peak allocated during it minus
+    what was allocated before it); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    opt.step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / numel
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -329,14 +342,7 @@ def time_row(make: Factory, work: Workload, device: torch.device, steps: int, wa
     device_ms, host_ms = _timed_steps(opt, device, steps, warmup)
     recompiles = counters["stats"]["unique_graphs"] - graphs
     numel = work.numel
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        opt.step()
-        torch.cuda.synchronize(device)
-        peak = (torch.cuda.max_memory_allocated(device) - before) / numel
+    peak = step_peak(opt, device, numel)
     return dict(first_s=first, device_ms=statistics.median(device_ms),
                 host_ms=statistics.median(host_ms), device_ms_steps=device_ms,
                 host_ms_steps=host_ms, bytes_per_param=moved_bytes(params, opt) / numel,

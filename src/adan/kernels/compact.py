@@ -31,7 +31,7 @@ from adan.kernels.common import (
     step_as,
     use_tensor_scalars,
 )
-from adan.quant import dequantize_blockwise, quantize_blockwise, round_to_bf16
+from adan.quant import dequantize_blockwise, quantize_blockwise_flat, round_to_bf16
 from adan.state import work_dtype
 
 # Positions in the scalar vector.
@@ -95,7 +95,7 @@ def _store(buffer: Tensor, meta: Tensor | None, x: Tensor, fmt: str, signed: boo
     (:func:`random_bits`) rounds stochastically."""
     if meta is not None:
         uniform = None if noise is None else (noise.to(x.dtype) + 0.5) / 65536
-        codes, new_meta = quantize_blockwise(x, signed=signed, noise=uniform)
+        codes, new_meta = quantize_blockwise_flat(x, signed=signed, noise=uniform)
         buffer.copy_(codes.view(buffer.shape))
         meta.copy_(new_meta)
     elif fmt == "bf16":
@@ -107,8 +107,9 @@ def _store(buffer: Tensor, meta: Tensor | None, x: Tensor, fmt: str, signed: boo
 def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None],
                 s: Tensor, seed: Tensor, fmt: str, stochastic_param: bool) -> None:
     """One step of one parameter in place: ``p`` and ``g`` real views, the four buffers (real
-    views) with their 8-bit block data or None, ``s`` from :func:`scalar_vector`, ``seed`` a
-    0-d int64 tensor for stochastic rounding (:func:`draw_seed`)."""
+    views) with their flat 8-bit block data or None, ``s`` from
+    :func:`scalar_vector`, ``seed`` a 0-d int64 tensor for stochastic rounding
+    (:func:`draw_seed`)."""
     work = s.dtype
     decoded = [
         dequantize_blockwise(b, meta, p.shape, signed=signed, dtype=work) if meta is not None

@@ -15,6 +15,7 @@ import functools
 import os
 import shutil
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -60,8 +61,21 @@ def _run(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None]
         return
     flat = [t.view(-1) for t in (p, g, *buffers)]
     signature = (args.fmt, args.stochastic_param, *(t.dtype for t in flat), s.dtype)
-    _compiled(signature, p.numel() < SERIAL_MAX)(flat[0], flat[1], flat[2:], metas, s, seed,
-                                                 args.fmt, args.stochastic_param)
+    try:
+        _compiled(signature, p.numel() < SERIAL_MAX)(flat[0], flat[1], flat[2:], metas, s,
+                                                     seed, args.fmt, args.stochastic_param)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        # Raised before the compiled code runs (nothing written): a signature's graphs differ
+        # only by guards on torch's global state (e.g. the default dtype) and size classes,
+        # so a process that changes them often can exhaust Dynamo's limit; never fail on it.
+        _warn_once(f"adan: Dynamo's recompile limit was reached for the CPU kernel {signature}"
+                   "; that signature runs eagerly (correct, slower) from now on")
+        tensor_step(p, g, buffers, metas, s, seed, args.fmt, args.stochastic_param)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
 def cpu_compiled_adan(
