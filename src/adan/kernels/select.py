@@ -1,15 +1,17 @@
 """Which kernel runs a set of tensors: the user's choice, or the fastest for the device.
 
-Every kernel has the signature ``kernel(params, grads, states, args)`` (:mod:`.common`). The
-optimizer calls :func:`route` once per param group, storage format and device:
+Every kernel has the signature ``kernel(params, grads, states, args)`` (:mod:`.common`). When
+the optimizer plans a param group's step it calls :func:`route` once per storage format and
+device:
 
 * CUDA: the Triton kernel (:mod:`.cuda_triton`), one launch per group and dtype signature,
   for every group and format; tensors it does not take (float64, non-contiguous) go to the
   eager paths. No ``torch.compile`` and no warm-up beyond Triton's own build (cached on disk).
 * CPU: the compiled C++ kernel (:mod:`.cpu_compiled`) for groups of at least
   :data:`FUSED_MIN_NUMEL` elements and for compact state, else foreach.
-* ``foreach=True``/``False`` pick the multi- or single-tensor eager paths (compact state has
-  one eager path, :mod:`.compact`); ``fused=True`` demands the device's fused kernel.
+* ``foreach=False`` picks the single-tensor eager path (:mod:`.single`, or :mod:`.compact` for
+  compact state), ``foreach=True`` the multi-tensor one (compact state has none and takes the
+  default), ``fused=True`` demands the device's fused kernel.
 * ``differentiable=True`` and tensor subclasses take the single-tensor path, and a step traced
   by ``torch.compile`` the eager paths, which Dynamo traces.
 
