@@ -295,8 +295,8 @@ class Adan(Optimizer):
         factor = None if grad_scale is None else grad_scale.double().reciprocal().float()
         max_norm = self.param_groups[0]["max_grad_norm"]
         grads = [real_view(p.grad) for g in self.param_groups for p in g["params"]
-                 if p.grad is not None]
-        if max_norm > 0 and (grads or self._grad_norm_group is not None):
+                 if p.grad is not None] if max_norm > 0 else []
+        if grads or (max_norm > 0 and self._grad_norm_group is not None):
             acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
             params = (p for group in self.param_groups for p in group["params"])
             device = grads[0].device if grads else next(params, torch.empty(0)).device
@@ -379,18 +379,20 @@ class Adan(Optimizer):
         replaced through ``load_state_dict``, or whole."""
         if torch.compiler.is_compiling():
             return None
-        state = self.state
+        get_state = self.state.get
+        strided = torch.strided
         key: list[Any] = [group["state_dtype"], group["foreach"], group["fused"],
                           group["differentiable"], group["stochastic_param_rounding"],
                           group["capturable"]]
+        add = key.extend  # one flat list: cheaper to build and compare than one tuple each
         for p in group["params"]:
             g = p.grad
             if g is not None:
-                if g.layout is not torch.strided:
+                if g.layout is not strided:
                     return None
-                s = state.get(p)
-                key.append((id(p), p.dtype, p.is_contiguous(), g.dtype, g.shape,
-                            g.is_contiguous(), id(s), s and id(s.get("exp_avg"))))
+                s = get_state(p)
+                add((id(p), p.dtype, p.is_contiguous(), g.dtype, g.shape, g.is_contiguous(),
+                     id(s), s and id(s.get("exp_avg"))))
         return key
 
     def _route(self, group: dict[str, Any], checked: list[tuple[Tensor, Tensor, str]]

@@ -363,22 +363,21 @@ def _build(key: list[int], params: list[Tensor], grads: list[Tensor],
 
 
 def _launch(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
-            args: StepArgs, cache: dict[Any, Any]) -> None:
-    """One launch over tensors that share their dtypes."""
-    p0, g0, s0 = params[0], grads[0], states[0]
-    signature = (real_view(p0).dtype, real_view(g0).dtype, s0["exp_avg"].dtype,
-                 s0["step"].dtype, p0.device)
-    key = [*(t.data_ptr() for t in params), *(t.data_ptr() for t in grads)]
+            signature: tuple[Any, ...], args: StepArgs, cache: dict[Any, Any]) -> None:
+    """One launch over tensors that share their dtypes and device (``signature``)."""
+    p_dtype, g_dtype, s_dtype, step_dtype, device = signature
+    key = [t.data_ptr() for t in params]
+    key += [t.data_ptr() for t in grads]
     table = cache.get(signature)
     if table is None or table.key != key:
         table = cache[signature] = _build(key, params, grads, states, table)
-    state_dtype = real_view(s0["exp_avg"]).dtype if args.fmt != "int8" else torch.float32
-    lr_on_device = isinstance(args.lr, Tensor) and args.lr.device == p0.device
+    state_dtype = s_dtype if args.fmt != "int8" else torch.float32
+    lr_on_device = isinstance(args.lr, Tensor) and args.lr.device == device
     lr_tensor = args.lr if lr_on_device else table.counters
     factor = (table.counters if args.grad_factor is None
-              else args.grad_factor.to(p0.device, non_blocking=True))
+              else args.grad_factor.to(device, non_blocking=True))
     b1, b2, b3 = args.betas
-    sr_param = args.stochastic_param and real_view(p0).dtype == torch.bfloat16
+    sr_param = args.stochastic_param and p_dtype == torch.bfloat16
     random = args.fmt in ("bf16", "int8") or sr_param
     # At least 2**31, so that Triton always passes it as a 64-bit integer (one compiled kernel).
     seed = 2**31 + (int(torch.randint(0, 2**62, ())) if random else 0)
@@ -387,8 +386,8 @@ def _launch(params: list[Tensor], grads: list[Tensor], states: list[dict[str, An
         table.table, table.tiles, table.counters, factor, lr_tensor, seed,
         0.0 if lr_on_device else float(args.lr), b1, 1 - b1, b2, 1 - b2, b3, 1 - b3,
         log_beta(b1), log_beta(b2), log_beta(b3), args.eps, args.weight_decay,
-        P_DT=_TL_DTYPES[real_view(p0).dtype], G_DT=_TL_DTYPES[real_view(g0).dtype],
-        S_DT=_TL_DTYPES[state_dtype], STEP_DT=_TL_DTYPES[s0["step"].dtype],
+        P_DT=_TL_DTYPES[p_dtype], G_DT=_TL_DTYPES[g_dtype], S_DT=_TL_DTYPES[state_dtype],
+        STEP_DT=_TL_DTYPES[step_dtype],
         FMT=_FORMATS[args.fmt], NO_PROX=args.no_prox, MAXIMIZE=args.maximize,
         HAS_FACTOR=args.grad_factor is not None, LR_ON_DEVICE=lr_on_device,
         SR_PARAM=sr_param, RANDOM=random,
@@ -407,12 +406,16 @@ def triton_adan(
     """
     cache = args.cache if args.cache is not None else {}
     groups = cache.get("groups")
-    if groups is None or sum(len(index) for index in groups) != len(params):
+    if groups is None or sum(len(index) for _, index in groups) != len(params):
         by_signature: dict[tuple[Any, ...], list[int]] = {}
         for i, (p, g, s) in enumerate(zip(params, grads, states, strict=True)):
-            by_signature.setdefault((p.dtype, g.dtype, s["exp_avg"].dtype, s["step"].dtype,
-                                     p.device), []).append(i)
-        groups = cache["groups"] = list(by_signature.values())
-    for index in groups:
-        _launch([params[i] for i in index], [grads[i] for i in index],
-                [states[i] for i in index], args, cache)
+            signature = (real_view(p).dtype, real_view(g).dtype, real_view(s["exp_avg"]).dtype,
+                         s["step"].dtype, p.device)
+            by_signature.setdefault(signature, []).append(i)
+        groups = cache["groups"] = list(by_signature.items())
+    for signature, index in groups:
+        if len(index) == len(params):
+            _launch(params, grads, states, signature, args, cache)
+        else:
+            _launch([params[i] for i in index], [grads[i] for i in index],
+                    [states[i] for i in index], signature, args, cache)
