@@ -1,0 +1,61 @@
+"""Host time of ``Adan.step`` on the CUDA path, measured on CPU with the Triton launch stubbed.
+
+    python benchmarks/host_time.py [--clip 1.0] [--steps 300]
+
+What a step costs the host besides launching the kernel: the plan check, the gradient factor
+and the address-table check of :mod:`adan.kernels.cuda_triton`, over GPT-2's 148 tensors
+(shapes scaled down: sizes do not matter to the host). The kernel is routed to for every
+tensor and its launch replaced by a no-op, so the figure excludes Triton's own launch cost
+(measured on a GPU by ``adan bench speed --device cuda``, column ``host ms``). On a CPU the
+clipping norm also computes, so ``--clip`` overstates its host cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+
+import adan.optimizer
+from adan import Adan
+from adan.bench.speed import gpt2_shapes
+from adan.kernels import cuda_triton
+
+
+class _NoLaunch:
+    """Stands in for the Triton kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid: Any) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clip", type=float, default=0.0, help="max_grad_norm (0: none)")
+    parser.add_argument("--steps", type=int, default=300)
+    opts = parser.parse_args()
+
+    cuda_triton._adan_kernel = _NoLaunch()  # type: ignore[assignment]
+    adan.optimizer.route = lambda group, fmt, params, grads, states: [  # type: ignore[assignment]
+        (cuda_triton.triton_adan, list(range(len(params))))]
+    params = [torch.nn.Parameter(torch.zeros(min(numel, 512))) for numel in
+              (torch.Size(shape).numel() for shape in gpt2_shapes())]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = Adan(params, lr=1e-3, max_grad_norm=opts.clip)
+    for _ in range(20):
+        opt.step()
+    times = []
+    for _ in range(opts.steps):
+        start = time.perf_counter()
+        opt.step()
+        times.append(1e3 * (time.perf_counter() - start))
+    print(f"{len(params)} tensors, max_grad_norm={opts.clip}: host ms per step median "
+          f"{statistics.median(times):.3f}, min {min(times):.3f} ({opts.steps} steps)")
+
+
+if __name__ == "__main__":
+    main()
