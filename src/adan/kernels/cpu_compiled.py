@@ -41,6 +41,13 @@ PACK_MAX = 1 << 16
 SERIAL_MAX = 1 << 18
 
 
+# Inductor settings for the 8-bit format: keep intermediate values in memory once they are
+# read by a block reduction or more than once, instead of recomputing the whole update inside
+# each of the encoding's chained reductions (its default made the 8-bit step 6-8x slower).
+_INT8_OPTIONS = {"realize_reads_threshold": 1, "realize_cpu_acc_reads_threshold": 1,
+                 "realize_cpu_opcount_threshold": 4}
+
+
 @functools.cache
 def _compiled(signature: tuple[Any, ...], serial: bool) -> Callable[..., None]:
     """``tensor_step`` compiled for one signature, on a fresh code object (its own cache)."""
@@ -48,6 +55,11 @@ def _compiled(signature: tuple[Any, ...], serial: bool) -> Callable[..., None]:
     code = tensor_step.__code__.replace(co_name=name)
     fn = types.FunctionType(code, tensor_step.__globals__, name)
     options: dict[str, Any] = {"cpp.threads": 1} if serial else {}
+    if signature[0] == "int8":
+        from torch._inductor import config  # imported by torch.compile anyway
+
+        # Older torch may lack some of these settings (an unknown one would be an error).
+        options.update({k: v for k, v in _INT8_OPTIONS.items() if hasattr(config, k)})
     return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
 
