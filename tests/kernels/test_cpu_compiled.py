@@ -251,3 +251,12 @@ def test_the_recompile_limit_never_fails_a_step():
             results[fused] = p
     # the compiled and eager steps may round a float16 write differently (one ulp)
     torch.testing.assert_close(results[True], results[False], rtol=1e-2, atol=1e-3)
+
+
+def test_int8_compile_settings_exist_in_this_torch():
+    """The 8-bit signature's Inductor settings are applied only where torch knows them; on the
+    torch under test all of them must be known, or the 8-bit step silently loses its speed."""
+    from torch._inductor import config
+
+    missing = [k for k in cpu_compiled._INT8_OPTIONS if not hasattr(config, k)]
+    assert not missing, f"unknown Inductor settings on torch {torch.__version__}: {missing}"
