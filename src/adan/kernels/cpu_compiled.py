@@ -44,8 +44,9 @@ SERIAL_MAX = 1 << 18
 # Inductor settings for the 8-bit format: keep intermediate values in memory once they are
 # read by a block reduction or more than once, instead of recomputing the whole update inside
 # each of the encoding's chained reductions (its default made the 8-bit step 6-8x slower).
-_INT8_OPTIONS = {"realize_reads_threshold": 1, "realize_cpu_acc_reads_threshold": 1,
-                 "realize_cpu_opcount_threshold": 4}
+# The general (not CPU-specific) names, known to older torch too: this code runs on CPU only.
+_INT8_OPTIONS = {"realize_reads_threshold": 1, "realize_acc_reads_threshold": 1,
+                 "realize_opcount_threshold": 4}
 
 
 @functools.cache
