@@ -220,3 +220,32 @@ def test_grad_scaler_with_and_without_unscale(path, fmt, unscale_first):
         results.append(model)
     for p, q in zip(results[0].parameters(), results[1].parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("params", ["fp32", "bf16 params, fp32 state"])
+def test_a_step_without_stochastic_rounding_leaves_torchs_generator_alone(path, params):
+    """AdamW never draws from torch's generator; Adan draws only to round stochastically, so
+    swapping one for the other leaves dropout masks and data sampling as they were."""
+    model = _model()
+    kwargs = dict(PATHS[path])
+    if params != "fp32":
+        model = model.to(torch.bfloat16)
+        kwargs["state_dtype"] = "fp32"
+    opt = Adan(model.parameters(), lr=1e-2, **kwargs)
+    model(torch.randn(4, 8, dtype=next(model.parameters()).dtype)).sum().backward()
+    before = torch.get_rng_state()
+    opt.step()
+    opt.step()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_stochastic_rounding_draws_its_seed_from_torchs_generator(path):
+    """The other side: bf16 state draws (so ``torch.manual_seed`` reproduces a run)."""
+    model = _model()
+    opt = Adan(model.parameters(), lr=1e-2, state_dtype="bf16", **PATHS[path])
+    model(torch.randn(4, 8)).sum().backward()
+    before = torch.get_rng_state()
+    opt.step()
+    assert not torch.equal(torch.get_rng_state(), before)

@@ -128,10 +128,17 @@ def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor 
         p.copy_(new)
 
 
-def draw_seed() -> Tensor:
+_NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
+def draw_seed(param: Tensor, args: StepArgs) -> Tensor:
     """A seed for one tensor's stochastic rounding in one step, from torch's generator (so that
-    ``torch.manual_seed`` reproduces a run), as a 0-d int64 CPU tensor."""
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    ``torch.manual_seed`` reproduces a run), as a 0-d int64 CPU tensor; a constant where
+    nothing rounds stochastically, so that, as with AdamW, the step leaves the generator (and
+    so the user's dropout masks and sampling) untouched."""
+    if args.fmt in ("bf16", "int8") or (args.stochastic_param and param.dtype == torch.bfloat16):
+        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    return _NO_SEED
 
 
 def step_scalars(states: list[dict[str, Any]], args: StepArgs) -> tuple[bool, Scalar]:
@@ -160,5 +167,6 @@ def compact_adan(
         step: Scalar = (step_as(state["step"], p) + 1 if tensor_scalars
                         else state["step"].item() + 1)
         s = scalar_vector(step, lr, args, work_dtype(param), param.device)
-        tensor_step(p, g, buffers, metas, s, draw_seed(), args.fmt, args.stochastic_param)
+        tensor_step(p, g, buffers, metas, s, draw_seed(p, args), args.fmt,
+                    args.stochastic_param)
         state["step"] += 1

@@ -67,7 +67,7 @@ def _compiled(signature: tuple[Any, ...], serial: bool) -> Callable[..., None]:
 def _run(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None], s: Tensor,
          args: StepArgs) -> None:
     """One :func:`tensor_step` call, compiled unless compiling already or too small."""
-    seed = draw_seed()
+    seed = draw_seed(p, args)
     if torch.compiler.is_compiling() or p.numel() <= 1:
         # Sizes 0 and 1 would specialise the compiled kernel; eager is as fast for them.
         tensor_step(p, g, buffers, metas, s, seed, args.fmt, args.stochastic_param)
@@ -99,6 +99,16 @@ def cpu_compiled_adan(
         return
     tensor_scalars, lr = step_scalars(states, args)
     packs: dict[tuple[Any, ...], list[int]] = {}
+    shared: dict[tuple[Any, ...], Tensor] = {}  # one scalar vector per step count and dtype
+
+    def scalars(step: Scalar, dtype: torch.dtype, device: torch.device) -> Tensor:
+        if tensor_scalars:
+            return scalar_vector(step, lr, args, dtype, device)
+        key = (step, dtype, device)
+        if key not in shared:
+            shared[key] = scalar_vector(step, lr, args, dtype, device)
+        return shared[key]
+
     for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
         p, g, buffers, metas = tensor_views(param, grad, state)
         dense = all(t.is_contiguous() for t in (p, g, *buffers))
@@ -107,17 +117,18 @@ def cpu_compiled_adan(
             packs.setdefault(key, []).append(i)
             continue
         step: Scalar = state["step"] + 1 if tensor_scalars else state["step"].item() + 1
-        s = scalar_vector(step, lr, args, work_dtype(param), param.device)
+        s = scalars(step, work_dtype(param), param.device)
         if dense:
             _run(p, g, buffers, metas, s, args)
         else:
-            tensor_step(p, g, buffers, metas, s, draw_seed(), args.fmt, args.stochastic_param)
+            tensor_step(p, g, buffers, metas, s, draw_seed(p, args), args.fmt,
+                        args.stochastic_param)
     for (_, _, step_value), index in packs.items():
         views = [tensor_views(params[i], grads[i], states[i]) for i in index]
         lists = [[v[0] for v in views], [v[1] for v in views],
                  *([v[2][k] for v in views] for k in range(4))]
         packed = [torch.cat([x.reshape(-1) for x in ts]) for ts in lists]
-        s = scalar_vector(step_value + 1, lr, args, work_dtype(params[index[0]]), packed[0].device)
+        s = scalars(step_value + 1, work_dtype(params[index[0]]), packed[0].device)
         _run(packed[0], packed[1], packed[2:], [None] * 4, s, args)
         sizes = [t.numel() for t in lists[0]]
         for k in (0, 2, 3, 4, 5):
