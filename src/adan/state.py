@@ -94,9 +94,8 @@ def _buffer_dtype(param: Tensor, fmt: str, signed: bool) -> torch.dtype:
 def _new_buffer(param: Tensor, fmt: str, signed: bool) -> Tensor:
     if fmt == "plain":
         return torch.zeros_like(param, memory_format=torch.preserve_format)
-    real = real_view(param)
-    shape = real.shape
-    return torch.zeros(shape, dtype=_buffer_dtype(param, fmt, signed), device=param.device)
+    return torch.zeros(real_view(param).shape, dtype=_buffer_dtype(param, fmt, signed),
+                       device=param.device)
 
 
 def step_dtype() -> torch.dtype:
@@ -117,10 +116,7 @@ def init_state(param: Tensor, fmt: str) -> dict[str, Tensor]:
 
 
 def _buffer_shape(param: Tensor, fmt: str) -> tuple[int, ...]:
-    if fmt == "plain":
-        return tuple(param.shape)
-    real = real_view(param)
-    return tuple(real.shape)
+    return tuple(param.shape if fmt == "plain" else real_view(param).shape)
 
 
 def format_matches(state: dict[str, Any], param: Tensor, fmt: str) -> bool:

@@ -33,7 +33,8 @@ class StepArgs:
     ``"bf16"`` (bfloat16, stochastic rounding) or ``"int8"`` (blockwise codes).
     ``stochastic_param`` writes bfloat16 parameters with stochastic rounding. ``cache`` is a
     dict a kernel may keep data in from one step of the group to the next (the Triton kernel
-    keeps its address tables there); the optimizer empties it when it replaces state.
+    keeps its address tables there); the optimizer gives a new one whenever it re-plans the
+    group (other parameters, formats, dtypes or state).
     """
 
     lr: Scalar
@@ -53,6 +54,15 @@ class StepArgs:
     @property
     def betas(self) -> tuple[float, float, float]:
         return self.beta1, self.beta2, self.beta3
+
+    def rounds_param(self, dtype: torch.dtype) -> bool:
+        """Whether parameters of ``dtype`` are written with stochastic rounding."""
+        return self.stochastic_param and dtype == torch.bfloat16
+
+    def rounds_stochastically(self, dtype: torch.dtype) -> bool:
+        """Whether a step of parameters of ``dtype`` rounds anything stochastically (compact
+        state, or such parameters): only such a step draws from torch's generator."""
+        return self.fmt in ("bf16", "int8") or self.rounds_param(dtype)
 
 
 def skip_step(args: StepArgs) -> bool:

@@ -136,7 +136,7 @@ def draw_seed(param: Tensor, args: StepArgs) -> Tensor:
     ``torch.manual_seed`` reproduces a run), as a 0-d int64 CPU tensor; a constant where
     nothing rounds stochastically, so that, as with AdamW, the step leaves the generator (and
     so the user's dropout masks and sampling) untouched."""
-    if args.fmt in ("bf16", "int8") or (args.stochastic_param and param.dtype == torch.bfloat16):
+    if args.rounds_stochastically(param.dtype):
         return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
     return _NO_SEED
 

@@ -377,8 +377,8 @@ def _launch(params: list[Tensor], grads: list[Tensor], states: list[dict[str, An
     factor = (table.counters if args.grad_factor is None
               else args.grad_factor.to(device, non_blocking=True))
     b1, b2, b3 = args.betas
-    sr_param = args.stochastic_param and p_dtype == torch.bfloat16
-    random = args.fmt in ("bf16", "int8") or sr_param
+    sr_param = args.rounds_param(p_dtype)
+    random = args.rounds_stochastically(p_dtype)
     # At least 2**31, so that Triton always passes it as a 64-bit integer (one compiled kernel).
     seed = 2**31 + (int(torch.randint(0, 2**62, ())) if random else 0)
     grid = (table.tiles.shape[0],)
