@@ -100,6 +100,17 @@ def run_pair(
     return tparams, ref, opt
 
 
+def step_beside_reference(p: torch.Tensor, opt: torch.optim.Optimizer, ref: ReferenceAdan,
+                          rng: np.random.Generator, steps: int, offset: float = 0.0) -> None:
+    """Step the optimizer of the single parameter ``p`` and the reference on the same
+    gradients: normal draws from ``rng`` shaped like ``p``, plus ``offset``."""
+    for _ in range(steps):
+        g = rng.normal(size=tuple(p.shape)) + offset
+        p.grad = torch.tensor(g, dtype=p.dtype, device=p.device)
+        opt.step()
+        ref.step([[g]])
+
+
 def assert_matches_reference(
     tparams: list[list[torch.Tensor]], ref: ReferenceAdan, opt: adan.Adan, rtol: float,
     atol: float,

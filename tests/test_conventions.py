@@ -11,6 +11,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import step_beside_reference
 from reference import ReferenceAdan, RefGroup
 
 from adan import Adan
@@ -94,11 +95,7 @@ def test_tensor_lr_of_one_element_is_the_scalar(path, shape):
     opt = Adan([p], lr=torch.full(shape, 0.02, dtype=torch.float64), **kwargs)
     assert opt.param_groups[0]["lr"].dim() == 0
     ref = ReferenceAdan([RefGroup([start], lr=0.02)])
-    for _ in range(3):
-        g = rng.normal(size=(30,))
-        p.grad = torch.tensor(g)
-        opt.step()
-        ref.step([[g]])
+    step_beside_reference(p, opt, ref, rng, 3)
     np.testing.assert_allclose(p.numpy(), ref.groups[0].params[0], rtol=1e-12, atol=1e-12)
 
 

@@ -14,6 +14,7 @@ from conftest import (
     gradients,
     initial_params,
     run_pair,
+    step_beside_reference,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -80,11 +81,7 @@ def test_property_random_hyperparameters(b1, b2, b3, lr, eps, wd, no_prox, maxim
                maximize=maximize, max_grad_norm=clip, foreach=foreach)
     ref = ReferenceAdan([RefGroup([p0], lr=lr, betas=(b1, b2, b3), eps=eps, weight_decay=wd,
                                   no_prox=no_prox, maximize=maximize)], max_grad_norm=clip)
-    for _ in range(steps):
-        g = rng.normal(size=shape) + 0.5
-        p.grad = torch.tensor(g)
-        opt.step()
-        ref.step([[g]])
+    step_beside_reference(p, opt, ref, rng, steps, offset=0.5)
     np.testing.assert_allclose(p.numpy(), ref.groups[0].params[0], rtol=1e-10, atol=1e-12)
 
 
@@ -305,11 +302,7 @@ def test_restart_resets_moments(foreach):
     opt.restart()
     assert opt.state[p]["step"].item() == 0
     ref = ReferenceAdan([RefGroup([p.numpy().copy()], lr=0.01)])
-    for _ in range(6):
-        g = rng.normal(size=(4,))
-        p.grad = torch.tensor(g)
-        opt.step()
-        ref.step([[g]])
+    step_beside_reference(p, opt, ref, rng, 6)
     np.testing.assert_allclose(p.numpy(), ref.groups[0].params[0], rtol=1e-12, atol=1e-12)
 
 
