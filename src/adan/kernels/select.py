@@ -150,19 +150,17 @@ def route(group: dict[str, Any], fmt: str, params: list[Tensor], grads: list[Ten
         return [(eager if group["foreach"] is False else multi, everything)]
     device = params[0].device
     kind = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
-    fused = ("must" if group["fused"] else None)
-    if group["fused"] and kind is None:
-        raise RuntimeError(f"fused=True supports CPU and CUDA parameters, not {device.type}")
-    if fused is None:
-        if group["foreach"] is False:
-            return [(eager, everything)]
-        if group["foreach"] and plain:
-            return [(multi_tensor_adan, everything)]
-        if not all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params):
-            return [(eager, everything)]
-        if kind == "triton" or (kind == "cpu" and (
-                fmt != "plain" or sum(p.numel() for p in params) >= FUSED_MIN_NUMEL)):
-            fused = "may"
-    if fused is None or kind is None:
-        return [(multi, everything)]
-    return _fused(kind, multi, fused == "must", params, grads, states, fmt)
+    if group["fused"]:
+        if kind is None:
+            raise RuntimeError(f"fused=True supports CPU and CUDA parameters, not {device.type}")
+        return _fused(kind, multi, True, params, grads, states, fmt)
+    if group["foreach"] is False:
+        return [(eager, everything)]
+    if group["foreach"] and plain:
+        return [(multi_tensor_adan, everything)]
+    if not all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params):
+        return [(eager, everything)]
+    if kind == "triton" or (kind == "cpu" and (
+            fmt != "plain" or sum(p.numel() for p in params) >= FUSED_MIN_NUMEL)):
+        return _fused(kind, multi, False, params, grads, states, fmt)
+    return [(multi, everything)]
