@@ -23,20 +23,28 @@ def _where(index: int | None) -> str:
 
 
 def _check_number(name: str, value: Any, index: int | None, allowed: str,
-                  ok: Any = lambda x: x >= 0) -> None:
-    """``value`` must be a finite real number satisfying ``ok``."""
+                  ok: Any = lambda x: x >= 0) -> float:
+    """``value`` must be a finite real number satisfying ``ok``; returned as a Python float,
+    so that a NumPy scalar or an integer reaches every kernel as the same type (Triton
+    refuses NumPy scalars and would compile another variant for an integer 0 or 1)."""
     if (isinstance(value, bool) or not isinstance(value, numbers.Real)
             or not math.isfinite(value) or not ok(value)):
         raise ValueError(f"Invalid {name}{_where(index)}: {value!r} (allowed: {allowed})")
+    return float(value)
 
 
 def _check_lr(group: dict[str, Any], index: int | None, read_tensor: bool) -> None:
     """A finite number >= 0 or a 1-element tensor (kept as a 0-d view of it)."""
     lr = group["lr"]
     if not isinstance(lr, Tensor):
-        _check_number("lr", lr, index, "a finite number >= 0, or a 1-element tensor")
+        group["lr"] = _check_number("lr", lr, index, "a finite number >= 0, or a 1-element "
+                                    "tensor")
         return
-    if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
+    if lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element; lr{_where(index)} is a {lr.dtype} "
+                         f"tensor of shape {tuple(lr.shape)} (allowed: a 1-element "
+                         "floating-point tensor)")
+    if lr.is_complex() or not lr.is_floating_point():
         raise ValueError(f"Invalid lr{_where(index)}: a {lr.dtype} tensor of shape "
                          f"{tuple(lr.shape)} (allowed: a 1-element floating-point tensor)")
     if lr.dim() != 0:
@@ -57,14 +65,13 @@ def check_group(group: dict[str, Any], index: int | None = None, *,
     if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 3:
         raise ValueError(f"Invalid betas{_where(index)}: {betas!r} (allowed: 3 decay rates "
                          "(b1, b2, b3), each in [0, 1); Adan has three, AdamW two)")
-    for i, beta in enumerate(betas):
-        _check_number(f"betas[{i}]", beta, index, "a decay rate in [0, 1)",
-                      lambda b: 0 <= b < 1)
-    group["betas"] = tuple(float(b) for b in betas)
-    _check_number("eps", group["eps"], index, "a finite number >= 0")
-    _check_number("weight_decay", group["weight_decay"], index, "a finite number >= 0")
-    _check_number("max_grad_norm", group["max_grad_norm"], index,
-                  "a finite number >= 0; 0 disables clipping")
+    group["betas"] = tuple(_check_number(f"betas[{i}]", beta, index, "a decay rate in [0, 1)",
+                                         lambda b: 0 <= b < 1) for i, beta in enumerate(betas))
+    group["eps"] = _check_number("eps", group["eps"], index, "a finite number >= 0")
+    group["weight_decay"] = _check_number("weight_decay", group["weight_decay"], index,
+                                          "a finite number >= 0")
+    group["max_grad_norm"] = _check_number("max_grad_norm", group["max_grad_norm"], index,
+                                           "a finite number >= 0; 0 disables clipping")
     group["state_dtype"] = normalize_state_dtype(group["state_dtype"], _where(index))
     if group["foreach"] and group["fused"]:
         raise RuntimeError("foreach=True and fused=True cannot both be set; choose one "

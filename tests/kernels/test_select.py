@@ -40,7 +40,8 @@ def test_tensor_subclasses_take_the_single_tensor_path():
 
 
 def test_fused_true_on_another_device_type_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="fused=True supports CPU and CUDA.*meta"):
+    with pytest.raises(RuntimeError,
+                       match="fused=True cannot run here: .*CPU and CUDA.*not for meta"):
         _route(params=[torch.zeros(10, device="meta")], fused=True)
 
 
@@ -51,6 +52,8 @@ def test_triton_takes_what_it_supports_and_routes_the_rest():
 
     params = [torch.zeros(8), torch.zeros(8, dtype=torch.float64), torch.zeros(4, 3).t(),
               torch.zeros(5, dtype=torch.bfloat16)]
+    group = dict(no_prox=False, maximize=False, max_grad_norm=0.0, lr=0.01,
+                 stochastic_param_rounding=False)
     got = select._fused("triton", foreach.multi_tensor_adan, True, params, params,
-                        [None] * 4, "plain")
+                        [None] * 4, "plain", group)
     assert got == [(cuda_triton.triton_adan, [0, 3]), (foreach.multi_tensor_adan, [1, 2])]
