@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import chain, repeat
+from operator import attrgetter, is_not
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -29,6 +31,8 @@ from adan.distributed import (
 from adan.kernels.common import StepArgs, real_view
 from adan.kernels.select import Kernel, route
 from adan.state import (
+    StateMap,
+    add_seed,
     check_saved_state,
     convert_state,
     format_matches,
@@ -42,6 +46,8 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["Adan"]
+
+_grad, _dtype, _shape, _layout = (attrgetter(a) for a in ("grad", "dtype", "shape", "layout"))
 
 
 class Adan(Optimizer):
@@ -125,6 +131,9 @@ class Adan(Optimizer):
         check_grad_norm_group(grad_norm_group)
         self._grad_norm_group = grad_norm_group
         self._plans: dict[int, _Plan] = {}
+        # What the plans' keys name by identity, kept alive so that no new object takes over
+        # one of their ids.
+        self._state_refs: list[Any] = []
         self._skips: Tensor | None = None
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, no_prox=no_prox,
@@ -134,6 +143,7 @@ class Adan(Optimizer):
         )
         check_group(defaults)
         super().__init__(params, defaults)
+        self.state = StateMap(self.state)
         # As torch's optimizers: only fused=True claims to unscale inside the step. GradScaler
         # then hands over grad_scale/found_inf; otherwise it unscales .grad itself, which keeps
         # clipping after ``scaler.unscale_`` (e.g. Lightning's gradient_clip_val) available.
@@ -141,8 +151,10 @@ class Adan(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__["state"] = StateMap(self.state)
         self.__dict__.setdefault("_grad_norm_group", None)
         self.__dict__["_plans"] = {}
+        self.__dict__["_state_refs"] = []
         self.__dict__.setdefault("_skips", None)
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -172,7 +184,8 @@ class Adan(Optimizer):
                     f"Invalid max_grad_norm in param group {index}: {merged['max_grad_norm']!r}"
                     f" (allowed: {first!r}, as in every other group: clipping scales all "
                     "gradients by one global norm)")
-        param_group.update({k: merged[k] for k in ("lr", "betas", "state_dtype")})
+        param_group.update({k: merged[k] for k in ("lr", "betas", "eps", "weight_decay",
+                                                  "max_grad_norm", "state_dtype")})
         super().add_param_group(param_group)
         self._plans.clear()
 
@@ -185,8 +198,8 @@ class Adan(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for index, param in enumerate(params):
             if index in state_dict["state"]:
-                state_dict["state"][index] = dequantize_for_saving(state_dict["state"][index],
-                                                                   param)
+                state_dict["state"][index] = dict(dequantize_for_saving(
+                    state_dict["state"][index], param))
         return state_dict
 
     @torch._disable_dynamo
@@ -260,6 +273,8 @@ class Adan(Optimizer):
         entry = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in saved.items()}
         entry["step"] = torch.as_tensor(step.item() if isinstance(step, Tensor) else step,
                                         dtype=step_dtype()).to(device).reshape(())
+        if "seed" in entry:
+            entry["seed"] = entry["seed"].reshape(())
         fmt = storage_format(param, group["state_dtype"])
         if "prev_grad" not in entry:  # a state saved at step 0 (e.g. after restart())
             entry["prev_grad"] = torch.zeros_like(real_view(param), dtype=torch.float32)
@@ -280,8 +295,8 @@ class Adan(Optimizer):
         Buffers are zeroed in place, so their memory (and any CUDA graph capturing them) stays.
         """
         for state in self.state.values():
-            for value in state.values():
-                if isinstance(value, Tensor):
+            for key, value in state.items():
+                if isinstance(value, Tensor) and key != "seed":
                     value.zero_()
 
     def _grad_factor(self, grad_scale: Tensor | None, found_inf: Tensor | None
@@ -356,9 +371,10 @@ class Adan(Optimizer):
             out.append((p, p.grad, fmt))
         return out
 
-    def _prepare_state(self, param: Tensor, fmt: str) -> dict[str, Any]:
+    def _prepare_state(self, param: Tensor, fmt: str, group: dict[str, Any]) -> dict[str, Any]:
         """``param``'s state in format ``fmt``: created on first use, converted if the group's
-        ``state_dtype`` (or the parameter's dtype) changed since the last step."""
+        ``state_dtype`` (or the parameter's dtype) changed since the last step, and given
+        its seed once it rounds stochastically."""
         state = self.state[param]
         if "step" not in state:
             state.update(init_sharded_state(param, fmt) if is_dtensor(param)
@@ -367,33 +383,46 @@ class Adan(Optimizer):
             if fmt == "int8":
                 localize(state, param)
             convert_state(state, param, fmt)
+        if fmt in ("bf16", "int8") or (group["stochastic_param_rounding"]
+                                       and real_view(param).dtype == torch.bfloat16):
+            add_seed(state, state["step"].device)
         return state
 
-    def _step_key(self, group: dict[str, Any]) -> list[Any] | None:
-        """What a group's cached plan depends on, read cheaply at every step: the settings that
-        pick kernels and formats and, per parameter with a gradient, the identity of it and
-        of its state (and first buffer), and the dtypes, shape and layout of it and its
-        gradient. Addresses are not part of it: the kernels follow them at every step. None
-        where no plan is cached (a step traced by torch.compile, a sparse gradient).
-        Replacing a state buffer object other than ``exp_avg`` goes unseen: state is
-        replaced through ``load_state_dict``, or whole."""
+    def _step_key(self, group: dict[str, Any], states: list[int]) -> list[Any] | None:
+        """What a group's cached plan depends on, read cheaply at every step (C-level maps,
+        no Python code per tensor): the settings that pick kernels and formats; which
+        parameters have gradients, and the dtypes, shapes and layout of their gradients;
+        and ``states`` (:meth:`_states_key`). A parameter's dtype, shape or layout cannot
+        change without its gradient's changing too (torch checks what ``.grad`` takes, and
+        autograd lays gradients out like their parameters). Addresses are not part of it:
+        the kernels follow them at every step. None where no plan is cached (a step traced
+        by torch.compile, a sparse gradient)."""
         if torch.compiler.is_compiling():
             return None
-        get_state = self.state.get
-        strided = torch.strided
-        key: list[Any] = [group["state_dtype"], group["foreach"], group["fused"],
-                          group["differentiable"], group["stochastic_param_rounding"],
-                          group["capturable"]]
-        add = key.extend  # one flat list: cheaper to build and compare than one tuple each
-        for p in group["params"]:
-            g = p.grad
-            if g is not None:
-                if g.layout is not strided:
-                    return None
-                s = get_state(p)
-                add((id(p), p.dtype, p.is_contiguous(), g.dtype, g.shape, g.is_contiguous(),
-                     id(s), s and id(s.get("exp_avg"))))
-        return key
+        params = group["params"]
+        grads = list(map(_grad, params))
+        if not all(map(is_not, grads, repeat(None))):
+            params = [p for p, g in zip(params, grads, strict=True) if g is not None]
+            grads = [g for g in grads if g is not None]
+        if any(layout is not torch.strided for layout in map(_layout, grads)):
+            return None
+        return [group["state_dtype"], group["foreach"], group["fused"], group["differentiable"],
+                group["stochastic_param_rounding"], group["capturable"], *map(id, params),
+                *map(_dtype, grads), *map(_shape, grads), *map(Tensor.is_contiguous, grads),
+                *states]
+
+    def _states_key(self) -> list[int]:
+        """What the plans depend on in ``self.state``: a state dict, buffer or step count
+        replaced by a new object renews the plans, so that no kernel goes on writing the
+        orphaned one. The change count of :class:`adan.state.StateMap`; where someone put
+        a plain dict into the map (or replaced it), the identities of every parameter with
+        state, of its state dict and of every tensor in it."""
+        state = self.state
+        if type(state) is StateMap and not state.untracked:
+            return [state.changes[0]]
+        states = list(state.values())
+        return [-1, *map(id, state), *map(id, states),
+                *map(id, chain.from_iterable(map(dict.values, states)))]
 
     def _route(self, group: dict[str, Any], checked: list[tuple[Tensor, Tensor, str]]
                ) -> list[tuple[Kernel, str, list[int]]]:
@@ -423,15 +452,13 @@ class Adan(Optimizer):
         keep their kernel calls as a plan."""
         local: list[tuple[Tensor, dict[str, Any]]] = []
         for param, grad, fmt in checked:
-            p, _, state = local_views(param, grad, self._prepare_state(param, fmt))
+            p, _, state = local_views(param, grad, self._prepare_state(param, fmt, group))
             local.append((p, state))
         calls = [_Call(kernel, fmt, members, [local[m][0] for m in members],
                        [local[m][1] for m in members], {})
                  for kernel, fmt, members in routes]
-        sharded = any(is_dtensor(p) for p, _, _ in checked)
-        return _Plan(key=None if sharded else self._step_key(group),
-                     params=[p for p, _, _ in checked], calls=calls,
-                     refs=[(s, s.get("exp_avg")) for c in calls for s in c.states])
+        return _Plan(key=None, params=[p for p, _, _ in checked], calls=calls,
+                     sharded=any(is_dtensor(p) for p, _, _ in checked))
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -448,7 +475,8 @@ class Adan(Optimizer):
                 loss = closure()
         self._check_step_groups()
         groups = self.param_groups
-        keys = [self._step_key(group) for group in groups]
+        states = self._states_key()
+        keys = [self._step_key(group, states) for group in groups]
         stale = [i for i, key in enumerate(keys)
                  if key is None or getattr(self._plans.get(i), "key", None) != key]
         checked = {i: self._collect(groups[i], i) for i in stale}
@@ -457,6 +485,13 @@ class Adan(Optimizer):
                                         getattr(self, "found_inf", None))
         for i in stale:
             self._plans[i] = self._plan(groups[i], checked[i], routes[i])
+        if stale:  # the new plans' keys, and the others' with the states as they now are
+            states = self._states_key()
+            self._state_refs = [*self.state.values(),
+                                *chain.from_iterable(map(dict.values, self.state.values()))]
+            for i, plan in self._plans.items():
+                if i < len(groups):
+                    plan.key = None if plan.sharded else self._step_key(groups[i], states)
         for i, group in enumerate(groups):
             plan = self._plans[i]
             beta1, beta2, beta3 = group["betas"]
@@ -491,10 +526,9 @@ class _Call:
 @dataclass
 class _Plan:
     """A group's checked parameters and kernel calls, valid while ``key`` still holds (see
-    ``Adan._step_key``). ``refs`` keeps the states and buffers that the key names by
-    identity alive, so that no new object can take over one of their ids."""
+    ``Adan._step_key``; None: re-planned at every step, as DTensor parameters are)."""
 
     key: list[Any] | None
     params: list[Tensor]
     calls: list[_Call]
-    refs: list[Any] = field(default_factory=list)
+    sharded: bool = False

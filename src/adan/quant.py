@@ -102,14 +102,12 @@ def quantize_blockwise_flat(
     rest = torch.where(is_top | torch.isinf(mag), 0.0, mag)
     # Rounded to float32 first, so that decoding scales by exactly what encoding divided by.
     scale = rest.amax(dim=1, keepdim=True).float().to(rest.dtype)
-    t = (rest / torch.where(scale > 0, scale, 1.0)).clamp(max=1.0)
-    root = torch.exp(torch.log(t.clamp(min=1e-30)) / 3) if power == 3 else t.sqrt().sqrt()
-    lower = torch.floor(root * levels).clamp(0, levels - 1)
-    lo = _power(lower / levels, power)
-    hi = _power((lower + 1) / levels, power)
-    frac = ((t - lo) / (hi - lo)).clamp(0.0, 1.0)
+    t = (rest * (1 / torch.where(scale > 0, scale, 1.0))).clamp(max=1.0)
+    lower = code_below(t, signed)
+    lo, hi = code_value(lower, signed), code_value(lower + 1, signed)
+    # Up with probability (t - lo) / (hi - lo), or to the nearer code without noise.
     threshold = _blocks(noise.reshape(-1).to(t.dtype)) if noise is not None else 0.5
-    k = lower + (frac > threshold).to(lower.dtype)
+    k = lower + (t - lo > threshold * (hi - lo)).to(lower.dtype)
     rows = num_blocks(numel)
     meta = torch.cat([scale, top, top_pos.to(scale.dtype)], dim=1).reshape(-1)[: rows * META]
     meta = meta.float()
@@ -118,14 +116,39 @@ def quantize_blockwise_flat(
     return k.reshape(-1)[:numel].to(torch.uint8), meta
 
 
+def code_value(k: Tensor, signed: bool) -> Tensor:
+    """The value of code ``k`` (as a float tensor) relative to its block's scale:
+    ``(k/127)**3`` or ``(k/255)**4``. Multiplications only (no division, no power function),
+    so that every path, compiled or not and the Triton kernel too, computes the same bits."""
+    levels, power = code_levels(signed)
+    return _power(k * (1 / levels), power)
+
+
+def code_below(t: Tensor, signed: bool) -> Tensor:
+    """The largest code ``k < levels`` whose value is at most ``t`` (in ``[0, 1]``).
+
+    A root (a cube root from exp2/log2, or two square roots) estimates it to within one code
+    whatever its rounding, and one comparison with the neighbouring code values corrects
+    that estimate exactly, so the result does not depend on how a path computes the root.
+    """
+    levels, power = code_levels(signed)
+    if power == 3:
+        root = torch.exp2(torch.log2(t.clamp(min=1e-30)) * (1 / 3))
+    else:
+        root = t.sqrt().sqrt()
+    k = torch.floor(root * levels).clamp(0, levels - 1)
+    k = k - (t < code_value(k, signed)).to(k.dtype)
+    k = k + (t >= code_value(k + 1, signed)).to(k.dtype)
+    return k.clamp(0, levels - 1)
+
+
 def dequantize_blockwise(
     codes: Tensor, meta: Tensor, shape: torch.Size | tuple[int, ...], *, signed: bool,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Decode ``(codes, meta)`` from :func:`quantize_blockwise` into a tensor of ``shape``
     (``meta`` as rows or flat)."""
-    levels, power = code_levels(signed)
-    values = _power(_blocks(codes.reshape(-1).to(dtype)) / levels, power)
+    values = code_value(_blocks(codes.reshape(-1).to(dtype)), signed)
     meta = F.pad(meta.reshape(-1).to(dtype), (0, META)).view(-1, META)  # _blocks' extra row
     column = torch.arange(BLOCK, device=codes.device)
     values = torch.where(column == meta[:, 2:3], meta[:, 1:2], values * meta[:, 0:1])

@@ -10,12 +10,19 @@ one of these formats (:func:`storage_format` picks it from the group's ``state_d
 * ``"int8"``: blockwise 8-bit codes (:mod:`adan.quant`) shaped like the parameter's real
   view, with a flat ``<buffer>_meta`` float32 tensor of 3 numbers per block (blocks run
   over the flattened codes).
+
+State that rounds stochastically (``"bf16"``, ``"int8"``, or a bfloat16 parameter written
+with stochastic rounding) also keeps ``seed``, a 0-d int64 tensor drawn once from torch's
+generator when that state is created and saved with it: the rounding noise of a step is a
+function of (seed, step count, element) alone, so every path draws the same noise, a resumed
+run rounds as the uninterrupted one, and a step draws nothing from torch's generator.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -115,6 +122,14 @@ def init_state(param: Tensor, fmt: str) -> dict[str, Tensor]:
     return state
 
 
+def add_seed(state: dict[str, Any], device: torch.device) -> None:
+    """Give ``state`` its stochastic-rounding seed, drawn from torch's (CPU) generator once,
+    so that ``torch.manual_seed`` reproduces a run; kept if it has one."""
+    if "seed" not in state:
+        value = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+        state["seed"] = torch.full((), value, dtype=torch.int64, device=device)
+
+
 def _buffer_shape(param: Tensor, fmt: str) -> tuple[int, ...]:
     return tuple(param.shape if fmt == "plain" else real_view(param).shape)
 
@@ -198,7 +213,7 @@ def convert_state(state: dict[str, Any], param: Tensor, fmt: str) -> None:
 def state_bytes(states: list[dict[str, Any]]) -> int:
     """Bytes held by the buffers of the given per-parameter states (the step count excluded)."""
     return sum(v.numel() * v.element_size() for s in states for k, v in s.items()
-               if k != "step" and isinstance(v, Tensor))
+               if k not in ("step", "seed") and isinstance(v, Tensor))
 
 
 def _as_step(value: Any) -> float | None:
@@ -231,6 +246,11 @@ def check_saved_state(saved: Any, param: Tensor) -> str | None:
     step = _as_step(saved["step"])
     if step is None:
         return f"its 'step' is {saved['step']!r}, not a finite count >= 0"
+    seed = saved.get("seed")
+    if seed is not None and not (
+            isinstance(seed, Tensor) and seed.numel() == 1 and seed.dtype == torch.int64):
+        return (f"its 'seed' is {seed!r}; the stochastic-rounding seed is a 1-element int64 "
+                "tensor")
     wanted = list(BUFFER_KEYS if step > 0 else BUFFER_KEYS[:3])
     missing = [k for k in wanted if k not in saved]
     if missing:
@@ -262,3 +282,98 @@ def check_saved_state(saved: Any, param: Tensor) -> str | None:
             return (f"its {key} has shape {tuple(value.shape)} but the parameter has shape "
                     f"{tuple(param.shape)}")
     return None
+
+
+_MISSING = object()
+
+
+class _CountsRemovals:
+    """Removals that count in ``self.changes`` (mixed into the two dicts below)."""
+
+    __slots__ = ()
+    changes: list[int]
+
+    def __delitem__(self, key: Any) -> None:
+        self.changes[0] += 1
+        super().__delitem__(key)  # type: ignore[misc]
+
+    def pop(self, *args: Any) -> Any:
+        self.changes[0] += 1
+        return super().pop(*args)  # type: ignore[misc]
+
+    def popitem(self) -> Any:
+        self.changes[0] += 1
+        return super().popitem()  # type: ignore[misc]
+
+    def clear(self) -> None:
+        self.changes[0] += 1
+        super().clear()  # type: ignore[misc]
+
+
+class TrackedState(_CountsRemovals, dict):
+    """One parameter's state dict that counts, in its map's ``changes``, every change of the
+    objects it holds (not in-place writes into them), so that the optimizer can tell at no
+    cost per tensor whether a cached step plan (which holds addresses) is still valid.
+    Pickled, saved and deep-copied as a plain dict."""
+
+    __slots__ = ("changes",)
+
+    def __init__(self, changes: list[int], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.changes = changes
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self.get(key, _MISSING) is not value:  # ``state["step"] += 1`` changes nothing
+            self.changes[0] += 1
+        super().__setitem__(key, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.changes[0] += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.changes[0] += 1
+        return super().setdefault(key, default)
+
+    def __ior__(self, other: Any) -> TrackedState:  # type: ignore[misc]
+        self.update(other)
+        return self
+
+    def __reduce__(self) -> Any:
+        return dict, (dict(self),)
+
+
+class StateMap(_CountsRemovals, defaultdict):
+    """The optimizer's ``state`` (a ``defaultdict(dict)``, as torch's): parameters' states are
+    :class:`TrackedState` dicts sharing one change count. A plain dict stored into it keeps
+    working (it is not copied) but marks the map ``untracked``: the optimizer then checks
+    every state's contents at each step instead of the count."""
+
+    def __init__(self, items: Any = ()) -> None:
+        super().__init__(None)
+        self.changes = [0]
+        self.untracked = False
+        self.default_factory = self._new
+        for key, value in dict(items).items():
+            self[key] = TrackedState(self.changes, value) if type(value) is dict else value
+
+    def _new(self) -> TrackedState:
+        return TrackedState(self.changes)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.changes[0] += 1
+        if not (isinstance(value, TrackedState) and value.changes is self.changes):
+            self.untracked = True
+        super().__setitem__(key, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __reduce__(self) -> Any:
+        return defaultdict, (dict,), None, None, iter(self.items())

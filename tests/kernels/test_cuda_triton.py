@@ -39,7 +39,7 @@ def device(request, monkeypatch):
     def triton_route(group, fmt, params, grads, states):
         plain = fmt == "plain" and not group["stochastic_param_rounding"]
         fallback = select.multi_tensor_adan if plain else select.compact_adan
-        return select._fused("triton", fallback, True, params, grads, states, fmt)
+        return select._fused("triton", fallback, True, params, grads, states, fmt, group)
 
     monkeypatch.setattr(adan.optimizer, "route", triton_route)
     return request.param
@@ -294,10 +294,15 @@ def test_no_host_synchronisation_in_any_option_combination(dtype, fmt):
 
 
 @needs_cuda
-@pytest.mark.parametrize("fmt", [None, "int8"])
-def test_cuda_graph_capture_equals_eager(fmt):
+@pytest.mark.parametrize("fmt", [None, "bf16", "int8"])
+@pytest.mark.parametrize("grads_in_capture", [False, True])
+def test_cuda_graph_capture_equals_eager(fmt, grads_in_capture):
     """A whole training step, opt.step() included, captured once and replayed, with the lr
-    scheduler writing a tensor lr between replays."""
+    scheduler writing a tensor lr between replays. With ``grads_in_capture`` the gradients
+    are set to None before capture, as torch's whole-network recipe does, so they are
+    allocated (and the kernel's addresses sent) inside the capture. Compact state rounds
+    with fresh noise at every replay (from the seed and the device's step count), so replay
+    equals eager."""
     torch.manual_seed(0)
     data = [(torch.randn(64, 16, device="cuda"), torch.randn(64, 4, device="cuda"))
             for _ in range(6)]
@@ -310,17 +315,18 @@ def test_cuda_graph_capture_equals_eager(fmt):
                    max_grad_norm=1.0, state_dtype=fmt)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
         sx, sy = data[0][0].clone(), data[0][1].clone()
-        if graphed:
+        if graphed:  # one real step on a side stream; the capture itself runs nothing
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 _train_step(model, opt, sx, sy)
             torch.cuda.current_stream().wait_stream(stream)
+            if grads_in_capture:
+                opt.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 _train_step(model, opt, sx, sy)
         else:
-            _train_step(model, opt, sx, sy)
             _train_step(model, opt, sx, sy)
         sched.step()
         for x, y in data[1:]:
@@ -329,7 +335,8 @@ def test_cuda_graph_capture_equals_eager(fmt):
             graph.replay() if graphed else _train_step(model, opt, sx, sy)
             sched.step()
         torch.cuda.synchronize()
-        results.append([p.detach().clone() for p in model.parameters()])
+        results.append([t.detach().clone() for p in model.parameters()
+                        for t in (p, *opt.state[p].values())])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -344,3 +351,92 @@ def test_a_tensor_of_more_than_2_31_elements():
     Adan([p], lr=2.0**-6).step()  # step 1 with d = 0: u = sign(g), so p = -lr * sign(g)
     assert p[0].item() == -(2.0**-6) and p[2**31 + 1].item() == -(2.0**-6)
     assert p[-1].item() == 2.0**-6
+
+
+# --- the same bits as the CPU paths, and a table that follows its tensors -------------------
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", None])
+def test_same_bits_as_the_cpu_compact_path(device, fmt):
+    """Under the interpreter the kernel computes what adan.kernels.compact computes, rounding
+    noise included (a function of seed, step and element alone), with clipping."""
+    results = []
+    for kernel in ("triton", "cpu"):
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(1)
+        shapes = [(BLOCK + 300,), (7, 33), (1,)]
+        params = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes]
+        kwargs = dict(lr=0.01, weight_decay=0.02, max_grad_norm=5.0, state_dtype=fmt,
+                      stochastic_param_rounding=True)
+        if kernel == "triton":
+            params = [p.to(device) for p in params]
+            opt = Adan(params, **kwargs)
+        else:
+            opt = Adan(params, foreach=False, **kwargs)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype).to(p.device)
+            opt.step()
+        results.append([t.cpu() for p in params for t in (p, *opt.state[p].values())])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_replaced_state_tensors_are_followed(device):
+    """A state tensor replaced between steps (some libraries assign new ones) is the one the
+    kernel updates: the plan is renewed, never writing the old, orphaned tensor."""
+    p = torch.zeros(300, device=device)
+    opt = Adan([p], lr=0.01)
+    for _ in range(2):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    old = opt.state[p]["step"]
+    opt.state[p]["step"] = torch.full_like(old, 10.0)
+    opt.state[p]["exp_avg_sq"] = opt.state[p]["exp_avg_sq"].clone()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert old.item() == 2.0 and opt.state[p]["step"].item() == 11.0
+
+
+def test_a_steady_loop_builds_its_table_once(device, monkeypatch):
+    """zero_grad(set_to_none=True) gives new gradients at every step: only their addresses
+    travel, the table is built once."""
+    builds = []
+    build = cuda_triton._build
+    monkeypatch.setattr(cuda_triton, "_build", lambda *a: builds.append(1) or build(*a))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 2)).to(device)
+    opt = Adan(model.parameters(), lr=0.01)
+    x = torch.randn(4, 8, device=device)
+    for _ in range(6):
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        opt.step()
+    assert len(builds) == 1
+
+
+def test_misaligned_tensors_launch_apart(device):
+    """A gradient that is a view at an odd offset into a flat buffer (DDP's bucket views)
+    goes to a launch of its own; the aligned ones keep 16-byte accesses."""
+    params = [torch.zeros(BLOCK + 4, device=device), torch.zeros(40, device=device)]
+    flat = torch.ones(BLOCK + 4 + 41, device=device)
+    opt = Adan(params, lr=0.01)
+    params[0].grad = flat[: BLOCK + 4]
+    params[1].grad = flat[BLOCK + 5:]  # 4 * (BLOCK + 5) bytes in: not 16-byte aligned
+    opt.step()
+    plan = opt._plans[0].calls[0].cache["plan"]
+    assert sorted(part.signature[-1] for part in plan.parts) == [False, True]
+    assert all(torch.all(p == -0.01) for p in params)  # step 1: p = -lr * sign(g)
+
+
+def test_numpy_scalar_hyperparameters(device):
+    """NumPy scalars (and integers) are normalised to Python floats where they are checked;
+    Triton refuses NumPy scalars as kernel arguments."""
+    p = torch.zeros(50, device=device)
+    opt = Adan([p], lr=np.float32(0.01), eps=np.float32(1e-8), weight_decay=np.float64(0.1),
+               betas=(np.float32(0.98), 0.92, 0.99), max_grad_norm=np.int64(0))
+    group = opt.param_groups[0]
+    assert all(type(group[k]) is float for k in ("lr", "eps", "weight_decay", "max_grad_norm"))
+    assert all(type(b) is float for b in group["betas"])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    torch.testing.assert_close(p, torch.full_like(p, -0.01 / 1.001))

@@ -10,6 +10,7 @@ param group that have gradients, their gradients, their state dicts (``step``, `
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,10 +66,44 @@ class StepArgs:
         return self.fmt in ("bf16", "int8") or self.rounds_param(dtype)
 
 
-def skip_step(args: StepArgs) -> bool:
-    """Whether the step must be skipped: a non-finite gradient factor (GradScaler found an
-    overflow, or the clipping norm is inf/NaN). Eager kernels read it on the host."""
-    return args.grad_factor is not None and not bool(torch.isfinite(args.grad_factor))
+def step_decision(args: StepArgs) -> bool | Tensor:
+    """Whether the step runs: a non-finite gradient factor (GradScaler found an overflow, or
+    the clipping norm is inf/NaN) skips it. ``True`` without a factor; a factor on the CPU
+    is read (no synchronisation) outside ``torch.compile``; otherwise a 0-d bool tensor that
+    the kernel applies on the device (no host synchronisation, and it steps on ``meta``)."""
+    factor = args.grad_factor
+    if factor is None:
+        return True
+    finite = torch.isfinite(factor)
+    if factor.is_cpu and not torch.compiler.is_compiling():
+        return bool(finite)
+    return finite
+
+
+def keep_if_skipped(tensors: list[Tensor], go: bool | Tensor) -> Callable[[], None]:
+    """For an in-place step whose skip is decided on the device: copies of ``tensors`` now,
+    and a function that, called after the step, puts them back where ``go`` is false (a
+    temporary copy of what the step writes; eager paths only, the fused kernels select as
+    they store)."""
+    if not isinstance(go, Tensor):
+        return lambda: None
+    before = [t.clone() for t in tensors]
+
+    def restore() -> None:
+        for t, old in zip(tensors, before, strict=True):
+            t.copy_(torch.where(go.to(t.device), t, old))
+
+    return restore
+
+
+def count_step(state: dict[str, Any], go: bool | Tensor) -> None:
+    """Advance a state's step count, unless ``go`` (from :func:`step_decision`) says the step
+    was skipped on the device."""
+    if go is True:
+        state["step"] += 1
+    else:
+        state["step"] += torch.as_tensor(go, device=state["step"].device).to(
+            state["step"].dtype)
 
 
 def use_tensor_scalars(capturable: bool, steps: list[Tensor]) -> bool:
@@ -100,16 +135,21 @@ def log_beta(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The dtype step-dependent scalars are computed in: float64 (float32 on MPS, which has
+    no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def bias_correction(beta: float, step: Scalar) -> Scalar:
     """``1 - beta**step``, accurate for betas near 1: ``-expm1(step * log(beta))`` in float64.
 
     (``1 - beta**k`` in float32 is 0.7 % off at ``beta = 1 - 1e-6`` and 0 at ``1 - 1e-8``.)
-    A tensor step gives a tensor in the step's floating dtype (at least float32).
+    A tensor step gives a float64 tensor (:func:`wide_dtype`), to be rounded once by the
+    caller after the rest of its scalar arithmetic.
     """
     if isinstance(step, Tensor):
-        wide = torch.float32 if step.device.type == "mps" else torch.float64  # MPS has no fp64
-        out = -torch.expm1(step.to(wide) * log_beta(beta))
-        return out.to(torch.promote_types(step.dtype, torch.float32))
+        return -torch.expm1(step.to(wide_dtype(step.device)) * log_beta(beta))
     return -math.expm1(step * log_beta(beta))
 
 

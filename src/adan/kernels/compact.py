@@ -25,25 +25,31 @@ from adan.kernels.common import (
     Scalar,
     StepArgs,
     bias_corrections,
+    count_step,
     real_view,
     scalars_and_lr,
-    skip_step,
     step_as,
+    step_decision,
     use_tensor_scalars,
+    wide_dtype,
 )
 from adan.quant import dequantize_blockwise, quantize_blockwise_flat, round_to_bf16
 from adan.state import work_dtype
 
 # Positions in the scalar vector.
-(FACTOR, B1, OMB1, B2, OMB2, B3, OMB3, IBC1, B2BC2, IBC3, EPS, KEEP, LR, FIRST) = range(14)
+(FACTOR, B1, OMB1, B2, OMB2, B3, OMB3, IBC1, B2BC2, IBC3, EPS, KEEP, LR, FIRST, STEP) = range(15)
 
 
 def scalar_vector(step: Scalar, lr: Scalar, args: StepArgs, dtype: torch.dtype,
                   device: torch.device) -> Tensor:
-    """The scalars of step ``step`` (already counted) in one tensor; built without host
-    synchronisation when ``step`` or ``lr`` are tensors."""
+    """The scalars of step ``step`` (already counted) in one tensor of ``dtype``; built without
+    host synchronisation when ``step`` or ``lr`` are tensors. Every step-dependent value is
+    computed in float64 and rounded once, whether ``step`` and ``lr`` are numbers or tensors,
+    so that all paths (and the Triton kernel) see the same scalars."""
     beta1, beta2, beta3 = args.betas
     bc1, bc2, bc3_sqrt = bias_corrections(step, beta1, beta2, beta3)
+    if isinstance(lr, Tensor):
+        lr = lr.to(device=device, dtype=wide_dtype(device))
     if args.no_prox:
         keep, scale = 1 - lr * args.weight_decay, lr
     else:
@@ -51,10 +57,10 @@ def scalar_vector(step: Scalar, lr: Scalar, args: StepArgs, dtype: torch.dtype,
         scale = lr * keep
     values: list[Any] = [-1.0 if args.maximize else 1.0, beta1, 1 - beta1, beta2, 1 - beta2,
                          beta3, 1 - beta3, 1 / bc1, beta2 / bc2, 1 / bc3_sqrt, args.eps, keep,
-                         scale, step == 1]
+                         scale, step == 1, step]
     if any(isinstance(x, Tensor) for x in values):
-        out = torch.stack([torch.as_tensor(x, device=device).to(dtype).reshape(())
-                           for x in values])
+        out = torch.stack([x.to(device=device, dtype=dtype).reshape(()) if isinstance(x, Tensor)
+                           else torch.tensor(x, dtype=dtype, device=device) for x in values])
     else:
         out = torch.tensor(values, dtype=dtype, device=device)
     if args.grad_factor is not None:
@@ -64,7 +70,8 @@ def scalar_vector(step: Scalar, lr: Scalar, args: StepArgs, dtype: torch.dtype,
 
 def adan_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, n: Tensor, prev: Tensor,
                 s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One Adan step as a pure function: the new ``(p, m, v, n, prev)`` from decoded values."""
+    """One Adan step as a pure function: the new ``(p, m, v, n, prev)`` from decoded values.
+    The Triton kernel computes the same expressions in the same order."""
     g = g * s[FACTOR]
     prev = torch.where(s[FIRST] > 0, g, prev)  # g_0 := g_1
     diff = g - prev
@@ -72,44 +79,70 @@ def adan_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, n: Tensor, prev: Ten
     v = v * s[B2] + diff * s[OMB2]
     nesterov = g + diff * s[B2]
     n = n * s[B3] + nesterov * nesterov * s[OMB3]
-    denom = torch.sqrt(n) * s[IBC3] + s[EPS]
+    denom = rounded_sqrt(n) * s[IBC3] + s[EPS]
     update = (m * s[IBC1] + v * s[B2BC2]) / denom
     return p * s[KEEP] - update * s[LR], m, v, n, g
 
 
-def random_bits(like: Tensor, seed: Tensor, stream: int) -> Tensor:
-    """16 pseudo-random bits per element of ``like`` (int32 in ``[0, 65536)``): an integer hash
-    of (seed, stream, element index). Elementwise integer arithmetic, so a compiled step fuses
-    it into its one pass, where drawing from torch's generator per element would cost more than
-    the whole update; the seed (below 2**31) comes from torch's generator at every step."""
+def rounded_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` correctly rounded (as IEEE's, NumPy's and the Triton kernel's
+    ``sqrt_rn``): torch's vectorised float32 square root on CPU may be one unit off in the
+    last place, so float32 takes a float64 square root, whose rounding to float32 is exact."""
+    if x.dtype == torch.float64 or x.device.type == "mps":
+        return torch.sqrt(x)
+    return torch.sqrt(x.double()).to(x.dtype)
+
+
+_M32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B
+_GOLDEN = 0x9E3779B9
+
+
+def mix32(x: Any) -> Any:
+    """A 32-bit integer hash (two multiply-xorshift rounds) of ``x`` in ``[0, 2**32)``: a
+    Python int or an int64 tensor, with the same result (products stay below 2**63)."""
+    x = (((x >> 16) ^ x) * _MIX) & _M32
+    x = (((x >> 16) ^ x) * _MIX) & _M32
+    return (x >> 16) ^ x
+
+
+def noise_word(like: Tensor, seed: Tensor, step: Tensor, word: int) -> Tensor:
+    """A random 32-bit word per element of ``like`` (int64 in ``[0, 2**32)``), a function of
+    the tensor's seed, the step count, ``word`` and the element's index alone: the same on
+    every path, for a resumed run and for a CUDA graph's replay. Word 0 rounds ``m`` (its low
+    16 bits) and ``v`` (high), word 1 ``n`` and ``prev_grad``, word 2 the parameter.
+    Integer arithmetic only, so a compiled step fuses it into its one pass."""
+    key = seed ^ mix32(step.to(torch.int64) & _M32)
     index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
-    x = (index + seed * 40503 + stream * 0x5BD1E995) & 0xFFFFFFFF
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
-    return (((x >> 16) ^ x) & 0xFFFF).to(torch.int32)
+    return mix32((index + mix32((key + word * _GOLDEN) & _M32)) & _M32)
 
 
 def _store(buffer: Tensor, meta: Tensor | None, x: Tensor, fmt: str, signed: bool,
-           noise: Tensor | None) -> None:
+           noise: Tensor | None, go: Tensor | None) -> None:
     """Encode ``x`` into ``buffer`` (and its block ``meta``) in format ``fmt``; ``noise``
-    (:func:`random_bits`) rounds stochastically."""
+    (16 random bits per element) rounds stochastically; where ``go`` is false the old
+    contents are kept."""
     if meta is not None:
-        uniform = None if noise is None else (noise.to(x.dtype) + 0.5) / 65536
+        uniform = None if noise is None else (noise.to(x.dtype) + 0.5) * (1 / 65536)
         codes, new_meta = quantize_blockwise_flat(x, signed=signed, noise=uniform)
-        buffer.copy_(codes.view(buffer.shape))
+        codes = codes.view(buffer.shape)
+        if go is not None:
+            codes, new_meta = torch.where(go, codes, buffer), torch.where(go, new_meta, meta)
+        buffer.copy_(codes)
         meta.copy_(new_meta)
-    elif fmt == "bf16":
-        buffer.copy_(round_to_bf16(x, noise).view(buffer.shape))
-    else:
-        buffer.copy_(x.view(buffer.shape))
+        return
+    new = round_to_bf16(x, noise) if fmt == "bf16" else x
+    new = new.view(buffer.shape)
+    buffer.copy_(new if go is None else torch.where(go, new.to(buffer.dtype), buffer))
 
 
 def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None],
-                s: Tensor, seed: Tensor, fmt: str, stochastic_param: bool) -> None:
+                s: Tensor, seed: Tensor, fmt: str, stochastic_param: bool,
+                may_skip: bool) -> None:
     """One step of one parameter in place: ``p`` and ``g`` real views, the four buffers (real
-    views) with their flat 8-bit block data or None, ``s`` from
-    :func:`scalar_vector`, ``seed`` a 0-d int64 tensor for stochastic rounding
-    (:func:`draw_seed`)."""
+    views) with their flat 8-bit block data or None, ``s`` from :func:`scalar_vector`,
+    ``seed`` the state's 0-d int64 seed for stochastic rounding. With ``may_skip`` a
+    non-finite gradient factor leaves everything as it was, decided on the device."""
     work = s.dtype
     decoded = [
         dequantize_blockwise(b, meta, p.shape, signed=signed, dtype=work) if meta is not None
@@ -118,27 +151,28 @@ def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor 
     ]
     m, v, n, prev = decoded
     new, *moments = adan_update(p.to(work), g.to(work), m, v, n, prev, s)
-    stochastic = fmt in ("bf16", "int8")
-    for stream, (b, meta, x, (_, signed)) in enumerate(zip(buffers, metas, moments, BUFFERS,
-                                                           strict=True)):
-        _store(b, meta, x, fmt, signed, random_bits(x, seed, stream) if stochastic else None)
+    go = torch.isfinite(s[FACTOR]) if may_skip else None
+    compact = fmt in ("bf16", "int8")
+    words = [noise_word(p, seed, s[STEP], w) for w in range(2)] if compact else []
+    for i, (b, meta, x, (_, signed)) in enumerate(zip(buffers, metas, moments, BUFFERS,
+                                                      strict=True)):
+        bits = None
+        if compact:
+            bits = (words[i // 2] >> 16 if i % 2 else words[i // 2] & 0xFFFF).to(torch.int32)
+        _store(b, meta, x, fmt, signed, bits, go)
     if stochastic_param and p.dtype == torch.bfloat16:
-        p.copy_(round_to_bf16(new, random_bits(new, seed, 4)))
-    else:
-        p.copy_(new)
+        new = round_to_bf16(new, (noise_word(p, seed, s[STEP], 2) & 0xFFFF).to(torch.int32))
+    p.copy_(new if go is None else torch.where(go, new.to(p.dtype), p))
 
 
 _NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
-def draw_seed(param: Tensor, args: StepArgs) -> Tensor:
-    """A seed for one tensor's stochastic rounding in one step, from torch's generator (so that
-    ``torch.manual_seed`` reproduces a run), as a 0-d int64 CPU tensor; a constant where
-    nothing rounds stochastically, so that, as with AdamW, the step leaves the generator (and
-    so the user's dropout masks and sampling) untouched."""
-    if args.rounds_stochastically(param.dtype):
-        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
-    return _NO_SEED
+def seed_of(state: dict[str, Any]) -> Tensor:
+    """The state's stochastic-rounding seed (drawn when its rounding state was created and
+    saved with it), or a constant for a step that rounds nothing."""
+    seed = state.get("seed")
+    return _NO_SEED if seed is None else seed
 
 
 def step_scalars(states: list[dict[str, Any]], args: StepArgs) -> tuple[bool, Scalar]:
@@ -159,14 +193,16 @@ def compact_adan(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs
 ) -> None:
     """Apply one step to every parameter in place, one eager :func:`tensor_step` each."""
-    if skip_step(args):
+    go = step_decision(args)
+    if go is False:
         return
+    may_skip = go is not True
     tensor_scalars, lr = step_scalars(states, args)
     for param, grad, state in zip(params, grads, states, strict=True):
         p, g, buffers, metas = tensor_views(param, grad, state)
         step: Scalar = (step_as(state["step"], p) + 1 if tensor_scalars
                         else state["step"].item() + 1)
         s = scalar_vector(step, lr, args, work_dtype(param), param.device)
-        tensor_step(p, g, buffers, metas, s, draw_seed(p, args), args.fmt,
-                    args.stochastic_param)
-        state["step"] += 1
+        tensor_step(p, g, buffers, metas, s, seed_of(state), args.fmt, args.stochastic_param,
+                    may_skip)
+        count_step(state, go)

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adan.kernels.common import Scalar, StepArgs, skip_step
+from adan.kernels.common import Scalar, StepArgs, count_step, step_decision
 from adan.kernels.compact import (
-    draw_seed,
     scalar_vector,
+    seed_of,
     step_scalars,
     tensor_step,
     tensor_views,
@@ -65,25 +65,27 @@ def _compiled(signature: tuple[Any, ...], serial: bool) -> Callable[..., None]:
 
 
 def _run(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None], s: Tensor,
-         args: StepArgs) -> None:
+         seed: Tensor, args: StepArgs, may_skip: bool) -> None:
     """One :func:`tensor_step` call, compiled unless compiling already or too small."""
-    seed = draw_seed(p, args)
+    options = (args.fmt, args.stochastic_param, may_skip)
     if torch.compiler.is_compiling() or p.numel() <= 1:
         # Sizes 0 and 1 would specialise the compiled kernel; eager is as fast for them.
-        tensor_step(p, g, buffers, metas, s, seed, args.fmt, args.stochastic_param)
+        tensor_step(p, g, buffers, metas, s, seed, *options)
         return
-    flat = [t.view(-1) for t in (p, g, *buffers)]
-    signature = (args.fmt, args.stochastic_param, *(t.dtype for t in flat), s.dtype)
+    # Flat views of the data only: a parameter's own gradient (which may be of another
+    # dtype, torch's ``grad_dtype``) must not reach Dynamo.
+    flat = [t.detach().view(-1) for t in (p, g, *buffers)]
+    signature = (*options, *(t.dtype for t in flat), s.dtype)
     try:
         _compiled(signature, p.numel() < SERIAL_MAX)(flat[0], flat[1], flat[2:], metas, s,
-                                                     seed, args.fmt, args.stochastic_param)
+                                                     seed, *options)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         # Raised before the compiled code runs (nothing written): a signature's graphs differ
         # only by guards on torch's global state (e.g. the default dtype) and size classes,
         # so a process that changes them often can exhaust Dynamo's limit; never fail on it.
         _warn_once(f"adan: Dynamo's recompile limit was reached for the CPU kernel {signature}"
                    "; that signature runs eagerly (correct, slower) from now on")
-        tensor_step(p, g, buffers, metas, s, seed, args.fmt, args.stochastic_param)
+        tensor_step(p, g, buffers, metas, s, seed, *options)
 
 
 @functools.cache
@@ -95,8 +97,10 @@ def cpu_compiled_adan(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs
 ) -> None:
     """Apply one Adan step to every tensor in place, reading and writing each element once."""
-    if skip_step(args):
+    go = step_decision(args)
+    if go is False:
         return
+    may_skip = go is not True
     tensor_scalars, lr = step_scalars(states, args)
     packs: dict[tuple[Any, ...], list[int]] = {}
     shared: dict[tuple[Any, ...], Tensor] = {}  # one scalar vector per step count and dtype
@@ -112,31 +116,34 @@ def cpu_compiled_adan(
     for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
         p, g, buffers, metas = tensor_views(param, grad, state)
         dense = all(t.is_contiguous() for t in (p, g, *buffers))
-        if args.fmt == "plain" and not tensor_scalars and (p.numel() < PACK_MAX or not dense):
+        # Packed tensors share one call: not for parameters rounded stochastically, whose
+        # noise follows their own seed and element indices.
+        if (args.fmt == "plain" and not tensor_scalars and not args.rounds_param(param.dtype)
+                and (p.numel() < PACK_MAX or not dense)):
             key = (p.dtype, g.dtype, state["step"].item())
             packs.setdefault(key, []).append(i)
             continue
         step: Scalar = state["step"] + 1 if tensor_scalars else state["step"].item() + 1
         s = scalars(step, work_dtype(param), param.device)
         if dense:
-            _run(p, g, buffers, metas, s, args)
+            _run(p, g, buffers, metas, s, seed_of(state), args, may_skip)
         else:
-            tensor_step(p, g, buffers, metas, s, draw_seed(p, args), args.fmt,
-                        args.stochastic_param)
+            tensor_step(p, g, buffers, metas, s, seed_of(state), args.fmt,
+                        args.stochastic_param, may_skip)
     for (_, _, step_value), index in packs.items():
         views = [tensor_views(params[i], grads[i], states[i]) for i in index]
         lists = [[v[0] for v in views], [v[1] for v in views],
                  *([v[2][k] for v in views] for k in range(4))]
         packed = [torch.cat([x.reshape(-1) for x in ts]) for ts in lists]
         s = scalars(step_value + 1, work_dtype(params[index[0]]), packed[0].device)
-        _run(packed[0], packed[1], packed[2:], [None] * 4, s, args)
+        _run(packed[0], packed[1], packed[2:], [None] * 4, s, seed_of({}), args, may_skip)
         sizes = [t.numel() for t in lists[0]]
         for k in (0, 2, 3, 4, 5):
             torch._foreach_copy_(lists[k], [chunk.view(x.shape) for chunk, x
                                             in zip(packed[k].split(sizes), lists[k], strict=True)])
     # Counted last, so a kernel that fails to build leaves the step counts as they were.
     for state in states:
-        state["step"] += 1
+        count_step(state, go)
 
 
 def cpu_compiler_missing() -> str | None:

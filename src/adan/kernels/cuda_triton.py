@@ -4,21 +4,31 @@ The kernel walks a table of the tensors' addresses and sizes. Each program updat
 of ``BLOCK`` elements of one tensor, with the math in float32 registers, reading and writing
 every element once: param, gradient and the four state buffers, in any storage format (the
 parameter's dtype, float32, bfloat16 with stochastic rounding, or 8-bit blockwise codes whose
-blocks are tiles' rows, so each program owns its blocks and their meta rows).
+blocks are tiles' rows, so each program owns its blocks and their meta rows). It computes
+the same expressions, in the same order, as :func:`adan.kernels.compact.adan_update` and
+:mod:`adan.quant`, with the same scalars (step-dependent ones in float64, rounded once) and
+the same rounding noise, so that under Triton's interpreter it agrees with the CPU paths bit
+for bit (on a GPU, fused multiply-adds and the hardware's division differ in the last bit).
 
 Nothing reads device memory on the host. Python-float hyperparameters are kernel arguments;
-a tensor lr, the step counts, and the gradient factor (AMP unscale times clipping) are read
-by the kernel from device memory. A non-finite factor means "skip this step": no program
-writes anything, so a GradScaler overflow or a NaN clipping norm leaves params, state and
-step counts as they were without a host synchronisation. Each tensor's step count is
-advanced by the last of its programs to finish (a per-tensor completion counter), so that
-no program reads a count another has already advanced; the whole step is therefore one launch
-and can be captured in a CUDA graph.
+a tensor lr, the step counts, the seeds and the gradient factor (AMP unscale times clipping)
+are read by the kernel from device memory. A non-finite factor means "skip this step": no
+program writes anything, so a GradScaler overflow or a NaN clipping norm leaves params,
+state and step counts as they were without a host synchronisation. Each tensor's step count
+is advanced by the last of its programs to finish (a per-tensor completion counter), so that
+no program reads a count another has already advanced; the step can therefore be captured in
+a CUDA graph.
 
-The address table is cached between steps (``StepArgs.cache``) and rebuilt only when a
-parameter's or gradient's address or shape changes; the upload is one non-blocking copy from
-pinned memory. Under Triton's interpreter (``TRITON_INTERPRET=1``) the same kernel runs on
-CPU tensors, which is how CI tests it.
+A group's tensors are launched in parts: by dtypes, by alignment (a tensor whose addresses
+are not all 16-byte aligned, e.g. a view into a flat buffer, would make every tensor of its
+launch use narrow accesses) and by tile kind (full tiles without masks, then partial ones:
+one kernel with both branches needs more registers). What a part's table holds (parameters,
+state buffers, step counts, seeds, sizes) is uploaded when it is built; the gradients'
+addresses, which change at every step under ``zero_grad(set_to_none=True)``, travel in a
+small array of their own, copied without blocking. During CUDA graph capture nothing is
+allocated on the host: the copy reads a pinned buffer reserved before, which the graph keeps.
+Under Triton's interpreter (``TRITON_INTERPRET=1``) the same kernel runs on CPU tensors,
+which is how CI tests it.
 """
 
 from __future__ import annotations
@@ -40,8 +50,10 @@ BLOCK = 2048
 QBLOCK = 256
 NUM_WARPS = 8
 
-# Columns of the address table, one row per tensor: param, grad, m, v, n, prev_grad, step,
-# number of (real) elements, and the 8-bit block data of m, v, n, prev_grad (0 if none).
+# Columns of the address table, one row per tensor: param, m, v, n, prev_grad, step, number
+# of (real) elements, the 8-bit block data of m, v, n, prev_grad (0 if none), and the seed.
+# (The gradients' addresses live in an array of their own.) 12 columns keep rows 16-byte
+# aligned.
 NCOL = 12
 
 _FORMATS = {"plain": 0, "fp32": 0, "bf16": 1, "int8": 2}
@@ -51,35 +63,70 @@ _ALIGN = 16
 
 
 @triton.jit
-def _ptr(row, col: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
-    """The address in column ``col`` of a table row, as a pointer to ``DT``.
-
-    Formed as the row's own pointer plus an element offset rather than cast from the integer:
-    the compiler knows the row is 16-byte aligned (the table is, and a row is 96 bytes) and,
-    with ``ALIGNED``, that so is the offset, so it can use 16-byte loads; a pointer cast from
-    an integer would lose that and load one element at a time.
-    """
+def _ptr(base, addr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address ``addr`` as a pointer to ``DT``, formed as ``base`` (a 16-byte aligned
+    pointer: a table row or the gradients' array) plus an element offset rather than cast
+    from the integer, so that the compiler knows, with ``ALIGNED``, that it is 16-byte
+    aligned and can use 16-byte loads; a pointer cast from an integer would lose that."""
     SIZE: tl.constexpr = DT.primitive_bitwidth // 8
-    offset = (tl.load(row + col) - row.to(tl.int64, bitcast=True)) // SIZE
+    offset = (addr - base.to(tl.int64, bitcast=True)) // SIZE
     if ALIGNED:
         offset = tl.multiple_of(offset, 16 // SIZE)
-    return row.to(tl.pointer_type(DT), bitcast=True) + offset
+    return base.to(tl.pointer_type(DT), bitcast=True) + offset
+
+
+@triton.jit
+def _col(row, col: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address in column ``col`` of a table row, as a pointer to ``DT``."""
+    return _ptr(row, tl.load(row + col), DT, ALIGNED)
 
 
 @triton.jit
 def _expm1(x):
-    """``exp(x) - 1`` without cancellation for small ``|x|`` (float32)."""
-    series = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (
-        1.0 / 120 + x * (1.0 / 720 + x * (1.0 / 5040 + x * (1.0 / 40320))))))))
+    """``exp(x) - 1`` in float64, without cancellation for small ``|x|`` (a series whose
+    truncation is below float64's rounding there)."""
+    s = x * (1.0 / 87178291200)  # Horner's form of x + x**2/2! + ... + x**14/14!
+    s = x * (1.0 / 6227020800 + s)
+    s = x * (1.0 / 479001600 + s)
+    s = x * (1.0 / 39916800 + s)
+    s = x * (1.0 / 3628800 + s)
+    s = x * (1.0 / 362880 + s)
+    s = x * (1.0 / 40320 + s)
+    s = x * (1.0 / 5040 + s)
+    s = x * (1.0 / 720 + s)
+    s = x * (1.0 / 120 + s)
+    s = x * (1.0 / 24 + s)
+    s = x * (1.0 / 6 + s)
+    s = x * (1.0 / 2 + s)
+    series = x * (1.0 + s)
     return tl.where(tl.abs(x) < 0.25, series, tl.exp(x) - 1.0)
 
 
 @triton.jit
-def _power(u, SIGNED: tl.constexpr):
-    """The code's value for ``u = k / levels``: ``u**3`` (signed) or ``u**4``."""
+def _mix32(x):
+    """The 32-bit integer hash of :func:`adan.kernels.compact.mix32`, on uint32 (whose
+    products wrap as that function's masks do)."""
+    mul = tl.full((), 0x45D9F3B, tl.uint32)
+    x = ((x >> 16) ^ x) * mul
+    x = ((x >> 16) ^ x) * mul
+    return (x >> 16) ^ x
+
+
+@triton.jit
+def _noise_word(index, key, WORD: tl.constexpr):
+    """Random word ``WORD`` per element (:func:`adan.kernels.compact.noise_word`)."""
+    base = _mix32(key + tl.full((), (WORD * 0x9E3779B9) % 2**32, tl.uint32))
+    return _mix32(index + base)
+
+
+@triton.jit
+def _code_value(k, SIGNED: tl.constexpr):
+    """Code ``k``'s value relative to its block's scale (:func:`adan.quant.code_value`)."""
     if SIGNED:
+        u = k * (1.0 / 127)
         return u * u * u
     else:
+        u = k * (1.0 / 255)
         return (u * u) * (u * u)
 
 
@@ -108,19 +155,17 @@ def _load(row, col: tl.constexpr, meta_col: tl.constexpr, offs, mask, qrow, qmas
     """Decode one state buffer's tile to float32 (masked elements read as 0)."""
     if FMT == 2:
         if SIGNED:
-            codes = _ld(_ptr(row, col, tl.int8, ALIGNED) + offs, mask, MASKED)
-            levels = 127.0
+            codes = _ld(_col(row, col, tl.int8, ALIGNED) + offs, mask, MASKED)
         else:
-            codes = _ld(_ptr(row, col, tl.uint8, ALIGNED) + offs, mask, MASKED)
-            levels = 255.0
-        value = _power(codes.to(tl.float32) / levels, SIGNED)
-        meta = _ptr(row, meta_col, tl.float32, False) + qrow * 3
+            codes = _ld(_col(row, col, tl.uint8, ALIGNED) + offs, mask, MASKED)
+        value = _code_value(codes.to(tl.float32), SIGNED)
+        meta = _col(row, meta_col, tl.float32, False) + qrow * 3
         scale = tl.load(meta, mask=qmask, other=0.0)
         top = tl.load(meta + 1, mask=qmask, other=0.0)
         pos = tl.load(meta + 2, mask=qmask, other=-1.0).to(tl.int32)
         return tl.where(cols[None, :] == pos[:, None], top[:, None], value * scale[:, None])
     else:
-        return _ld(_ptr(row, col, S_DT, ALIGNED) + offs, mask, MASKED).to(tl.float32)
+        return _ld(_col(row, col, S_DT, ALIGNED) + offs, mask, MASKED).to(tl.float32)
 
 
 @triton.jit
@@ -143,6 +188,22 @@ def _cast(x, DT: tl.constexpr):
 
 
 @triton.jit
+def _code_below(t, SIGNED: tl.constexpr):
+    """The largest code below ``levels`` whose value is at most ``t``
+    (:func:`adan.quant.code_below`: a root estimate corrected by one comparison each way)."""
+    if SIGNED:
+        levels = 127.0
+        root = tl.exp2(tl.log2(tl.maximum(t, 1e-30)) * (1.0 / 3))
+    else:
+        levels = 255.0
+        root = tl.sqrt(tl.sqrt(t))
+    k = tl.minimum(tl.maximum(tl.floor(root * levels), 0.0), levels - 1.0)
+    k = k - tl.where(t < _code_value(k, SIGNED), 1.0, 0.0)
+    k = k + tl.where(t >= _code_value(k + 1.0, SIGNED), 1.0, 0.0)
+    return tl.minimum(tl.maximum(k, 0.0), levels - 1.0)
+
+
+@triton.jit
 def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, qmask, cols,
            noise16, S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr,
            ALIGNED: tl.constexpr, MASKED: tl.constexpr):
@@ -157,108 +218,45 @@ def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, 
         top = tl.sum(tl.where(is_top, x, 0.0), axis=1)
         rest = tl.where(is_top | (mag == inf) | (mag < 0), 0.0, mag)
         scale = tl.max(rest, axis=1)
-        t = tl.minimum(rest / tl.where(scale > 0, scale, 1.0)[:, None], 1.0)
+        t = tl.minimum(rest * (1.0 / tl.where(scale > 0, scale, 1.0))[:, None], 1.0)
+        k = _code_below(t, SIGNED)
+        lo = _code_value(k, SIGNED)
+        hi = _code_value(k + 1.0, SIGNED)
+        uniform = (noise16.to(tl.float32) + 0.5) * (1.0 / 65536)
+        k = k + tl.where(t - lo > uniform * (hi - lo), 1.0, 0.0)
         if SIGNED:
-            levels = 127.0
-            root = tl.exp(tl.log(tl.maximum(t, 1e-30)) / 3.0)  # 0 for t = 0, without log(0)
-        else:
-            levels = 255.0
-            root = tl.sqrt(tl.sqrt(t))
-        lower = tl.minimum(tl.maximum(tl.floor(root * levels), 0.0), levels - 1.0)
-        lo = _power(lower / levels, SIGNED)
-        hi = _power((lower + 1.0) / levels, SIGNED)
-        frac = tl.minimum(tl.maximum((t - lo) / (hi - lo), 0.0), 1.0)
-        uniform = (noise16.to(tl.float32) + 0.5) / 65536.0
-        k = lower + tl.where(frac > uniform, 1.0, 0.0)
-        if SIGNED:
-            _st(_ptr(row, col, tl.int8, ALIGNED) + offs, tl.where(x < 0, -k, k).to(tl.int8),
+            _st(_col(row, col, tl.int8, ALIGNED) + offs, tl.where(x < 0, -k, k).to(tl.int8),
                 mask, MASKED)
         else:
-            _st(_ptr(row, col, tl.uint8, ALIGNED) + offs, k.to(tl.uint8), mask, MASKED)
-        meta = _ptr(row, meta_col, tl.float32, False) + qrow * 3
+            _st(_col(row, col, tl.uint8, ALIGNED) + offs, k.to(tl.uint8), mask, MASKED)
+        meta = _col(row, meta_col, tl.float32, False) + qrow * 3
         tl.store(meta, scale, mask=qmask)
         tl.store(meta + 1, top, mask=qmask)
         tl.store(meta + 2, pos.to(tl.float32), mask=qmask)
     elif FMT == 1:
-        _st(_ptr(row, col, tl.bfloat16, ALIGNED) + offs, _round_bf16(x, noise16), mask, MASKED)
+        _st(_col(row, col, tl.bfloat16, ALIGNED) + offs, _round_bf16(x, noise16), mask, MASKED)
     else:
-        _st(_ptr(row, col, S_DT, ALIGNED) + offs, _cast(x, S_DT), mask, MASKED)
+        _st(_col(row, col, S_DT, ALIGNED) + offs, _cast(x, S_DT), mask, MASKED)
 
 
 @triton.jit
-def _tile(row, t, tile, numel, k_old, k, factor, lr, seed,
-          beta1, omb1, beta2, omb2, beta3, omb3, log_b1, log_b2, log_b3, eps, weight_decay,
-          P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, FMT: tl.constexpr,
-          NO_PROX: tl.constexpr, SR_PARAM: tl.constexpr, RANDOM: tl.constexpr,
-          ALIGNED: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
-          MASKED: tl.constexpr):
-    """Update one tile of one tensor: load, Adan's step in float32, store."""
-    ROWS: tl.constexpr = BLOCK // QBLOCK
-    cols = tl.arange(0, QBLOCK)
-    qrow = tile * ROWS + tl.arange(0, ROWS)
-    offs = qrow[:, None] * QBLOCK + cols[None, :]
-    mask = offs < numel
-    qmask = qrow <= numel // QBLOCK  # meta rows: one per started block, plus one
-    if RANDOM:  # 16 random bits per element for each buffer and the parameter
-        r0, r1, r2, r3 = tl.randint4x(seed + t, offs + (k.to(tl.int64) << 40))
-    else:
-        r0 = tl.zeros(offs.shape, tl.uint32)
-        r1 = r0
-        r2 = r0
-    p_ptr = _ptr(row, 0, P_DT, ALIGNED) + offs
-    p = _ld(p_ptr, mask, MASKED).to(tl.float32)
-    g = _ld(_ptr(row, 1, G_DT, ALIGNED) + offs, mask, MASKED).to(tl.float32) * factor
-    m = _load(row, 2, 8, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED, MASKED)
-    v = _load(row, 3, 9, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED, MASKED)
-    n = _load(row, 4, 10, offs, mask, qrow, qmask, cols, S_DT, FMT, False, ALIGNED, MASKED)
-    prev = _load(row, 5, 11, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED, MASKED)
-    prev = tl.where(k_old > 0, prev, g)  # g_0 := g_1: the first difference is zero
-
-    bc1 = -_expm1(k * log_b1)
-    bc2 = -_expm1(k * log_b2)
-    bc3 = -_expm1(k * log_b3)
-    diff = g - prev
-    m = m * beta1 + g * omb1
-    v = v * beta2 + diff * omb2
-    nesterov = g + diff * beta2
-    n = n * beta3 + nesterov * nesterov * omb3
-    denom = tl.sqrt(n) / tl.sqrt(bc3) + eps
-    update = (m / bc1 + v * (beta2 / bc2)) / denom
-    if NO_PROX:
-        new = p * (1.0 - lr * weight_decay) - lr * update
-    else:
-        new = (p - lr * update) / (1.0 + lr * weight_decay)
-
-    _store(row, 2, 8, m, offs, mask, qrow, qmask, cols, (r0 & 65535).to(tl.int32),
-           S_DT, FMT, True, ALIGNED, MASKED)
-    _store(row, 3, 9, v, offs, mask, qrow, qmask, cols, (r0 >> 16).to(tl.int32),
-           S_DT, FMT, True, ALIGNED, MASKED)
-    _store(row, 4, 10, n, offs, mask, qrow, qmask, cols, (r1 & 65535).to(tl.int32),
-           S_DT, FMT, False, ALIGNED, MASKED)
-    _store(row, 5, 11, g, offs, mask, qrow, qmask, cols, (r1 >> 16).to(tl.int32),
-           S_DT, FMT, True, ALIGNED, MASKED)
-    if SR_PARAM:
-        _st(p_ptr, _round_bf16(new, (r2 & 65535).to(tl.int32)), mask, MASKED)
-    else:
-        _st(p_ptr, _cast(new, P_DT), mask, MASKED)
-
-
-@triton.jit(do_not_specialize=["seed"])
 def _adan_kernel(
-    table, tiles, counters, factor_ptr, lr_ptr, seed,
-    lr_value, beta1, omb1, beta2, omb2, beta3, omb3, log_b1, log_b2, log_b3, eps, weight_decay,
+    table, tiles, grads, counters, factor_ptr, lr_ptr, hyper,
+    keep_value, scale_value, beta1, omb1, beta2, omb2, beta3, omb3, eps,
     P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, STEP_DT: tl.constexpr,
     FMT: tl.constexpr, NO_PROX: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_FACTOR: tl.constexpr, LR_ON_DEVICE: tl.constexpr, SR_PARAM: tl.constexpr,
-    RANDOM: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, NCOL: tl.constexpr,
+    ALIGNED: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
+    NCOL: tl.constexpr,
 ):
+    """One tile of one tensor per program: load, Adan's step in float32, store. ``hyper``
+    holds float64 ``log(b1), log(b2), log(b3), b2, weight_decay``."""
     pid = tl.program_id(0)
     t = tl.load(tiles + 2 * pid).to(tl.int64)
     tile = tl.load(tiles + 2 * pid + 1).to(tl.int64)
     row = table + t * NCOL
-    numel = tl.load(row + 7)
-    step_ptr = tl.load(row + 6).to(tl.pointer_type(STEP_DT))
+    numel = tl.load(row + 6)
+    step_ptr = tl.load(row + 5).to(tl.pointer_type(STEP_DT))
     k_old = tl.load(step_ptr).to(tl.float32)
     k = k_old + 1.0
 
@@ -268,22 +266,83 @@ def _adan_kernel(
     go = (factor - factor) == 0.0  # a non-finite factor skips the whole step
     if MAXIMIZE:
         factor = -factor
-    if LR_ON_DEVICE:
-        lr = tl.load(lr_ptr).to(tl.float32)
-    else:
-        lr = lr_value
 
     if go:
-        if (tile + 1) * BLOCK <= numel:
-            _tile(row, t, tile, numel, k_old, k, factor, lr, seed, beta1, omb1, beta2, omb2,
-                  beta3, omb3, log_b1, log_b2, log_b3, eps, weight_decay, P_DT, G_DT, S_DT, FMT,
-                  NO_PROX, SR_PARAM, RANDOM, ALIGNED, BLOCK, QBLOCK, False)
+        # The step's scalars, in float64 and rounded once (as adan.kernels.compact does).
+        k64 = k.to(tl.float64)
+        ibc1 = (1.0 / -_expm1(k64 * tl.load(hyper))).to(tl.float32)
+        b2bc2 = (tl.load(hyper + 3) / -_expm1(k64 * tl.load(hyper + 1))).to(tl.float32)
+        ibc3 = (1.0 / tl.sqrt(-_expm1(k64 * tl.load(hyper + 2)))).to(tl.float32)
+        if LR_ON_DEVICE:
+            lr = tl.load(lr_ptr).to(tl.float64)
+            if NO_PROX:
+                keep = (1.0 - lr * tl.load(hyper + 4)).to(tl.float32)
+                scale = lr.to(tl.float32)
+            else:
+                keep64 = 1.0 / (1.0 + lr * tl.load(hyper + 4))
+                keep = keep64.to(tl.float32)
+                scale = (lr * keep64).to(tl.float32)
         else:
-            _tile(row, t, tile, numel, k_old, k, factor, lr, seed, beta1, omb1, beta2, omb2,
-                  beta3, omb3, log_b1, log_b2, log_b3, eps, weight_decay, P_DT, G_DT, S_DT, FMT,
-                  NO_PROX, SR_PARAM, RANDOM, ALIGNED, BLOCK, QBLOCK, True)
+            keep = keep_value
+            scale = scale_value
 
-        # The last program of this tensor to finish advances its step count.
+        ROWS: tl.constexpr = BLOCK // QBLOCK
+        cols = tl.arange(0, QBLOCK)
+        qrow = tile * ROWS + tl.arange(0, ROWS)
+        offs = qrow[:, None] * QBLOCK + cols[None, :]
+        mask = offs < numel
+        qmask = qrow <= numel // QBLOCK  # meta rows: one per started block, plus one
+        if FMT != 0 or SR_PARAM:  # the noise of adan.kernels.compact.noise_word
+            seed = tl.load(tl.load(row + 11).to(tl.pointer_type(tl.int64)))
+            key = seed.to(tl.uint32) ^ _mix32(k.to(tl.uint32))
+            index = offs.to(tl.uint32)
+        p_ptr = _col(row, 0, P_DT, ALIGNED) + offs
+        p = _ld(p_ptr, mask, MASKED).to(tl.float32)
+        g_ptr = _ptr(grads, tl.load(grads + t), G_DT, ALIGNED) + offs
+        g = _ld(g_ptr, mask, MASKED).to(tl.float32) * factor
+        m = _load(row, 1, 7, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED, MASKED)
+        v = _load(row, 2, 8, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED, MASKED)
+        n = _load(row, 3, 9, offs, mask, qrow, qmask, cols, S_DT, FMT, False, ALIGNED, MASKED)
+        prev = _load(row, 4, 10, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED,
+                     MASKED)
+        prev = tl.where(k == 1.0, g, prev)  # g_0 := g_1: the first difference is zero
+
+        diff = g - prev
+        m = m * beta1 + g * omb1
+        v = v * beta2 + diff * omb2
+        nesterov = g + diff * beta2
+        n = n * beta3 + nesterov * nesterov * omb3
+        denom = tl.sqrt_rn(n) * ibc3 + eps
+        update = (m * ibc1 + v * b2bc2) / denom
+        new = p * keep - update * scale
+
+        if FMT != 0:
+            word = _noise_word(index, key, 0)
+            _store(row, 1, 7, m, offs, mask, qrow, qmask, cols, (word & 65535).to(tl.int32),
+                   S_DT, FMT, True, ALIGNED, MASKED)
+            _store(row, 2, 8, v, offs, mask, qrow, qmask, cols, (word >> 16).to(tl.int32),
+                   S_DT, FMT, True, ALIGNED, MASKED)
+            word = _noise_word(index, key, 1)
+            _store(row, 3, 9, n, offs, mask, qrow, qmask, cols, (word & 65535).to(tl.int32),
+                   S_DT, FMT, False, ALIGNED, MASKED)
+            _store(row, 4, 10, g, offs, mask, qrow, qmask, cols, (word >> 16).to(tl.int32),
+                   S_DT, FMT, True, ALIGNED, MASKED)
+        else:
+            _store(row, 1, 7, m, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, True, ALIGNED,
+                   MASKED)
+            _store(row, 2, 8, v, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, True, ALIGNED,
+                   MASKED)
+            _store(row, 3, 9, n, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, False, ALIGNED,
+                   MASKED)
+            _store(row, 4, 10, g, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, True, ALIGNED,
+                   MASKED)
+        if SR_PARAM:
+            word = _noise_word(index, key, 2)
+            _st(p_ptr, _round_bf16(new, (word & 65535).to(tl.int32)), mask, MASKED)
+        else:
+            _st(p_ptr, _cast(new, P_DT), mask, MASKED)
+
+        # The last program of this tensor to finish (in either launch) advances its step.
         tiles_of_tensor = tl.maximum((numel + BLOCK - 1) // BLOCK, 1)
         done = tl.atomic_add(counters + t, 1)
         last = done == tiles_of_tensor - 1
@@ -305,117 +364,172 @@ def triton_unsupported(param: Tensor, grad: Tensor, state: dict[str, Any] | None
     return None
 
 
-@dataclass
-class _Table:
-    """One launch's address table on the device, and what it was built from."""
+class _Staging:
+    """A device array refreshed from host values without blocking the host.
 
-    key: list[int]
+    Outside CUDA graph capture each refresh copies from a new pinned tensor (torch's pinned
+    allocator reuses it once that copy has finished). During capture nothing is allocated on
+    the host: the copy reads a pinned buffer reserved at an earlier refresh, which is then
+    kept for good, since the graph copies from it again at every replay.
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device,
+                 keepalive: list[Tensor]) -> None:
+        self.device = torch.empty(size, dtype=dtype, device=device)
+        self.cuda = device.type == "cuda"
+        self.spare = torch.empty(size, dtype=dtype, pin_memory=True) if self.cuda else None
+        self.keepalive = keepalive
+        self.last: list[Any] | None = None
+
+    def put(self, values: list[Any]) -> Tensor:
+        """The device array holding ``values`` (copied only if they changed, and always
+        during capture, so that every replay uses the addresses it was captured with)."""
+        capturing = self.cuda and torch.cuda.is_current_stream_capturing()
+        if values == self.last and not capturing:
+            return self.device
+        host = torch.tensor(values, dtype=self.device.dtype)
+        if capturing:
+            if self.spare is None:
+                raise RuntimeError("adan: a second re-plan of this param group inside one CUDA "
+                                   "graph capture; run one eager step with the same tensors "
+                                   "before capturing")
+            self.spare.copy_(host)
+            host, self.spare = self.spare, None
+            self.keepalive.append(host)
+        elif self.cuda:
+            host = host.pin_memory()
+            if self.spare is None:
+                self.spare = torch.empty_like(host, pin_memory=True)
+        self.device.copy_(host, non_blocking=self.cuda)
+        self.last = values
+        return self.device
+
+
+@dataclass
+class _Part:
+    """The tensors of one launch signature (dtypes, alignment): positions among the call's
+    tensors, the address table, the tiles of each kind, the completion counters and the
+    gradients' addresses."""
+
+    signature: tuple[Any, ...]
+    members: list[int]
     table: Tensor
-    tiles: Tensor
+    tiles: list[tuple[bool, Tensor]]
     counters: Tensor
-    aligned: bool
+    grads: _Staging
+
+
+@dataclass
+class _Plan:
+    """A call's parts, valid while the parameters' addresses and the gradients' alignment stay
+    as they were built from (the owner renews the cache when tensors or state change)."""
+
+    params: list[int]
+    aligned_grads: list[bool]
+    parts: list[_Part]
+    hyper: _Staging
     keepalive: list[Tensor] = field(default_factory=list)
 
 
-def _upload(host: Tensor, device: torch.device, keepalive: list[Tensor]) -> Tensor:
-    """A host tensor on ``device``, copied without blocking the host.
-
-    During CUDA graph capture the pinned source is kept alive with the table: the captured
-    copy reads it again at every replay.
-    """
-    if device.type != "cuda":
-        return host.to(device)
-    host = host.pin_memory()
-    if torch.cuda.is_current_stream_capturing():
-        keepalive.append(host)
-    return host.to(device, non_blocking=True)
+def _aligned(address: int) -> bool:
+    return address % _ALIGN == 0
 
 
-def _tiles(numels: list[int], device: torch.device, keepalive: list[Tensor]) -> Tensor:
-    """(tensor, tile) pairs of every program, int32 (an empty tensor gets one tile, so that
-    its step is counted)."""
-    counts = torch.tensor([max(1, -(-n // BLOCK)) for n in numels])
-    tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
-    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    pairs = torch.stack([tensor, torch.arange(tensor.numel()) - first], dim=1)
-    return _upload(pairs.to(torch.int32), device, keepalive)
+def _tiles(numels: list[int], device: torch.device, keepalive: list[Tensor]
+           ) -> list[tuple[bool, Tensor]]:
+    """(tensor, tile) pairs of every program, int32, for full tiles and for partial ones (an
+    empty tensor gets one partial tile, so that its step is counted), as (masked, pairs)."""
+    counts = torch.tensor(numels, dtype=torch.int64)
+    full = counts // BLOCK
+    partial = ((counts % BLOCK) > 0) | (counts == 0)
+    out = []
+    for masked, per_tensor in ((False, full), (True, partial.long())):
+        if int(per_tensor.sum()) == 0:
+            continue
+        tensor = torch.repeat_interleave(torch.arange(len(numels)), per_tensor)
+        first = torch.repeat_interleave(torch.cumsum(per_tensor, 0) - per_tensor, per_tensor)
+        index = torch.arange(tensor.numel()) - first + (full[tensor] if masked else 0)
+        pairs = torch.stack([tensor, index], dim=1).to(torch.int32).reshape(-1)
+        stage = _Staging(pairs.numel(), torch.int32, device, keepalive)
+        out.append((masked, stage.put(pairs.tolist())))
+    return out
 
 
-def _build(key: list[int], params: list[Tensor], grads: list[Tensor],
-           states: list[dict[str, Any]], previous: _Table | None) -> _Table:
-    """The address table of these tensors; the tiles of ``previous`` are reused (sizes do not
-    change while the owner's cache lives), and so is what it keeps alive."""
-    rows = []
-    for param, grad, state in zip(params, grads, states, strict=True):
+def _build(params: list[Tensor], grads: list[Tensor], grad_ptrs: list[int],
+           states: list[dict[str, Any]]) -> _Plan:
+    """The parts of a call: its tensors grouped by launch signature, with their tables."""
+    device = params[0].device
+    no_seed = torch.zeros((), dtype=torch.int64, device=device)  # as compact.seed_of's
+    keepalive: list[Tensor] = [no_seed]
+    rows: list[list[int]] = []
+    by_signature: dict[tuple[Any, ...], list[int]] = {}
+    for i, (param, state) in enumerate(zip(params, states, strict=True)):
         metas = [state[k + "_meta"].data_ptr() if k + "_meta" in state else 0
                  for k in BUFFER_KEYS]
-        rows.append([param.data_ptr(), grad.data_ptr(),
-                     *(state[k].data_ptr() for k in BUFFER_KEYS), state["step"].data_ptr(),
-                     real_view(param).numel(), *metas])
-    device = params[0].device
-    keepalive: list[Tensor] = [] if previous is None else previous.keepalive
-    tiles = (_tiles([row[7] for row in rows], device, keepalive) if previous is None
-             else previous.tiles)
-    return _Table(key=key, table=_upload(torch.tensor(rows, dtype=torch.int64), device, keepalive),
-                  tiles=tiles, counters=torch.zeros(len(params), dtype=torch.int32, device=device),
-                  aligned=all(a % _ALIGN == 0 for row in rows for a in row[:6]),
-                  keepalive=keepalive)
-
-
-def _launch(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
-            signature: tuple[Any, ...], args: StepArgs, cache: dict[Any, Any]) -> None:
-    """One launch over tensors that share their dtypes and device (``signature``)."""
-    p_dtype, g_dtype, s_dtype, step_dtype, device = signature
-    key = [t.data_ptr() for t in params]
-    key += [t.data_ptr() for t in grads]
-    table = cache.get(signature)
-    if table is None or table.key != key:
-        table = cache[signature] = _build(key, params, grads, states, table)
-    state_dtype = s_dtype if args.fmt != "int8" else torch.float32
-    lr_on_device = isinstance(args.lr, Tensor) and args.lr.device == device
-    lr_tensor = args.lr if lr_on_device else table.counters
-    factor = (table.counters if args.grad_factor is None
-              else args.grad_factor.to(device, non_blocking=True))
-    b1, b2, b3 = args.betas
-    sr_param = args.rounds_param(p_dtype)
-    random = args.rounds_stochastically(p_dtype)
-    # At least 2**31, so that Triton always passes it as a 64-bit integer (one compiled kernel).
-    seed = 2**31 + (int(torch.randint(0, 2**62, ())) if random else 0)
-    grid = (table.tiles.shape[0],)
-    _adan_kernel[grid](
-        table.table, table.tiles, table.counters, factor, lr_tensor, seed,
-        0.0 if lr_on_device else float(args.lr), b1, 1 - b1, b2, 1 - b2, b3, 1 - b3,
-        log_beta(b1), log_beta(b2), log_beta(b3), args.eps, args.weight_decay,
-        P_DT=_TL_DTYPES[p_dtype], G_DT=_TL_DTYPES[g_dtype], S_DT=_TL_DTYPES[state_dtype],
-        STEP_DT=_TL_DTYPES[step_dtype],
-        FMT=_FORMATS[args.fmt], NO_PROX=args.no_prox, MAXIMIZE=args.maximize,
-        HAS_FACTOR=args.grad_factor is not None, LR_ON_DEVICE=lr_on_device,
-        SR_PARAM=sr_param, RANDOM=random,
-        ALIGNED=table.aligned, BLOCK=BLOCK, QBLOCK=QBLOCK, NCOL=NCOL, num_warps=NUM_WARPS,
-    )
+        row = [param.data_ptr(), *(state[k].data_ptr() for k in BUFFER_KEYS),
+               state["step"].data_ptr(), real_view(param).numel(), *metas,
+               state.get("seed", no_seed).data_ptr()]
+        rows.append(row)
+        aligned = all(_aligned(a) for a in row[:5]) and _aligned(grad_ptrs[i])
+        signature = (real_view(param).dtype, real_view(grads[i]).dtype,
+                     real_view(state["exp_avg"]).dtype, state["step"].dtype, aligned)
+        by_signature.setdefault(signature, []).append(i)
+    parts = []
+    for signature, members in by_signature.items():
+        table = _Staging(len(members) * NCOL, torch.int64, device, keepalive)
+        parts.append(_Part(signature, members,
+                           table.put([a for i in members for a in rows[i]]),
+                           _tiles([rows[i][6] for i in members], device, keepalive),
+                           torch.zeros(len(members), dtype=torch.int32, device=device),
+                           _Staging(len(members), torch.int64, device, keepalive)))
+    return _Plan(params=[p.data_ptr() for p in params],
+                 aligned_grads=[_aligned(a) for a in grad_ptrs], parts=parts,
+                 hyper=_Staging(5, torch.float64, device, keepalive), keepalive=keepalive)
 
 
 def triton_adan(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs
 ) -> None:
-    """Apply one step to every tensor in place: one launch per (dtypes, device) signature.
+    """Apply one step to every tensor in place: one launch per part (dtypes, alignment and
+    tile kind).
 
     Every tensor must pass :func:`triton_unsupported`; the selector routes others elsewhere.
-    ``args.cache`` keeps the address tables: its owner empties it when the tensors' dtypes,
-    shapes or state buffers change (addresses alone are checked here, at every step).
+    ``args.cache`` keeps the plan: its owner empties it when the tensors' dtypes, shapes or
+    state change; the parameters' addresses and the gradients' alignment are checked here,
+    and the gradients' addresses are sent at every step.
     """
     cache = args.cache if args.cache is not None else {}
-    groups = cache.get("groups")
-    if groups is None or sum(len(index) for _, index in groups) != len(params):
-        by_signature: dict[tuple[Any, ...], list[int]] = {}
-        for i, (p, g, s) in enumerate(zip(params, grads, states, strict=True)):
-            signature = (real_view(p).dtype, real_view(g).dtype, real_view(s["exp_avg"]).dtype,
-                         s["step"].dtype, p.device)
-            by_signature.setdefault(signature, []).append(i)
-        groups = cache["groups"] = list(by_signature.items())
-    for signature, index in groups:
-        if len(index) == len(params):
-            _launch(params, grads, states, signature, args, cache)
-        else:
-            _launch([params[i] for i in index], [grads[i] for i in index],
-                    [states[i] for i in index], signature, args, cache)
+    grad_ptrs = [g.data_ptr() for g in grads]
+    plan: _Plan | None = cache.get("plan")
+    if (plan is None or plan.params != [p.data_ptr() for p in params]
+            or plan.aligned_grads != [_aligned(a) for a in grad_ptrs]):
+        plan = cache["plan"] = _build(params, grads, grad_ptrs, states)
+    device = params[0].device
+    b1, b2, b3 = args.betas
+    hyper = plan.hyper.put([log_beta(b1), log_beta(b2), log_beta(b3), b2, args.weight_decay])
+    lr_on_device = isinstance(args.lr, Tensor) and args.lr.device == device
+    if lr_on_device:
+        keep = scale = 0.0
+    else:
+        lr = float(args.lr)
+        keep = 1 - lr * args.weight_decay if args.no_prox else 1 / (1 + lr * args.weight_decay)
+        scale = lr if args.no_prox else lr * keep
+    factor = None if args.grad_factor is None else args.grad_factor.to(device, non_blocking=True)
+    for part in plan.parts:
+        p_dtype, g_dtype, s_dtype, step_dtype, aligned = part.signature
+        addresses = part.grads.put(grad_ptrs if len(part.members) == len(params)
+                                   else [grad_ptrs[i] for i in part.members])
+        state_dtype = s_dtype if args.fmt != "int8" else torch.float32
+        lr_tensor = args.lr if lr_on_device else part.counters
+        for masked, tiles in part.tiles:
+            _adan_kernel[(tiles.shape[0] // 2,)](
+                part.table, tiles, addresses, part.counters,
+                part.counters if factor is None else factor, lr_tensor, hyper,
+                keep, scale, b1, 1 - b1, b2, 1 - b2, b3, 1 - b3, args.eps,
+                P_DT=_TL_DTYPES[p_dtype], G_DT=_TL_DTYPES[g_dtype],
+                S_DT=_TL_DTYPES[state_dtype], STEP_DT=_TL_DTYPES[step_dtype],
+                FMT=_FORMATS[args.fmt], NO_PROX=args.no_prox, MAXIMIZE=args.maximize,
+                HAS_FACTOR=factor is not None, LR_ON_DEVICE=lr_on_device,
+                SR_PARAM=args.rounds_param(p_dtype), ALIGNED=aligned, MASKED=masked,
+                BLOCK=BLOCK, QBLOCK=QBLOCK, NCOL=NCOL, num_warps=NUM_WARPS,
+            )

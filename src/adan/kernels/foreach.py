@@ -19,10 +19,11 @@ from adan.kernels.common import (
     Scalar,
     StepArgs,
     bias_corrections,
+    keep_if_skipped,
     real_view,
     scalars_and_lr,
-    skip_step,
     step_as,
+    step_decision,
     use_tensor_scalars,
 )
 
@@ -36,7 +37,8 @@ def multi_tensor_adan(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs
 ) -> None:
     """Apply one Adan step to every tensor in place, one foreach op per pass."""
-    if not params or skip_step(args):
+    go = step_decision(args) if params else False
+    if go is False:
         return
     beta1, beta2, beta3 = args.betas
     steps = [s["step"] for s in states]
@@ -50,6 +52,7 @@ def multi_tensor_adan(
     for (device, _), (lists, _) in grouped.items():
         p, g, m, v, n, prev = ([real_view(t) for t in ts] for ts in lists[:6])  # type: ignore[union-attr]
         group_steps: list[Tensor] = list(lists[6])  # type: ignore[arg-type]
+        restore = keep_if_skipped([*p, *m, *v, *n, *prev, *group_steps], go)
 
         if args.grad_factor is not None:
             factor = args.grad_factor.to(device, non_blocking=True)
@@ -83,6 +86,7 @@ def multi_tensor_adan(
         denom = torch._foreach_sqrt(n)
         if tensor_scalars:
             _apply_tensor_scalars(p, m, v, denom, group_steps, lr, args)
+            restore()
             continue
 
         corrections = [bias_corrections(s.item(), beta1, beta2, beta3) for s in group_steps]
@@ -97,6 +101,7 @@ def multi_tensor_adan(
         )
         if not args.no_prox:
             torch._foreach_div_(p, 1 + lr * args.weight_decay)
+        restore()
 
 
 def _apply_tensor_scalars(

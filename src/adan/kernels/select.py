@@ -55,25 +55,29 @@ def _triton_module() -> Any:
 
 
 def _probe(kind: str, device: torch.device, fmt: str, dtype: torch.dtype,
-           grad_dtype: torch.dtype) -> None:
-    """Build and run a fused kernel's variants on scratch tensors (no user tensor is touched)."""
+           grad_dtype: torch.dtype, options: dict[str, Any]) -> None:
+    """Build and run a fused kernel on scratch tensors (no user tensor is touched): on CUDA
+    the variants a group with these options steps with (full and partial tiles), so that
+    its first step compiles nothing more (Triton's disk cache serves later processes)."""
     if kind == "cpu":
         sizes = [300, 2]  # one compiled (single-threaded) call, and an eager one
-        variants: list[dict[str, Any]] = [dict(grad_factor=None)]
         kernel: Kernel = cpu_compiled_adan
     else:
-        sizes = [300, 5]
-        one = torch.ones((), device=device)
-        variants = [dict(grad_factor=None),
-                    dict(grad_factor=one, lr=one * 0, no_prox=True, maximize=True)]
+        sizes = [_triton_module().BLOCK + 5]
         kernel = _triton_module().triton_adan
-    for variant in variants:
-        params = [torch.zeros(k, device=device, dtype=dtype) for k in sizes]
-        grads = [torch.ones(k, device=device, dtype=grad_dtype) for k in sizes]
-        states = [init_state(p, fmt) for p in params]
-        settings: dict[str, Any] = {**dict(lr=0.0, beta1=0.9, beta2=0.9, beta3=0.9, eps=1e-8,
-                                           weight_decay=0.0, fmt=fmt), **variant}
-        kernel(params, grads, states, StepArgs(**settings))
+    params = [torch.zeros(k, device=device, dtype=dtype) for k in sizes]
+    grads = [torch.ones(k, device=device, dtype=grad_dtype) for k in sizes]
+    states = [{**init_state(p, fmt), "seed": torch.zeros((), dtype=torch.int64, device=device)}
+              for p in params]
+    settings: dict[str, Any] = dict(lr=0.0, beta1=0.9, beta2=0.9, beta3=0.9, eps=1e-8,
+                                    weight_decay=0.0, fmt=fmt)
+    if options.get("tensor_lr"):
+        settings["lr"] = torch.zeros((), device=device)
+    if options.get("factor"):
+        settings["grad_factor"] = torch.ones((), device=device)
+    settings.update({k: v for k, v in options.items() if k in ("no_prox", "maximize",
+                                                               "stochastic_param")})
+    kernel(params, grads, states, StepArgs(**settings))
 
 
 def _unavailable(kind: str, device: torch.device) -> str | None:
@@ -86,17 +90,30 @@ def _unavailable(kind: str, device: torch.device) -> str | None:
     return None
 
 
+def _options(kind: str, group: dict[str, Any]) -> dict[str, Any]:
+    """What selects a Triton variant besides dtypes and format (the CPU kernel has one)."""
+    if kind == "cpu":
+        return {}
+    return dict(no_prox=group["no_prox"], maximize=group["maximize"],
+                factor=group["max_grad_norm"] > 0, tensor_lr=isinstance(group["lr"], Tensor),
+                stochastic_param=group["stochastic_param_rounding"])
+
+
 def build_error(kind: str, device: torch.device, fmt: str, params: list[Tensor],
-                grads: list[Tensor]) -> BaseException | None:
-    """Build fused kernel ``kind`` ("cpu" or "triton") for these tensors; the error, if any."""
+                grads: list[Tensor], options: dict[str, Any] | None = None
+                ) -> BaseException | None:
+    """Build fused kernel ``kind`` ("cpu" or "triton") for these tensors and a group's
+    ``options`` (:func:`_options`); the error, if any."""
+    options = options or {}
     for p, g in zip(params, grads, strict=True):
-        key = (kind, device.type, fmt, real_view(p).dtype, real_view(g).dtype)
+        p_dtype, g_dtype = real_view(p).dtype, real_view(g).dtype
+        key = (kind, device.type, fmt, p_dtype, g_dtype, *sorted(options.items()))
         if key not in _built:
             try:
                 reason = _unavailable(kind, device)
                 if reason is not None:
                     raise RuntimeError(reason)
-                _probe(kind, device, fmt, key[3], key[4])
+                _probe(kind, device, fmt, p_dtype, g_dtype, options)
                 _built[key] = None
             except Exception as exc:  # noqa: BLE001 - any build failure means "cannot fuse"
                 _built[key] = exc
@@ -109,7 +126,7 @@ Route = list[tuple[Kernel, list[int]]]
 
 
 def _fused(kind: str, fallback: Kernel, must: bool, params: list[Tensor], grads: list[Tensor],
-           states: list[dict[str, Any] | None], fmt: str) -> Route:
+           states: list[dict[str, Any] | None], fmt: str, group: dict[str, Any]) -> Route:
     """Fused kernel ``kind`` for the tensors it takes (after its build check), ``fallback``
     for the others (Triton's: float64, non-contiguous) or for all where it cannot be built."""
     everything = list(range(len(params)))
@@ -118,7 +135,7 @@ def _fused(kind: str, fallback: Kernel, must: bool, params: list[Tensor], grads:
         unsupported = _triton_module().triton_unsupported
         taken = [i for i in everything if unsupported(params[i], grads[i], states[i]) is None]
     error = build_error(kind, params[0].device, fmt, [params[i] for i in taken],
-                        [grads[i] for i in taken])
+                        [grads[i] for i in taken], _options(kind, group))
     if error is not None:
         if must:
             raise RuntimeError(f"fused=True cannot run here: {error}") from error
@@ -152,8 +169,9 @@ def route(group: dict[str, Any], fmt: str, params: list[Tensor], grads: list[Ten
     kind = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
     if group["fused"]:
         if kind is None:
-            raise RuntimeError(f"fused=True supports CPU and CUDA parameters, not {device.type}")
-        return _fused(kind, multi, True, params, grads, states, fmt)
+            raise RuntimeError(f"fused=True cannot run here: there is a fused kernel for CPU "
+                               f"and CUDA parameters, not for {device.type}")
+        return _fused(kind, multi, True, params, grads, states, fmt, group)
     if group["foreach"] is False:
         return [(eager, everything)]
     if group["foreach"] and plain:
@@ -162,5 +180,5 @@ def route(group: dict[str, Any], fmt: str, params: list[Tensor], grads: list[Ten
         return [(eager, everything)]
     if kind == "triton" or (kind == "cpu" and (
             fmt != "plain" or sum(p.numel() for p in params) >= FUSED_MIN_NUMEL)):
-        return _fused(kind, multi, False, params, grads, states, fmt)
+        return _fused(kind, multi, False, params, grads, states, fmt, group)
     return [(multi, everything)]

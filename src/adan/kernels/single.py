@@ -15,10 +15,11 @@ from adan.kernels.common import (
     BUFFER_KEYS,
     StepArgs,
     bias_corrections,
+    keep_if_skipped,
     real_view,
     scalars_and_lr,
-    skip_step,
     step_as,
+    step_decision,
     use_tensor_scalars,
 )
 
@@ -31,7 +32,8 @@ def single_tensor_adan(
     The gradients are cast to the parameter's dtype and scaled by ``args.grad_factor``; the
     user's gradient tensors themselves are never written.
     """
-    if skip_step(args):
+    go = step_decision(args)
+    if go is False:
         return
     beta1, beta2, beta3 = args.betas
     tensor_scalars = use_tensor_scalars(args.capturable, [s["step"] for s in states])
@@ -47,6 +49,7 @@ def single_tensor_adan(
         )
 
         step_t = state["step"]
+        restore = keep_if_skipped([param, m, v, n, prev, step_t], go)
         if tensor_scalars:
             prev.copy_(torch.where(step_t == 0, grad, prev))
             step_t += 1
@@ -71,3 +74,4 @@ def single_tensor_adan(
             param.mul_(1 - lr * args.weight_decay).sub_(update.mul_(lr))
         else:
             param.sub_(update.mul_(lr)).div_(1 + lr * args.weight_decay)
+        restore()
