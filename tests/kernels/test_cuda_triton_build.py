@@ -1,6 +1,8 @@
-"""The CUDA kernel compiles for sm_90 (H100/H200) without a GPU, and its full tiles move data in
-16-byte accesses: a kernel that loads one element at a time reaches a fraction of the
-bandwidth. Built with Triton's own ptxas in a subprocess (the tests run Triton interpreted)."""
+"""The CUDA kernel compiles for sm_90 (H100/H200) without a GPU, its full tiles move data in
+16-byte accesses (a kernel that loads one element at a time reaches a fraction of the
+bandwidth), nothing spills, and registers leave room for 2 or more CTAs per SM: the speed
+evidence there is without a GPU (docs/benchmarks.md says what it predicts). Built with
+Triton's own ptxas in a subprocess (the tests run Triton interpreted)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ def built():
     if not Path(triton.__file__).parent.joinpath("backends", "nvidia", "bin", "ptxas").exists():
         pytest.skip("this Triton has no bundled ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as Triton 3.9 defaults, quietly
     script = Path(__file__).with_name("triton_build.py")
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=600, check=True)
@@ -39,5 +42,23 @@ def test_kernel_compiles_for_sm90_with_wide_accesses_and_no_spills(built, varian
     result = built[variant]
     loads, stores = EXPECTED[variant]
     assert result["cubin_bytes"] > 0
-    assert result["local"] == 0  # no register spills to local memory
+    assert result["local"] == 0 and built[variant + "/partial"]["local"] == 0  # no spills
     assert (result["ld_v4"], result["st_v4"]) == (loads, stores)
+
+
+@pytest.mark.parametrize("variant", [v for v in EXPECTED if v != "int8-state"])
+@pytest.mark.parametrize("tiles", ["", "/partial"])
+def test_plain_and_bf16_variants_fit_two_ctas_per_sm(built, variant, tiles):
+    """Full and partial tiles launch apart, so each kernel holds one branch's registers."""
+    assert built[variant + tiles]["ctas_per_sm"] >= 2
+
+
+def test_fp32_full_tiles_within_96_registers(built):
+    assert built["fp32"]["registers"] <= 96
+
+
+def test_int8_kernel_does_not_grow(built):
+    """The 8-bit kernel is far from its target (<= 160 SASS instructions per element, 2 CTAs
+    per SM: docs/benchmarks.md); its current figures are a bound, so it only improves."""
+    assert built["int8-state"]["instr_per_elem"] <= 550
+    assert built["int8-state"]["registers"] <= 176

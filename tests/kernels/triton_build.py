@@ -1,12 +1,21 @@
 """Compile the CUDA kernel for a Hopper GPU (sm_90) without one, with the ptxas that ships with
-Triton, and print what the PTX holds per variant as JSON. Run by test_cuda_triton_build.py in a
-process of its own: the tests' process runs Triton in interpreter mode, which compiles nothing.
+Triton, and print per variant, as JSON, what the PTX and the SASS (from the bundled
+``cuobjdump``) hold: wide accesses, spills, registers, shared memory, the CTAs of 8 warps an
+SM can hold, SASS instructions per element of a tile and barriers per tile. Run by
+test_cuda_triton_build.py in a process of its own: the tests' process runs Triton in
+interpreter mode, which compiles nothing.
+
+    python tests/kernels/triton_build.py [VARIANT ...]
 """
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
 import triton.language as tl
@@ -15,10 +24,10 @@ from triton.compiler import ASTSource
 
 from adan.kernels import cuda_triton
 
-ARGS = {"table": "*i64", "tiles": "*i32", "counters": "*i32", "factor_ptr": "*fp32",
-        "lr_ptr": "*fp32", "seed": "i64", **{name: "fp32" for name in (
-            "lr_value", "beta1", "omb1", "beta2", "omb2", "beta3", "omb3", "log_b1", "log_b2",
-            "log_b3", "eps", "weight_decay")}}
+ARGS = {"table": "*i64", "tiles": "*i32", "grads": "*i64", "counters": "*i32",
+        "factor_ptr": "*fp32", "lr_ptr": "*fp32", "hyper": "*fp64", **{name: "fp32" for name in (
+            "keep_value", "scale_value", "beta1", "omb1", "beta2", "omb2", "beta3", "omb3",
+            "eps")}}
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 # name: (param dtype, state dtype, format, no_prox, maximize, factor, tensor lr, SR param)
 VARIANTS = {
@@ -32,12 +41,39 @@ VARIANTS = {
 }
 
 
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+THREADS = 32 * cuda_triton.NUM_WARPS
+REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM = 65536, 228 * 1024, 64
+
+
+def sass_figures(cubin: bytes) -> dict[str, float]:
+    """Registers, shared memory, CTAs per SM (H100/H200 limits), and SASS instructions per
+    element and barriers per tile (the kernel has no loops: its static count is what a
+    full tile runs)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
+    per_cta = -(-regs // 8) * 8 * THREADS
+    ctas = min(REGISTERS_PER_SM // per_cta, WARPS_PER_SM * 32 // THREADS,
+               SHARED_PER_SM // shared if shared else 99)
+    instructions = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([A-Z][A-Z0-9_.]*)", sass)
+    return {"registers": regs, "shared": shared, "ctas_per_sm": ctas,
+            "instr_per_elem": round(len(instructions) / (cuda_triton.BLOCK / THREADS), 1),
+            "barriers": sum(i.startswith("BAR") for i in instructions)}
+
+
 def build(param: str, state: str, fmt: int, no_prox: bool, maximize: bool, factor: bool,
-          tensor_lr: bool, sr_param: bool) -> dict[str, int]:
+          tensor_lr: bool, sr_param: bool, masked: bool = False) -> dict[str, float]:
     constants = dict(P_DT=DTYPES[param], G_DT=DTYPES[param], S_DT=DTYPES[state],
                      STEP_DT=tl.float32, FMT=fmt, NO_PROX=no_prox, MAXIMIZE=maximize,
                      HAS_FACTOR=factor, LR_ON_DEVICE=tensor_lr, SR_PARAM=sr_param,
-                     RANDOM=fmt != 0 or sr_param, ALIGNED=True, BLOCK=cuda_triton.BLOCK,
+                     ALIGNED=True, MASKED=masked, BLOCK=cuda_triton.BLOCK,
                      QBLOCK=cuda_triton.QBLOCK, NCOL=cuda_triton.NCOL)
     signature = {**ARGS, **{name: "constexpr" for name in constants}}
     names = list(signature)
@@ -51,9 +87,14 @@ def build(param: str, state: str, fmt: int, no_prox: bool, maximize: bool, facto
                             options={"num_warps": cuda_triton.NUM_WARPS})
     ptx = kernel.asm["ptx"]
     return {"ld_v4": ptx.count("ld.global.v4"), "st_v4": ptx.count("st.global.v4"),
-            "local": ptx.count(".local"), "cubin_bytes": len(kernel.asm["cubin"])}
+            "local": ptx.count(".local"), "cubin_bytes": len(kernel.asm["cubin"]),
+            **sass_figures(kernel.asm["cubin"])}
 
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(VARIANTS)
-    print(json.dumps({name: build(*VARIANTS[name]) for name in names}))
+    out = {}
+    for name in names:
+        out[name] = build(*VARIANTS[name])
+        out[name + "/partial"] = build(*VARIANTS[name], masked=True)
+    print(json.dumps(out))
