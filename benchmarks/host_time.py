@@ -1,13 +1,15 @@
 """Host time of ``Adan.step`` on the CUDA path, measured on CPU with the Triton launch stubbed.
 
-    python benchmarks/host_time.py [--clip 1.0] [--steps 300]
+    python benchmarks/host_time.py [--clip 1.0] [--steps 300] [--set-to-none]
 
 What a step costs the host besides launching the kernel: the plan check, the gradient factor
 and the address-table check of :mod:`adan.kernels.cuda_triton`, over GPT-2's 148 tensors
 (shapes scaled down: sizes do not matter to the host). The kernel is routed to for every
 tensor and its launch replaced by a no-op, so the figure excludes Triton's own launch cost
 (measured on a GPU by ``adan bench speed --device cuda``, column ``host ms``). On a CPU the
-clipping norm also computes, so ``--clip`` overstates its host cost.
+clipping norm also computes, so ``--clip`` overstates its host cost. ``--set-to-none`` gives
+every parameter a new gradient tensor before each step, as ``zero_grad(set_to_none=True)``
+and backward do (only ``opt.step()`` is timed).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clip", type=float, default=0.0, help="max_grad_norm (0: none)")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--set-to-none", action="store_true",
+                        help="new gradient tensors before every step")
     opts = parser.parse_args()
 
     cuda_triton._adan_kernel = _NoLaunch()  # type: ignore[assignment]
@@ -50,10 +54,14 @@ def main() -> None:
         opt.step()
     times = []
     for _ in range(opts.steps):
+        if opts.set_to_none:
+            for p in params:
+                p.grad = torch.ones_like(p)
         start = time.perf_counter()
         opt.step()
         times.append(1e3 * (time.perf_counter() - start))
-    print(f"{len(params)} tensors, max_grad_norm={opts.clip}: host ms per step median "
+    print(f"{len(params)} tensors, max_grad_norm={opts.clip}, set_to_none={opts.set_to_none}: "
+          f"host ms per step median "
           f"{statistics.median(times):.3f}, min {min(times):.3f} ({opts.steps} steps)")
 
 

@@ -34,6 +34,8 @@ which is how CI tests it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import reduce
+from operator import or_
 from typing import Any
 
 import torch
@@ -387,7 +389,7 @@ class _Staging:
         capturing = self.cuda and torch.cuda.is_current_stream_capturing()
         if values == self.last and not capturing:
             return self.device
-        host = torch.tensor(values, dtype=self.device.dtype)
+        host = torch.tensor(values, dtype=self.device.dtype, pin_memory=self.cuda and not capturing)
         if capturing:
             if self.spare is None:
                 raise RuntimeError("adan: a second re-plan of this param group inside one CUDA "
@@ -397,7 +399,6 @@ class _Staging:
             host, self.spare = self.spare, None
             self.keepalive.append(host)
         elif self.cuda:
-            host = host.pin_memory()
             if self.spare is None:
                 self.spare = torch.empty_like(host, pin_memory=True)
         self.device.copy_(host, non_blocking=self.cuda)
@@ -433,6 +434,14 @@ class _Plan:
 
 def _aligned(address: int) -> bool:
     return address % _ALIGN == 0
+
+
+def _alignment(addresses: list[int], like: list[bool]) -> list[bool]:
+    """Which addresses are 16-byte aligned; ``like`` itself when it says all are and they
+    are (one C-level pass, the common case)."""
+    if all(like) and not reduce(or_, addresses, 0) % _ALIGN:
+        return like
+    return [_aligned(a) for a in addresses]
 
 
 def _tiles(numels: list[int], device: torch.device, keepalive: list[Tensor]
@@ -499,10 +508,10 @@ def triton_adan(
     and the gradients' addresses are sent at every step.
     """
     cache = args.cache if args.cache is not None else {}
-    grad_ptrs = [g.data_ptr() for g in grads]
+    grad_ptrs = list(map(Tensor.data_ptr, grads))
     plan: _Plan | None = cache.get("plan")
-    if (plan is None or plan.params != [p.data_ptr() for p in params]
-            or plan.aligned_grads != [_aligned(a) for a in grad_ptrs]):
+    if (plan is None or plan.params != list(map(Tensor.data_ptr, params))
+            or plan.aligned_grads != _alignment(grad_ptrs, plan.aligned_grads)):
         plan = cache["plan"] = _build(params, grads, grad_ptrs, states)
     device = params[0].device
     b1, b2, b3 = args.betas
