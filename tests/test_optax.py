@@ -381,3 +381,11 @@ def test_optax_adan_default_eps_root_shrinks_small_gradients():
         pytest.skip("optax.adan's default no longer adds eps_root inside the square root")
     assert ref[0] == pytest.approx(-0.99990, abs=1e-5)
     assert theirs[0] == pytest.approx(-0.70706, abs=1e-5)
+
+
+def test_jax_step_benchmark_runs(capsys):
+    from adan.bench import jax_step
+
+    assert jax_step.main(["--scale", "0.02", "--layers", "0", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[3/3] compiling optax.adan" in out and "round 1/1" in out and "vs optax.adamw" in out
