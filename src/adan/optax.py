@@ -53,6 +53,7 @@ def _check(name: str, value: Any, allowed: str, ok: Callable[[float], bool]) -> 
 
 
 def _nonnegative(name: str, value: Any) -> None:
+    """Raise naming ``name`` unless ``value`` is a finite number >= 0."""
     _check(name, value, "a finite number >= 0", lambda x: x >= 0)
 
 
@@ -124,13 +125,12 @@ def scale_by_adan(
             u = ((m / correction(b1) + b2 * v / correction(b2))
                  / (jnp.sqrt(n) / jnp.sqrt(correction(b3)) + eps))
             keep = storage or dtype
-            return u.astype(g.dtype), m.astype(keep), v.astype(keep), n.astype(keep), \
-                grad.astype(keep)
+            return (u.astype(g.dtype), m.astype(keep), v.astype(keep), n.astype(keep),
+                    grad.astype(keep))
 
         grads, treedef = jax.tree.flatten(updates)
         buffers = (state.exp_avg, state.exp_avg_diff, state.exp_avg_sq, state.prev_grad)
-        rows = [leaf(*xs) for xs in
-                zip(grads, *map(jax.tree.leaves, buffers), strict=True)]
+        rows = [leaf(*xs) for xs in zip(grads, *map(jax.tree.leaves, buffers), strict=True)]
         u, m, v, n, prev = (jax.tree.unflatten(treedef, [row[i] for row in rows])
                             for i in range(5))
         return u, ScaleByAdanState(count, m, v, n, prev)
