@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from adan.demo import DEMO_ITERS, demo_config, run_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.filterwarnings("error")
@@ -145,3 +150,16 @@ def test_cli_bench_dispatches_to_the_benchmark(capsys):
     out = capsys.readouterr().out
     assert "int8" in out and "16.0000" in out
 
+
+def test_plain_install_imports_without_warnings() -> None:
+    """The demo's install (``pip install -e .``) brings numpy, without which importing torch
+    warns; and importing the command line warns about nothing else."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    deps = re.search(r"^dependencies = \[(.*)\]$", text, re.MULTILINE)
+    assert deps is not None
+    names = {re.split(r"[<>=;\s]", dep.strip(' "'))[0] for dep in deps.group(1).split(",")}
+    assert {"torch", "numpy"} <= names
+    done = subprocess.run([sys.executable, "-W", "error", "-c", "import adan.__main__"],
+                          capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0 and done.stderr == ""
