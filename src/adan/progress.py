@@ -45,7 +45,8 @@ class Progress:
         self.every = redraw_every if self.tty else log_every
         self.clock = clock
         self.start = clock()
-        self.last_shown = -float("inf")
+        # A log's first line waits one interval: the first steps' rate (and ETA) is noise.
+        self.last_shown = -float("inf") if self.tty else self.start
         self.shown_done = -1
         self.done = 0
         self.train: float | None = None
