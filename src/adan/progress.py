@@ -49,13 +49,17 @@ class Progress:
         self.last_shown = -float("inf") if self.tty else self.start
         self.shown_done = -1
         self.done = 0
+        # The rate counts from the first update: setup and a first evaluation are no guide.
+        self.since: tuple[float, int] | None = None
         self.train: float | None = None
         self.val: float | None = None
 
     def line(self) -> str:
         """The current state as one line."""
-        elapsed = self.clock() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        now = self.clock()
+        elapsed = now - self.start
+        began, first = self.since if self.since is not None else (now, self.done)
+        rate = (self.done - first) / (now - began) if now > began else 0.0
         width = len(str(self.total))
         fraction = min(1.0, self.done / max(1, self.total))
         # A bar on a terminal; a percentage in logs, where a bar per line is noise.
@@ -88,6 +92,8 @@ class Progress:
     def update(self, done: int) -> None:
         """``done`` iterations are finished."""
         self.done = done
+        if self.since is None:
+            self.since = (self.clock(), done)
         self._show(force=self.tty and done == 1)
 
     def losses(self, train: float, val: float) -> None:
