@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 import adan.__main__ as cli
 from adan import demo
@@ -15,7 +20,10 @@ from adan.demo import DEMO_ITERS, demo_config, run_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+ROOT = Path(__file__).resolve().parents[1]
 
+
+@pytest.mark.filterwarnings("error")
 def test_run_demo_trains_all_from_one_init(text_file: Path) -> None:
     cfg = CharLMConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=16,
                        max_iters=40, warmup_iters=4, eval_interval=20, eval_iters=4)
@@ -57,15 +65,73 @@ def test_cli_demo_prints_table(text_file: Path, capsys: pytest.CaptureFixture[st
     table = printed[printed.index("validation loss"):].splitlines()
     assert table[1].split() == ["iter", "Adan", "AdamW", "AdamW-nanoGPT"]
     assert [line.split()[0] for line in table[3:6]] == ["0", "1", "2"]
-    assert [line.split()[0] for line in table[-4:-1]] == ["val", "train", "sec"]
-    assert table[-1].startswith("Adan, AdamW: learning rates tuned by")
+    labels = [line[:7].strip() for line in table[-8:-3]]
+    assert labels == ["val", "train", "sec", "ms/step", "opt ms"]
+    assert table[-2].startswith("Adan, AdamW: learning rates tuned by")
+    assert "tuned for 2000 iterations" in table[-1]
 
 
 def test_cli_without_command_runs_demo(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict] = []
     monkeypatch.setattr(cli, "run_demo", lambda **kw: calls.append(kw))
     assert cli.main([]) == 0
-    assert calls == [{"data_path": None, "iters": DEMO_ITERS, "seed": 1337}]
+    assert calls == [{"data_path": None, "iters": DEMO_ITERS, "seed": 1337, "threads": None}]
+
+
+def test_cli_threads_sets_the_pool_for_the_run_only(text_file: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    monkeypatch.setattr(demo, "available_cores", lambda: 4)
+    monkeypatch.setattr(demo, "train_charlm", lambda *a, **kw: seen.append(
+        torch.get_num_threads()) or fake_record())
+    assert cli.main(["demo", "--data", str(text_file), "--iters", "2", "--threads", "3"]) == 0
+    assert seen == [3, 3, 3] and torch.get_num_threads() == 1
+    assert "threads: 3 of 4 cores" in capsys.readouterr().out
+    assert cli.main(["demo", "--data", str(text_file), "--iters", "2"]) == 0
+    assert seen[3:] == [demo.default_threads()] * 3 == [3] * 3
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--threads", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
+
+
+def fake_record() -> dict:
+    """What train_charlm returns, for tests that only look at the demo's bookkeeping."""
+    return {"val_curve": [(0, 4.0), (2, 3.0)], "train_curve": [(0, 4.0), (2, 3.0)],
+            "final_val_loss": 3.0, "final_train_loss": 3.0, "seconds": 1.0,
+            "eval_seconds": 0.5, "step_seconds": 0.1, "steps": 2}
+
+
+def test_default_threads_leaves_a_core_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cores, threads in ((1, 1), (2, 1), (8, 7)):
+        monkeypatch.setattr(demo, "available_cores", lambda cores=cores: cores)
+        assert demo.default_threads() == threads
+
+
+@pytest.mark.parametrize("iters", [250, 2000, 1000, 96, 97, 10, 3, 1])
+def test_eval_schedule_is_evenly_spaced(iters: int) -> None:
+    """No two evaluations closer than half the interval (250 once gave 248 and 250)."""
+    interval = demo_config(iters).eval_interval
+    points = sorted({*range(0, iters, interval), iters})
+    gaps = [b - a for a, b in zip(points, points[1:], strict=False)]
+    assert min(gaps) >= interval / 2 and len(points) <= 10
+    assert demo_config(250).eval_interval == 50
+
+
+def test_progress_lines_in_a_log(text_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a terminal: plain lines naming the run of how many, with rate, ETA and losses."""
+    monkeypatch.setattr(demo, "PROGRESS_LOG_EVERY", 0.0)
+    cfg = CharLMConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=16,
+                       max_iters=6, warmup_iters=0, eval_interval=3, eval_iters=2)
+    progress = io.StringIO()
+    run_demo(text_file, cfg=cfg, out=io.StringIO(), progress=progress)
+    lines = progress.getvalue().splitlines()
+    assert "\r" not in progress.getvalue()
+    for k, name in enumerate(["Adan", "AdamW", "AdamW-nanoGPT"], 1):
+        mine = [line.split(")", 1)[1] for line in lines if line.startswith(f"run {k}/3 {name} (")]
+        assert [line.split()[0] for line in mine] == [f"{i}/6" for i in range(1, 7)]
+        assert all("it/s" in line and "ETA" in line for line in mine[:-1])
+        assert "took" in mine[-1] and "val " in mine[-1]
 
 
 def test_cli_missing_data_is_a_clear_error(tmp_path: Path,
@@ -83,3 +149,17 @@ def test_cli_bench_dispatches_to_the_benchmark(capsys):
     assert main(["bench", "lowmem", "memory"]) == 0
     out = capsys.readouterr().out
     assert "int8" in out and "16.0000" in out
+
+
+def test_plain_install_imports_without_warnings() -> None:
+    """The demo's install (``pip install -e .``) brings numpy, without which importing torch
+    warns; and importing the command line warns about nothing else."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    deps = re.search(r"^dependencies = \[(.*)\]$", text, re.MULTILINE)
+    assert deps is not None
+    names = {re.split(r"[<>=;\s]", dep.strip(' "'))[0] for dep in deps.group(1).split(",")}
+    assert {"torch", "numpy"} <= names
+    done = subprocess.run([sys.executable, "-W", "error", "-c", "import adan.__main__"],
+                          capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0 and done.stderr == ""

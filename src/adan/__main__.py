@@ -7,12 +7,12 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from adan.demo import DEMO_ITERS, run_demo
+from adan.demo import DEMO_ITERS, default_threads, run_demo
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     """Run the Adan-vs-AdamW demo with the parsed options."""
-    run_demo(data_path=args.data, iters=args.iters, seed=args.seed)
+    run_demo(data_path=args.data, iters=args.iters, seed=args.seed, threads=args.threads)
     return 0
 
 
@@ -32,7 +32,19 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
                         help=f"training iterations per optimizer (default: {DEMO_ITERS})")
     parser.add_argument("--seed", type=int, default=1337,
                         help="seed for the model init and the batches (default: 1337)")
+    parser.add_argument("--threads", type=_positive, default=None, metavar="N",
+                        help="torch intra-op threads (default: all cores but one, here "
+                        f"{default_threads()}: a thread per core stalls when other work "
+                        "keeps a core busy); the losses can change with it")
     parser.set_defaults(handler=_run_demo)
+
+
+def _positive(text: str) -> int:
+    """An integer of at least 1, for ``--threads``."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 # ``adan bench NAME ARGS...`` hands ARGS to ``adan.bench.NAME.main``.

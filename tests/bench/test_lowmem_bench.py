@@ -42,3 +42,22 @@ def test_cuda_memory_reports_state_and_step_peak():
     assert rows[0][1] == 16 and all(peak is not None and peak >= 0 for _, _, peak in rows)
     medians = lowmem.speed(1 << 16, 2, 1, 2, "cuda")
     assert set(medians) == {"fp32", "bf16", "int8"} and all(t > 0 for t in medians.values())
+
+
+def test_help_names_the_command_as_typed(capsys):
+    with pytest.raises(SystemExit):
+        adan_main(["bench", "lowmem", "--help"])
+    assert capsys.readouterr().out.startswith("usage: adan bench lowmem")
+
+
+def test_report_plots_curves_and_differences_from_fp32(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import json
+
+    runs = {f"{fmt}/1": {"val_curve": [[0, 4.0], [10, 3.0 + shift]], "final_val_loss": 3.0 + shift}
+            for fmt, shift in (("fp32", 0.0), ("bf16", 0.01), ("int8", -0.02))}
+    (tmp_path / "conv.json").write_text(json.dumps(runs))
+    argv = ["report", "--out", str(tmp_path / "conv.json"), "--plot", str(tmp_path / "c.png")]
+    assert lowmem.main(argv) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert "bf16  mean final val loss 3.0100 (+0.0100 vs fp32, 1 seeds)" in capsys.readouterr().out

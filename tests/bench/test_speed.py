@@ -221,3 +221,41 @@ def test_an_interrupt_keeps_the_rows_measured_so_far(tmp_path: Path, monkeypatch
     report = json.loads(out_json.read_text())
     assert report["interrupted"] is True
     assert [r["row"] for r in report["workloads"][0]["rows"]] == ["adan foreach"]
+
+
+def test_the_deciding_columns_come_first():
+    assert speed.COLUMNS[:4] == ("row", "device ms", "x floor", "vs best peer")
+
+
+@pytest.mark.parametrize("cache", [None, 1 << 40])
+def test_a_working_set_in_cache_is_marked_and_floored_by_its_own_size(
+        cache: int | None, tmp_path: Path, monkeypatch, capsys):
+    """With the last-level cache unknown the DRAM floor applies; once the working set fits in
+    it, the row says (cache) and its floor is the bandwidth measured at the working set's size."""
+    monkeypatch.setattr(speed, "cache_bytes", lambda device: cache)
+    out_json = tmp_path / "speed.json"
+    argv = ["--device", "cpu", "--workload", "custom", "--numel", "1000", "--steps", "1",
+            "--bandwidth-mib", "4", "--rows", "adan foreach", "--json", str(out_json)]
+    assert speed.main(argv) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    (row,) = report["workloads"][0]["rows"]
+    assert row["working_set_bytes"] == 1000 * (4 + 4 + 16)
+    assert row["in_cache"] is (cache is not None)
+    assert (row["floor_gbs"] == report["bandwidth_gbs"]) is (cache is None)
+    line = next(text for text in out.splitlines() if text.startswith("| adan foreach |"))
+    assert ("(cache)" in line) is (cache is not None)
+    assert ("- (cache): 1 rows' working sets" in out) is (cache is not None)
+
+
+def test_cache_size_is_read_or_unknown():
+    size = speed.cache_bytes(torch.device("cpu"))
+    assert size is None or size >= 1 << 16
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        speed.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: adan bench speed")
+    assert "(default: 10000000)" in out and "(default: 20)" in out

@@ -260,6 +260,7 @@ def train_char_model(
     cfg: CharRun,
     data: CharData,
     progress: Callable[[int, float, float], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``build_model()`` (a ``(batch, time) -> logits`` model, built under ``cfg.seed``)
     on next-character prediction with the same seeded batches for any optimizer."""
@@ -275,7 +276,7 @@ def train_char_model(
             return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
         return fit(model, optimizer, cfg, train_loss, lambda: estimate_loss(model, data, cfg),
-                   progress)
+                   progress, on_step)
 
 
 def train_charlm(
@@ -283,16 +284,18 @@ def train_charlm(
     cfg: CharLMConfig,
     data: CharData,
     progress: Callable[[int, float, float], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train a fresh, seed-initialised CharGPT with the optimizer built from its param groups.
 
     ``make_optimizer`` receives the param groups and returns the optimizer; the peak learning
     rate of each group is the ``lr`` it has after that call. ``progress(iter, train_loss,
-    val_loss)`` is called at every evaluation. Returns what :func:`adan.bench.loop.fit` does:
-    loss curves, final losses, the parameter count and the wall time of training and
-    evaluation (model and optimizer construction, which may import things once, not counted).
+    val_loss)`` is called at every evaluation, ``on_step(done)`` after every step. Returns
+    what :func:`adan.bench.loop.fit` does: loss curves, final losses, the parameter count and
+    the wall time of training and evaluation (model and optimizer construction, which may
+    import things once, not counted), with the time inside ``optimizer.step()``.
     """
     return train_char_model(
         lambda: CharGPT(data.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
                         cfg.dropout),
-        make_optimizer, cfg, data, progress)
+        make_optimizer, cfg, data, progress, on_step)

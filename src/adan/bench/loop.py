@@ -55,21 +55,29 @@ def fit(
     train_loss: Callable[[], Tensor],
     evaluate: Callable[[], tuple[float, float]],
     progress: Callable[[int, float, float], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg.max_iters`` steps of ``train_loss()`` with the scheduled learning rate.
 
     The peak learning rate of each group is its ``lr`` when the loop starts. ``evaluate()``
     returns ``(train_loss, val_loss)`` and runs every ``eval_interval`` steps and at the end;
-    ``progress(iter, train_loss, val_loss)`` sees each evaluation. A non-finite training loss
-    ends the run (``diverged``) instead of spending the rest of the budget on NaNs.
+    ``progress(iter, train_loss, val_loss)`` sees each evaluation and ``on_step(done)`` each
+    finished step. A non-finite training loss ends the run (``diverged``) instead of spending
+    the rest of the budget on NaNs. Besides the wall time (``seconds``) the record holds the
+    time spent evaluating (``eval_seconds``) and inside ``optimizer.step()`` (``step_seconds``)
+    over ``steps`` steps, so the optimizer's share of a training step can be read off.
     """
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     start = time.perf_counter()
     train_curve: list[tuple[int, float]] = []
     val_curve: list[tuple[int, float]] = []
+    eval_seconds = step_seconds = 0.0
+    steps = 0
 
     def record(it: int) -> None:
+        nonlocal eval_seconds
+        began = time.perf_counter()
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -77,6 +85,7 @@ def fit(
         model.train(was_training)
         train_curve.append((it, train_value))
         val_curve.append((it, val_value))
+        eval_seconds += time.perf_counter() - began
         if progress is not None:
             progress(it, train_value, val_value)
 
@@ -95,7 +104,12 @@ def fit(
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        began = time.perf_counter()
         optimizer.step()
+        step_seconds += time.perf_counter() - began
+        steps += 1
+        if on_step is not None:
+            on_step(steps)
     if not diverged:
         record(cfg.max_iters)
         diverged = not math.isfinite(val_curve[-1][1])
@@ -109,4 +123,7 @@ def fit(
         "diverged": diverged,
         "n_params": sum(p.numel() for p in model.parameters()),
         "seconds": time.perf_counter() - start,
+        "eval_seconds": eval_seconds,
+        "step_seconds": step_seconds,
+        "steps": steps,
     }

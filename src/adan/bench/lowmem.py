@@ -114,7 +114,7 @@ def convergence(
                 return Adan(groups, lr=lr, weight_decay=0.02, state_dtype=fmt)
 
             result = train_charlm(make, cfg, data)
-            results[key] = result
+            results[key] = {**result, "lr": lr}
             print(f"{key}: final val {result['final_val_loss']:.4f} "
                   f"({result['seconds']:.0f} s)", flush=True)
             out.write_text(json.dumps(results))
@@ -138,8 +138,10 @@ def summarize(results: dict[str, Any]) -> list[tuple[str, float, float, int]]:
             for fmt, v in finals.items()]
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Mean validation loss over completed seeds against iteration, one line per setting."""
+def plot(results: dict[str, Any], path: Path, lr: float) -> None:
+    """Mean validation loss over completed seeds against iteration, one line per setting, and
+    below it each setting's difference from fp32 (the curves themselves nearly coincide).
+    ``lr`` titles the figure where the runs do not record theirs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,23 +150,41 @@ def plot(results: dict[str, Any], path: Path) -> None:
     curves: dict[str, list[list[tuple[int, float]]]] = {}
     for key, result in _complete(results).items():
         curves.setdefault(key.split("/")[0], []).append(result["val_curve"])
-    fig, ax = plt.subplots(figsize=(6, 4))
+        lr = result.get("lr", lr)
+    means: dict[str, list[float]] = {}
     for fmt, runs in curves.items():
-        its = [it for it, _ in runs[0]]
-        means = [statistics.mean(run[i][1] for run in runs) for i in range(len(its))]
-        ax.plot(its, means, label=f"{fmt} state ({len(runs)} seeds)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("validation loss")
+        means[fmt] = [statistics.mean(run[i][1] for run in runs) for i in range(len(runs[0]))]
+    its = [it for it, _ in next(iter(curves.values()))[0]]
+    fig, (ax, diff) = plt.subplots(2, 1, figsize=(6, 6), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 2]})
+    styles: dict[str, dict[str, Any]] = {
+        "fp32": dict(color="C0", linewidth=3.0, alpha=0.5),
+        "bf16": dict(color="C1", linestyle="--"),
+        "int8": dict(color="C2", linestyle=":", linewidth=2.0),
+    }
+    for fmt, values in means.items():
+        label = f"{fmt} state ({len(curves[fmt])} seeds)"
+        ax.plot(its, values, label=label, **styles.get(fmt, {}))
+        if fmt != "fp32" and "fp32" in means:
+            diff.plot(its, [v - b for v, b in zip(values, means["fp32"], strict=True)],
+                      label=f"{fmt} - fp32", **styles.get(fmt, {}))
+    diff.axhline(0.0, color="grey", linewidth=0.8)
+    diff.set_xlabel("iteration")
+    diff.set_ylabel("difference from fp32")
+    diff.legend()
+    ax.set_ylabel("validation loss (mean over seeds)")
     ax.set_ylim(top=2.6)
     ax.legend()
-    ax.set_title("char-level GPT on Tiny Shakespeare, Adan")
+    ax.set_title(f"char-level GPT on Tiny Shakespeare\nAdan lr {lr:g}, weight decay 0.02",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m adan.bench.lowmem", description=__doc__)
+    parser = argparse.ArgumentParser(prog="adan bench lowmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     parser.add_argument("--device", default=None,
                         help="cpu or cuda for memory and speed (default: cpu)")
@@ -189,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="summarise (and plot) a convergence JSON, no training")
     rep.add_argument("--out", type=Path, default=Path("lowmem_convergence.json"))
     rep.add_argument("--plot", type=Path, default=None)
+    rep.add_argument("--lr", type=float, default=3e-3,
+                     help="the runs' learning rate, for the plot's title where the JSON does "
+                     "not record it (default: %(default)s, convergence's default)")
     args = parser.parse_args(argv)
     try:
         device = torch.device(args.device or "cpu")
@@ -221,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         for fmt, mean, diff, n in summarize(results):
             print(f"  {fmt:5s} mean final val loss {mean:.4f} ({diff:+.4f} vs fp32, {n} seeds)")
         if args.plot is not None:
-            plot(results, args.plot)
+            plot(results, args.plot, args.lr)
     return 0
 
 

@@ -4,12 +4,16 @@ A step is memory-bound, so each row is compared with its floor: the bytes the st
 (twice the parameters, the gradients once, twice the persistent state: 44 per element for fp32
 Adan, 28 for AdamW, 22 for Adan on bf16 parameters) over the bandwidth measured at the start
 of the run (CPU: in-place ``mul_`` on a buffer past the last-level cache; CUDA: a device-to-device
-copy). Every row runs side by side in one process, on fresh random parameters and gradients.
+copy). A row whose working set (parameters, gradients, state) fits in the last-level cache is
+not bound by that bandwidth: its floor uses the bandwidth measured on a buffer of the working
+set's size, and the table marks it. Every row runs side by side in one process, on fresh random
+parameters and gradients.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.metadata
 import importlib.util
@@ -27,7 +31,8 @@ import torch
 from adan import Adan
 from adan.bench.peers import PEERS, find_peers_dir, load_peer, load_sail_sg_adan
 
-__all__ = ["ADAMW_BYTES", "ADAN_BYTES", "Row", "Workload", "bandwidth", "gpt2_shapes",
+__all__ = ["ADAMW_BYTES", "ADAN_BYTES", "Row", "Workload", "bandwidth", "cache_bytes",
+           "gpt2_shapes",
            "llama_shapes", "main", "moved_bytes", "rows", "select_workloads", "time_row",
            "workloads"]
 
@@ -175,6 +180,33 @@ def bandwidth(device: torch.device, numel: int = 1 << 28, repeats: int = 7) -> f
     return nbytes / seconds / 1e9
 
 
+def cache_bytes(device: torch.device) -> int | None:
+    """Size of the last-level cache in bytes (CPU: from Linux's sysfs, CUDA: the L2), or None
+    where it cannot be read."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or None
+    sizes: dict[int, int] = {}
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes[level] = int(text[:-1]) * units[text[-1]]
+    return sizes[max(sizes)] if sizes else None
+
+
+@functools.cache
+def cache_bandwidth(device: torch.device, nbytes: int) -> float:
+    """:func:`bandwidth` on buffers of ``nbytes`` in all (in-place on CPU, a copy on CUDA), the
+    best of 15 (a floor is the fastest the host manages; other work only slows single
+    passes), measured once per size in a process: the floor of a working set in cache."""
+    per_element = 4 if device.type != "cuda" else 8
+    return max(bandwidth(device, max(1, nbytes // per_element), repeats=1) for _ in range(15))
+
+
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of the optimizer's persistent per-parameter state (0-d step counts excluded)."""
     return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
@@ -188,6 +220,13 @@ def moved_bytes(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> int:
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params
                      if p.grad is not None)
     return 2 * param_bytes + grad_bytes + 2 * state_bytes(opt)
+
+
+def working_set_bytes(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> int:
+    """Bytes a step touches: every parameter, gradient and persistent state tensor once."""
+    return (sum(p.numel() * p.element_size() for p in params)
+            + sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+            + state_bytes(opt))
 
 
 @dataclass
@@ -346,14 +385,17 @@ def time_row(make: Factory, work: Workload, device: torch.device, steps: int, wa
     return dict(first_s=first, device_ms=statistics.median(device_ms),
                 host_ms=statistics.median(host_ms), device_ms_steps=device_ms,
                 host_ms_steps=host_ms, bytes_per_param=moved_bytes(params, opt) / numel,
+                working_set_bytes=working_set_bytes(params, opt),
                 state_bytes_per_param=state_bytes(opt) / numel, peak_bytes_per_param=peak,
                 graphs_after_first=recompiles)
 
 
 def run_row(row: Row, work: Workload, device: torch.device, steps: int, warmup: int,
-            bw: float) -> dict[str, Any]:
+            bw: float, cache: int | None = None) -> dict[str, Any]:
     """One row's result dict: measured, or skipped/failed with the reason; the row's tensors
-    are freed (and on CUDA the cache emptied) before it returns."""
+    are freed (and on CUDA the cache emptied) before it returns. ``bw`` gives the floor unless
+    the row's working set fits in ``cache`` bytes: then the bandwidth measured on a buffer of
+    that size does (``in_cache``), since the step need not reach memory at all."""
     why = row.why_not(device, work.dtype)
     if why or row.make is None:
         return dict(row=row.name, status="skipped", reason=why or "not available")
@@ -372,6 +414,10 @@ def run_row(row: Row, work: Workload, device: torch.device, steps: int, warmup: 
     except Exception as exc:  # noqa: BLE001 - e.g. a sticky CUDA error left by the row
         result["cleanup_error"] = f"{type(exc).__name__}: {exc}"
     if result["status"] == "ok":
+        result["in_cache"] = cache is not None and result["working_set_bytes"] <= cache
+        if result["in_cache"]:
+            bw = cache_bandwidth(device, result["working_set_bytes"])
+        result["floor_gbs"] = bw
         moved = result["bytes_per_param"] * work.numel
         result["gbs"] = moved / result["device_ms"] / 1e6
         result["floor_ms"] = 1e3 * moved / (bw * 1e9)
@@ -392,24 +438,37 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-COLUMNS = ("row", "device ms", "host ms", "GB/s", "B/p moved", "x floor", "% of copy bw",
-           "first s", "graphs+", "state B/p", "peak B/p", "vs best peer")
+# The columns that decide come first: the step's time, its distance from the floor, the peers.
+COLUMNS = ("row", "device ms", "x floor", "vs best peer", "host ms", "GB/s", "% of floor bw",
+           "B/p moved", "state B/p", "peak B/p", "first s", "graphs+")
 
 
 def table(results: list[dict[str, Any]]) -> list[str]:
     """Markdown lines: a table of the measured rows, then one bullet per row that did not run.
-    ``vs best peer`` is the fastest peer's device ms over the row's (above 1: faster)."""
+    ``vs best peer`` is the fastest peer's device ms over the row's (above 1: faster); an
+    ``x floor`` marked ``(cache)`` is against the bandwidth of a buffer the size of the row's
+    working set, which fits in the last-level cache."""
     done = [r for r in results if r["status"] == "ok"]
     peers = [r["device_ms"] for r in done if r.get("peer")]
     best = min(peers) if peers else None
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * (len(COLUMNS) - 1) + "|"]
     for r in done:
         ratio = "-" if best is None else f"{best / r['device_ms']:.2f}x"
-        cells = [r["row"], _fmt(r["device_ms"], 2), _fmt(r["host_ms"], 2), _fmt(r["gbs"]),
-                 _fmt(r["bytes_per_param"]), _fmt(r["x_floor"], 2), _fmt(r["pct_copy_bw"]),
-                 _fmt(r["first_s"], 2), str(r["graphs_after_first"]),
-                 _fmt(r["state_bytes_per_param"]), _fmt(r["peak_bytes_per_param"]), ratio]
+        x_floor = _fmt(r["x_floor"], 2) + (" (cache)" if r.get("in_cache") else "")
+        cells = [r["row"], _fmt(r["device_ms"], 2), x_floor, ratio, _fmt(r["host_ms"], 2),
+                 _fmt(r["gbs"]), _fmt(r["pct_copy_bw"]), _fmt(r["bytes_per_param"]),
+                 _fmt(r["state_bytes_per_param"]), _fmt(r["peak_bytes_per_param"]),
+                 _fmt(r["first_s"], 2), str(r["graphs_after_first"])]
         lines.append("| " + " | ".join(cells) + " |")
+    cached = [r for r in done if r.get("in_cache")]
+    if cached:
+        sizes = [r["working_set_bytes"] / 2**20 for r in cached]
+        speeds = [r["floor_gbs"] for r in cached]
+        lines.append(
+            f"- (cache): {len(cached)} rows' working sets ({min(sizes):.1f}-{max(sizes):.1f} "
+            "MiB of parameters, gradients and state) fit in the last-level cache, so the "
+            "memory bandwidth does not bound them; their floor is the bandwidth measured on "
+            f"a buffer of the working set's size ({min(speeds):.1f}-{max(speeds):.1f} GB/s)")
     lines += [f"- {r['row']}: {r['status']}: {r['reason']}" for r in results
               if r["status"] != "ok"]
     lines += [f"- {r['row']}: {r['leaked_bytes'] / 2**20:.1f} MiB still allocated after "
@@ -426,21 +485,26 @@ def _error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print one markdown table per workload."""
-    parser = argparse.ArgumentParser(prog="adan bench speed", description=__doc__)
+    parser = argparse.ArgumentParser(prog="adan bench speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--workload", action="append",
                         help="workload name or prefix, repeatable (CPU default: large-75M, "
                         "gpt2-148, custom-N; CUDA default: 8x32M, gpt2, llama, llama-bf16)")
     parser.add_argument("--numel", type=int, default=10_000_000,
-                        help="elements of the custom workload")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+                        help="elements of the custom workload (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="timed steps per row (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps after the first (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (default: torch's); 1 avoids OpenMP stalls when busy")
     parser.add_argument("--bandwidth-mib", type=int, default=1024,
-                        help="buffer size for the bandwidth measurement (past the LLC)")
-    parser.add_argument("--rows", default="", help="comma-separated substrings of row names")
+                        help="buffer size for the bandwidth measurement, past the last-level "
+                        "cache (default: %(default)s)")
+    parser.add_argument("--rows", default="",
+                        help="comma-separated substrings of row names (default: every row)")
     parser.add_argument("--peers", default=None, metavar="DIR",
                         help="directory with sail-sg-adan/ (default: .peers, else "
                         "../shared/peers)")
@@ -487,11 +551,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"in-place bandwidth {bw:.1f} GB/s (buf.mul_(1.0), {args.bandwidth_mib} MiB, "
               "bytes read + written, median of 7)")
         timing = "device ms = host ms: wall time of opt.step() (CPU steps are synchronous)"
+    cache = cache_bytes(device)
+    print("last-level cache " + (f"{cache / 2**20:.0f} MiB" if cache else "size unknown (no "
+          "row is treated as in cache)"))
     print(f"{args.steps} timed steps after {args.warmup} warm-up steps; {timing}; "
           f"peers from {peers_dir if peers_dir is not None else '(none found)'}")
     report: dict[str, Any] = dict(
         device=str(device), device_name=name, torch=torch_version, triton=triton_version,
         bandwidth_gbs=bw, bandwidth_method=method, bandwidth_mib=args.bandwidth_mib,
+        last_level_cache_bytes=cache,
         steps=args.steps, warmup=args.warmup, threads=torch.get_num_threads(),
         peers_dir=None if peers_dir is None else str(peers_dir), workloads=[])
 
@@ -500,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not wanted or any(w in r.name for w in wanted)]
     try:
         for work in chosen:
-            _run_workload(work, all_rows, device, args, bw, report)
+            _run_workload(work, all_rows, device, args, bw, cache, report)
     except KeyboardInterrupt:  # e.g. `timeout -s INT`: keep what was measured
         report["interrupted"] = True
         if report["workloads"]:
@@ -512,19 +580,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_workload(work: Workload, all_rows: list[Row], device: torch.device,
-                  args: argparse.Namespace, bw: float, report: dict[str, Any]) -> None:
+                  args: argparse.Namespace, bw: float, cache: int | None,
+                  report: dict[str, Any]) -> None:
     """Run every row on ``work``, print its table, keep the results in ``report`` (and the
     JSON file, rewritten after each row), with one progress line per row on stderr."""
-    # Adan moves 11 parameter-sized tensors a step when its state has the params' dtype.
+    # Adan moves 11 parameter-sized tensors a step when its state has the params' dtype, and
+    # touches 6 (parameters, gradients, four state buffers).
     floor = 1e3 * work.numel * 11 * work.dtype.itemsize / (bw * 1e9)
+    touched = work.numel * 6 * work.dtype.itemsize
+    where = (f"; its {touched / 2**20:.1f} MiB working set fits in the last-level cache"
+             if cache is not None and touched <= cache else "")
     dtype = str(work.dtype).removeprefix("torch.")
     print(f"\n## {work.name}: {work.numel / 1e6:.1f}M {dtype} params in {len(work.shapes)} "
-          f"tensors (Adan floor {floor:.2f} ms)\n", flush=True)
+          f"tensors (Adan floor {floor:.2f} ms at the memory bandwidth{where})\n", flush=True)
     entry: dict[str, Any] = dict(name=work.name, params=work.numel, tensors=len(work.shapes),
                                  dtype=dtype, rows=[])
     report["workloads"].append(entry)
     for row in all_rows:
-        result = run_row(row, work, device, args.steps, args.warmup, bw)
+        result = run_row(row, work, device, args.steps, args.warmup, bw, cache)
         result["peer"] = row.peer
         entry["rows"].append(result)
         done = (f"{result['device_ms']:.2f} ms, {result['x_floor']:.2f}x floor"

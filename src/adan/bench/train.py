@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -695,9 +696,15 @@ def plot(results: dict[str, Any], out: str | Path) -> list[Path]:
             top = max(mid + 0.2 * (mid - low), max(finals) + 0.1 * (max(finals) - low)) + 0.05
             ax.set_ylim(low - 0.02 * abs(low), top)
         ax.set_ylabel("validation loss (mean over seeds)")
-        ax.set_title(f"{name}: {entry['description']}", fontsize=9)
+        # Wrapped: a long description ran past the figure's edge on one line.
+        ax.set_title(textwrap.fill(f"{name}: {entry['description']}", 80), fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if "largebatch" in entry:
+            # Beside the axes: inside, it covered the batch-12 curves.
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            fig.set_size_inches(9.5, 4.5)
+        else:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = Path(out) / f"{name}.png"
         fig.savefig(path, dpi=110)
