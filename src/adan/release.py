@@ -1,0 +1,295 @@
+"""Gradient release: Adan steps each parameter inside backward and frees its gradient at once.
+
+With ``Adan(..., gradient_release=True)`` (or ``"gradient_release": True`` in a param group)
+every parameter of a releasing group gets a post-accumulate-grad hook. When backward has
+finished accumulating a parameter's gradient, the hook steps that parameter with its group's
+settings at that moment (the same checks, kernel choice and kernel call as ``Adan.step``) and
+sets its ``.grad`` to None, so the model's gradients never exist all at once: training needs
+about no gradient memory. ``Adan.step()`` then has nothing left to update for released
+parameters (it still runs a closure and the step hooks).
+
+What cannot be combined with it is refused when it is set up, or at the first point where it
+can be seen, never stepped wrongly:
+
+* ``max_grad_norm > 0``: the global norm needs every gradient before the first update;
+* ``differentiable=True``: the step would run inside backward;
+* DTensor parameters (FSDP2): FSDP2 writes the reduce-scattered gradient to the sharded
+  parameter in its own post-backward, which fires no post-accumulate-grad hook, and torch
+  offers no public hook after that write (``set_all_reduce_hook`` sees the flat reduced
+  buffer before it is split into the parameters' gradients);
+* a GradScaler: it unscales (and looks for overflows) after backward, when the hooks have
+  already stepped with the scaled gradients. Releasing optimizers claim
+  ``_step_supports_amp_scaling``, so ``scaler.step(opt)`` hands its scale to ``Adan.step``,
+  which raises; the parameters have by then taken that one backward's step;
+* a second backward before ``opt.step()`` or ``opt.zero_grad()`` (gradient accumulation): the
+  first hook of the second backward raises, before it updates anything. Accumulation is
+  spelled out instead: run every backward but the last inside
+  ``with opt.pause_gradient_release():`` (the hooks then leave the gradients to accumulate),
+  and the last backward steps each parameter with the accumulated gradient;
+* in a multi-process run, a hook that fires on a parameter DDP does not reduce (it would step
+  on the local gradient).
+
+DDP: each released parameter carries torch's ``_in_backward_optimizers`` marker, and its hook
+is listed where DDP looks for such hooks, so a ``DistributedDataParallel`` wrapping the model
+(before its first forward) removes the hook and installs its own communication hook instead,
+which all-reduces each bucket, averages it and then calls ``step()`` on the marker: the
+parameter is stepped with the reduced gradient. Gradient accumulation under DDP is DDP's own
+``no_sync()`` (no reduction, no step); ``pause_gradient_release()`` is refused there, because
+DDP frees the reduced gradient after its hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from adan.checks import check_group
+from adan.distributed import is_dtensor
+from adan.state import storage_format
+
+if TYPE_CHECKING:
+    from adan.optimizer import Adan
+
+__all__ = ["GradientRelease", "check_release"]
+
+# Where torch's optimizer-in-backward support keeps each parameter's hook handles; DDP removes
+# the handles listed there and steps the marked parameters in its communication hook.
+_DDP_HANDLES: Any
+try:
+    from torch.distributed.optim.apply_optimizer_in_backward import (
+        param_to_optim_hook_handle_map as _DDP_HANDLES,
+    )
+except ImportError:  # a torch build without torch.distributed
+    _DDP_HANDLES = None
+
+_MARKER = "_in_backward_optimizers"
+
+
+def _where(index: int | None) -> str:
+    return "" if index is None else f" in param group {index}"
+
+
+def check_release(group: dict[str, Any], params: list[Any], index: int | None = None) -> None:
+    """Raise if ``group`` (with ``params``) asks for gradient release that cannot work."""
+    release = group.get("gradient_release", False)
+    if not isinstance(release, bool):
+        raise ValueError(f"Invalid gradient_release{_where(index)}: {release!r} (allowed: True "
+                         "or False)")
+    if not release:
+        return
+    if group["max_grad_norm"] > 0:
+        raise ValueError(
+            f"Invalid max_grad_norm{_where(index)}: {group['max_grad_norm']!r} with "
+            "gradient_release=True (allowed: 0; clipping scales every gradient by the global "
+            "norm, which needs all gradients before the first update, while gradient release "
+            "steps each parameter as soon as its own gradient is ready)")
+    if group["differentiable"]:
+        raise ValueError(f"Invalid differentiable{_where(index)}: True with "
+                         "gradient_release=True (the step would run inside backward)")
+    for i, p in enumerate(params):
+        if isinstance(p, Tensor) and is_dtensor(p):
+            raise ValueError(
+                f"Invalid gradient_release{_where(index)}: parameter {i} is a DTensor (FSDP2). "
+                "FSDP2 writes the reduce-scattered gradient to the sharded parameter in its "
+                "post-backward without firing post-accumulate-grad hooks, and torch has no "
+                "public hook after that write; step normally (FSDP2 already frees each "
+                "unsharded gradient after its reduce-scatter)")
+
+
+@dataclass
+class _Entry:
+    """One released parameter: its group's position, its hook and its own cached plan (whose
+    kernel caches hold, e.g., its Triton address row)."""
+
+    param: Tensor
+    group: int
+    handle: RemovableHandle
+    plan: Any = None
+
+
+class _DDPStep:
+    """What DDP's communication hook calls ``step()`` on, once the parameter's bucket has been
+    all-reduced and averaged and ``.grad`` holds the result."""
+
+    def __init__(self, release: GradientRelease, param: Tensor) -> None:
+        self.release = release
+        self.param = param
+
+    def step(self) -> None:
+        if self.release.paused:
+            raise RuntimeError(
+                "pause_gradient_release() under DistributedDataParallel: DDP frees the reduced "
+                "gradient after its communication hook, so it cannot accumulate; run the "
+                "accumulating backward passes inside model.no_sync() instead")
+        self.release.fire(self.param, reduced=True)
+
+
+class GradientRelease:
+    """The hooks of one optimizer's released parameters and the bookkeeping between them."""
+
+    def __init__(self, opt: Adan) -> None:
+        self.opt = opt
+        self.entries: dict[int, _Entry] = {}
+        self.paused = 0
+        self.fired = False  # a parameter was released since the last step() or zero_grad()
+        self.in_backward = False
+        self.layout: list[tuple[bool, int]] = []
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Register hooks for the parameters of releasing groups and remove the others' (after
+        ``add_param_group``, ``load_state_dict``, unpickling, or a group's setting changed)."""
+        groups = self.opt.param_groups
+        self.layout = [(bool(g.get("gradient_release", False)), len(g["params"])) for g in groups]
+        wanted: dict[int, tuple[Tensor, int]] = {}
+        for index, group in enumerate(groups):
+            if group.get("gradient_release", False):
+                check_release(group, group["params"], index)
+                wanted.update({id(p): (p, index) for p in group["params"]})
+        for key in [k for k in self.entries if k not in wanted]:
+            self._remove(self.entries.pop(key))
+        for key, (param, index) in wanted.items():
+            entry = self.entries.get(key)
+            if entry is None:
+                self.entries[key] = self._register(param, index)
+            elif entry.group != index:
+                entry.group, entry.plan = index, None
+        self.opt._step_supports_amp_scaling = bool(self.opt.defaults["fused"]) or bool(
+            self.entries)
+
+    def _register(self, param: Tensor, index: int) -> _Entry:
+        handle = param.register_post_accumulate_grad_hook(self.hook)
+        if _DDP_HANDLES is not None:
+            setattr(param, _MARKER, [_DDPStep(self, param)])
+            _DDP_HANDLES.setdefault(param, []).append(handle)
+        return _Entry(param, index, handle)
+
+    @staticmethod
+    def _remove(entry: _Entry) -> None:
+        entry.handle.remove()
+        param = entry.param
+        if _DDP_HANDLES is not None and param in _DDP_HANDLES:
+            _DDP_HANDLES[param] = [h for h in _DDP_HANDLES[param] if h is not entry.handle]
+        if any(isinstance(s, _DDPStep) for s in getattr(param, _MARKER, [])):
+            delattr(param, _MARKER)
+
+    def remove_all(self) -> None:
+        """Remove every hook and turn release off in every group."""
+        for group in self.opt.param_groups:
+            group["gradient_release"] = False
+        self.sync()
+
+    def check_layout(self) -> None:
+        """Re-sync if a group's ``gradient_release`` or parameter count changed (cheap)."""
+        groups = self.opt.param_groups
+        if len(groups) != len(self.layout) or any(
+                (bool(g.get("gradient_release", False)), len(g["params"])) != seen
+                for g, seen in zip(groups, self.layout, strict=False)):
+            self.sync()
+
+    # --- the iteration ------------------------------------------------------------------------
+
+    def before_step(self) -> None:
+        """At ``Adan.step()``: refuse a GradScaler, and let the next backward release again."""
+        opt = self.opt
+        if self.entries and (getattr(opt, "grad_scale", None) is not None
+                             or getattr(opt, "found_inf", None) is not None):
+            raise RuntimeError(
+                "gradient release cannot be used with a GradScaler: the scaler unscales and "
+                "checks for overflows after backward, but the released parameters were already "
+                "stepped inside backward with the scaled gradients (use bf16 autocast, which "
+                "needs no scaler, or turn gradient release off)")
+        self.new_iteration()
+        self.check_layout()
+
+    def new_iteration(self) -> None:
+        """``step()`` or ``zero_grad()`` was called: the next backward may release again."""
+        self.fired = False
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        """While active, the hooks leave gradients to accumulate in ``.grad``."""
+        self.paused += 1
+        try:
+            yield
+        finally:
+            self.paused -= 1
+
+    def _begin_backward(self) -> None:
+        """At the first release of a backward pass: refuse a second backward without a step."""
+        if self.in_backward:
+            return
+        if self.fired:
+            raise RuntimeError(
+                "gradient release: a second backward pass before opt.step() or "
+                "opt.zero_grad(); the first one has already stepped and freed the gradients, so "
+                "gradients cannot accumulate. For gradient accumulation, run every backward but "
+                "the last inside `with opt.pause_gradient_release():`")
+        self.in_backward = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _end_backward(self) -> None:
+        self.in_backward = False
+
+    def hook(self, param: Tensor) -> None:
+        """The post-accumulate-grad hook: step ``param`` unless paused."""
+        if self.paused:
+            return
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                "gradient release in a run of several processes, on a parameter whose gradient "
+                "no DistributedDataParallel reduces: its hook sees only this process's "
+                "gradient. Wrap the model in DistributedDataParallel before its first forward "
+                "(DDP then steps it after the all-reduce), or turn gradient release off")
+        self.fire(param, reduced=False)
+
+    def fire(self, param: Tensor, reduced: bool) -> None:
+        """Step ``param`` with its complete (``reduced``: DDP-averaged) gradient, free it."""
+        entry = self.entries.get(id(param))
+        if entry is None or param.grad is None:
+            return
+        group = self.opt.param_groups[entry.group]
+        if not group.get("gradient_release", False):  # turned off since the last sync
+            return
+        self._begin_backward()
+        with torch.no_grad():
+            self.step_param(entry, group)
+        param.grad = None
+        self.fired = True
+
+    def step_param(self, entry: _Entry, group: dict[str, Any]) -> None:
+        """One step of one parameter, through the optimizer's own checks, plan and kernels.
+
+        The kernel is the one the group's ``step()`` would give this parameter (routed beside
+        the group's other parameters of its format and device), so the update is the same.
+        """
+        opt, index = self.opt, entry.group
+        check_group(group, index, read_tensors=False)
+        check_release(group, [], index)
+        view = {**group, "params": [entry.param]}
+        plan = entry.plan
+        key = opt._step_key(view)
+        if key is None or plan is None or plan.key != key:
+            checked = opt._collect(view, index)
+            plan = entry.plan = opt._plan(view, checked, self._route(view, group, checked))
+        opt._run_plan(group, plan, None)
+
+    def _route(self, view: dict[str, Any], group: dict[str, Any],
+               checked: list[tuple[Tensor, Tensor, str]]) -> list[Any]:
+        """``checked``'s single parameter's kernel call, as the group's step would route it
+        (the group's other parameters stand in with themselves as gradients)."""
+        param, _, fmt = checked[0]
+        others = [(q, q, fmt) for q in group["params"] if q is not param
+                  and q.device == param.device
+                  and storage_format(q, group["state_dtype"]) == fmt]
+        return [(kernel, f, [0]) for kernel, f, members in self.opt._route(view, checked + others)
+                if 0 in members]
+
