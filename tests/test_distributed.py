@@ -156,6 +156,15 @@ def test_ddp_matches_reference_and_single_process(tmp_path):
     assert_params(result["params"], single_process({}), TOL)
 
 
+def test_gradient_release_under_ddp_equals_a_normal_step(tmp_path):
+    """Each parameter stepped in DDP's communication hook with the averaged gradient; release
+    without DDP's reduction and under FSDP2 is refused."""
+    launch("release", 2, tmp_path, {})
+    result = load(tmp_path, "release")
+    assert result["freed"] and result["local_refused"] and result["fsdp_refused"]
+    assert_params(result["params"], single_process({}), TOL)
+
+
 def test_zero_redundancy_optimizer_matches_reference(tmp_path):
     """Partitioned state; Adan clips by the norm over all partitions (grad_norm_group)."""
     launch("zero", 2, tmp_path, dict(max_grad_norm=0.05))

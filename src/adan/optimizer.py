@@ -171,6 +171,12 @@ class Adan(Optimizer):
         on gradients stay in ``.grad`` until ``step()``."""
         self._release.remove_all()
 
+    def register_ddp(self, model: torch.nn.Module) -> None:
+        """With gradient release under ``DistributedDataParallel``: step the released
+        parameters of ``model`` (the DDP module) in its communication hook, once each bucket
+        is all-reduced, instead of on the local gradient (see :mod:`adan.release`)."""
+        self._release.register_ddp(model)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; with gradient release it also ends the iteration, so that
         the next backward may release again (released parameters hold no gradient)."""

@@ -29,13 +29,16 @@ can be seen, never stepped wrongly:
 * in a multi-process run, a hook that fires on a parameter DDP does not reduce (it would step
   on the local gradient).
 
-DDP: each released parameter carries torch's ``_in_backward_optimizers`` marker, and its hook
-is listed where DDP looks for such hooks, so a ``DistributedDataParallel`` wrapping the model
-(before its first forward) removes the hook and installs its own communication hook instead,
-which all-reduces each bucket, averages it and then calls ``step()`` on the marker: the
-parameter is stepped with the reduced gradient. Gradient accumulation under DDP is DDP's own
-``no_sync()`` (no reduction, no step); ``pause_gradient_release()`` is refused there, because
-DDP frees the reduced gradient after its hook.
+DDP: a parameter's post-accumulate-grad hook fires on the local gradient, before DDP has
+all-reduced its bucket. ``opt.register_ddp(ddp_model)`` installs a communication hook that
+all-reduces each bucket (averaged, as DDP's default hook), waits for it and steps the bucket's
+released parameters with the reduced gradients; their own hooks then stand aside. The reducer is
+told, as torch's own optimizer-in-backward support tells it, that the optimizer runs in
+backward, and a callback at the end of backward frees the gradients it may have written back.
+DDP's bucket buffers (one gradient's worth) remain: under DDP release saves the parameters'
+``.grad`` copies, not the buckets. Gradient accumulation under DDP is DDP's own ``no_sync()``
+(no reduction, no step); ``pause_gradient_release()`` is refused there, since the reduced
+bucket is not kept for a later step.
 """
 
 from __future__ import annotations
@@ -58,18 +61,6 @@ if TYPE_CHECKING:
     from adan.optimizer import Adan
 
 __all__ = ["GradientRelease", "check_release"]
-
-# Where torch's optimizer-in-backward support keeps each parameter's hook handles; DDP removes
-# the handles listed there and steps the marked parameters in its communication hook.
-_DDP_HANDLES: Any
-try:
-    from torch.distributed.optim.apply_optimizer_in_backward import (
-        param_to_optim_hook_handle_map as _DDP_HANDLES,
-    )
-except ImportError:  # a torch build without torch.distributed
-    _DDP_HANDLES = None
-
-_MARKER = "_in_backward_optimizers"
 
 
 def _where(index: int | None) -> str:
@@ -112,23 +103,7 @@ class _Entry:
     group: int
     handle: RemovableHandle
     plan: Any = None
-
-
-class _DDPStep:
-    """What DDP's communication hook calls ``step()`` on, once the parameter's bucket has been
-    all-reduced and averaged and ``.grad`` holds the result."""
-
-    def __init__(self, release: GradientRelease, param: Tensor) -> None:
-        self.release = release
-        self.param = param
-
-    def step(self) -> None:
-        if self.release.paused:
-            raise RuntimeError(
-                "pause_gradient_release() under DistributedDataParallel: DDP frees the reduced "
-                "gradient after its communication hook, so it cannot accumulate; run the "
-                "accumulating backward passes inside model.no_sync() instead")
-        self.release.fire(self.param, reduced=True)
+    reduced: bool = False  # stepped by a DDP communication hook, not by its own hook
 
 
 class GradientRelease:
@@ -141,6 +116,8 @@ class GradientRelease:
         self.fired = False  # a parameter was released since the last step() or zero_grad()
         self.in_backward = False
         self.layout: list[tuple[bool, int]] = []
+        self.ddp_params: set[int] = set()
+        self.freeing = False  # the end-of-backward callback of a DDP backward is queued
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -167,19 +144,52 @@ class GradientRelease:
 
     def _register(self, param: Tensor, index: int) -> _Entry:
         handle = param.register_post_accumulate_grad_hook(self.hook)
-        if _DDP_HANDLES is not None:
-            setattr(param, _MARKER, [_DDPStep(self, param)])
-            _DDP_HANDLES.setdefault(param, []).append(handle)
-        return _Entry(param, index, handle)
+        return _Entry(param, index, handle, reduced=id(param) in self.ddp_params)
 
     @staticmethod
     def _remove(entry: _Entry) -> None:
         entry.handle.remove()
-        param = entry.param
-        if _DDP_HANDLES is not None and param in _DDP_HANDLES:
-            _DDP_HANDLES[param] = [h for h in _DDP_HANDLES[param] if h is not entry.handle]
-        if any(isinstance(s, _DDPStep) for s in getattr(param, _MARKER, [])):
-            delattr(param, _MARKER)
+
+    def register_ddp(self, model: torch.nn.Module) -> None:
+        """Step ``model``'s (a ``DistributedDataParallel``) released parameters in its
+        communication hook, after each bucket's all-reduce."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not isinstance(model, DistributedDataParallel):
+            raise TypeError(f"register_ddp takes a DistributedDataParallel, not a "
+                            f"{type(model).__name__}")
+        self.ddp_params.update(id(p) for p in model.parameters())
+        for entry in self.entries.values():
+            entry.reduced = entry.reduced or id(entry.param) in self.ddp_params
+        group = model.process_group
+
+        def hook(_, bucket):  # type: ignore[no-untyped-def]  # DDP reads real annotations
+            reduced = allreduce_hook(group, bucket)  # averages, as DDP's default hook does
+            reduced.wait()
+            if self.paused:
+                raise RuntimeError(
+                    "pause_gradient_release() under DistributedDataParallel: the reduced bucket "
+                    "is not kept for a later step; run the accumulating backward passes inside "
+                    "model.no_sync() instead")
+            for param, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
+                if id(param) in self.entries:
+                    param.grad = grad
+                    self.fire(param)
+            if not self.freeing:
+                self.freeing = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._free_reduced)
+            return reduced
+
+        model.register_comm_hook(None, hook)
+        model.reducer._set_optimizer_in_backward()  # as torch's optimizer-in-backward does
+
+    def _free_reduced(self) -> None:
+        """At the end of a DDP backward: free what the reducer wrote back to ``.grad``."""
+        self.freeing = False
+        for entry in self.entries.values():
+            if entry.reduced:
+                entry.param.grad = None
 
     def remove_all(self) -> None:
         """Remove every hook and turn release off in every group."""
@@ -240,19 +250,20 @@ class GradientRelease:
         self.in_backward = False
 
     def hook(self, param: Tensor) -> None:
-        """The post-accumulate-grad hook: step ``param`` unless paused."""
-        if self.paused:
+        """The post-accumulate-grad hook: step ``param`` unless paused or left to DDP."""
+        entry = self.entries.get(id(param))
+        if self.paused or entry is None or entry.reduced:
             return
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise RuntimeError(
                 "gradient release in a run of several processes, on a parameter whose gradient "
-                "no DistributedDataParallel reduces: its hook sees only this process's "
-                "gradient. Wrap the model in DistributedDataParallel before its first forward "
-                "(DDP then steps it after the all-reduce), or turn gradient release off")
-        self.fire(param, reduced=False)
+                "no registered DistributedDataParallel reduces: its hook sees only this "
+                "process's gradient. Call opt.register_ddp(ddp_model) (the parameters are then "
+                "stepped after the all-reduce), or turn gradient release off")
+        self.fire(param)
 
-    def fire(self, param: Tensor, reduced: bool) -> None:
-        """Step ``param`` with its complete (``reduced``: DDP-averaged) gradient, free it."""
+    def fire(self, param: Tensor) -> None:
+        """Step ``param`` with its complete (under DDP: averaged) gradient, then free it."""
         entry = self.entries.get(id(param))
         if entry is None or param.grad is None:
             return
