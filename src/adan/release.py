@@ -4,8 +4,9 @@ With ``Adan(..., gradient_release=True)`` (or ``"gradient_release": True`` in a 
 every parameter of a releasing group gets a post-accumulate-grad hook. When backward has
 finished accumulating a parameter's gradient, the hook steps that parameter with its group's
 settings at that moment (the same checks, kernel choice and kernel call as ``Adan.step``) and
-sets its ``.grad`` to None, so the model's gradients never exist all at once: training needs
-about no gradient memory. ``Adan.step()`` then has nothing left to update for released
+sets its ``.grad`` to None, so the model's gradients never exist all at once: at most the
+gradients that are being stepped at a moment are held (autograd's gradients in flight aside).
+``Adan.step()`` then has nothing left to update for released
 parameters (it still runs a closure and the step hooks).
 
 What cannot be combined with it is refused when it is set up, or at the first point where it
@@ -36,9 +37,9 @@ released parameters with the reduced gradients; their own hooks then stand aside
 told, as torch's own optimizer-in-backward support tells it, that the optimizer runs in
 backward, and a callback at the end of backward frees the gradients it may have written back.
 DDP's bucket buffers (one gradient's worth) remain: under DDP release saves the parameters'
-``.grad`` copies, not the buckets. Gradient accumulation under DDP is DDP's own ``no_sync()``
-(no reduction, no step); ``pause_gradient_release()`` is refused there, since the reduced
-bucket is not kept for a later step.
+``.grad`` copies, not the buckets. Gradient accumulation under DDP is meant to be DDP's own
+``no_sync()`` (no reduction, hence no step; not tested here); ``pause_gradient_release()`` is
+refused there, since the reduced bucket is not kept for a later step.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ if TYPE_CHECKING:
     from adan.optimizer import Adan
 
 __all__ = ["GradientRelease", "check_release"]
+
+# Parameters of fewer elements (biases, norm weights) are stepped together at the end of
+# backward: one kernel call for all of them, as a normal step packs them on CPU, instead of one
+# launch each; their gradients, a small part of a model's, are held until then.
+SMALL_NUMEL = 1 << 16
 
 
 def _where(index: int | None) -> str:
@@ -118,6 +124,9 @@ class GradientRelease:
         self.layout: list[tuple[bool, int]] = []
         self.ddp_params: set[int] = set()
         self.freeing = False  # the end-of-backward callback of a DDP backward is queued
+        self.pending: list[_Entry] = []  # small parameters released in this backward
+        self.small_plans: dict[tuple[int, ...], Any] = {}
+        self.checked: set[int] = set()  # groups whose settings this iteration has checked
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -125,6 +134,7 @@ class GradientRelease:
         """Register hooks for the parameters of releasing groups and remove the others' (after
         ``add_param_group``, ``load_state_dict``, unpickling, or a group's setting changed)."""
         groups = self.opt.param_groups
+        self.small_plans.clear()
         self.layout = [(bool(g.get("gradient_release", False)), len(g["params"])) for g in groups]
         wanted: dict[int, tuple[Tensor, int]] = {}
         for index, group in enumerate(groups):
@@ -218,11 +228,14 @@ class GradientRelease:
                 "stepped inside backward with the scaled gradients (use bf16 autocast, which "
                 "needs no scaler, or turn gradient release off)")
         self.new_iteration()
-        self.check_layout()
 
     def new_iteration(self) -> None:
-        """``step()`` or ``zero_grad()`` was called: the next backward may release again."""
-        self.fired = False
+        """``step()`` or ``zero_grad()`` was called: the next backward may release again (and
+        a group's changed setting takes effect)."""
+        self.fired = self.in_backward = False  # (a failed backward ran no final callback)
+        self.pending = []
+        self.checked.clear()
+        self.check_layout()
 
     @contextlib.contextmanager
     def pause(self) -> Iterator[None]:
@@ -248,6 +261,7 @@ class GradientRelease:
 
     def _end_backward(self) -> None:
         self.in_backward = False
+        self._flush()
 
     def hook(self, param: Tensor) -> None:
         """The post-accumulate-grad hook: step ``param`` unless paused or left to DDP."""
@@ -263,7 +277,8 @@ class GradientRelease:
         self.fire(param)
 
     def fire(self, param: Tensor) -> None:
-        """Step ``param`` with its complete (under DDP: averaged) gradient, then free it."""
+        """Step ``param`` with its complete (under DDP: averaged) gradient, then free it; a
+        small parameter waits for the end of backward, to be stepped with the others."""
         entry = self.entries.get(id(param))
         if entry is None or param.grad is None:
             return
@@ -271,36 +286,61 @@ class GradientRelease:
         if not group.get("gradient_release", False):  # turned off since the last sync
             return
         self._begin_backward()
-        with torch.no_grad():
-            self.step_param(entry, group)
-        param.grad = None
         self.fired = True
+        if param.numel() < SMALL_NUMEL:
+            self.pending.append(entry)
+            return
+        with torch.no_grad():
+            entry.plan = self.step_params(group, entry.group, [param], entry.plan)
+        param.grad = None
 
-    def step_param(self, entry: _Entry, group: dict[str, Any]) -> None:
-        """One step of one parameter, through the optimizer's own checks, plan and kernels.
+    def _flush(self) -> None:
+        """Step the small parameters released in this backward, one call per group."""
+        pending, self.pending = self.pending, []
+        by_group: dict[int, list[Tensor]] = {}
+        for entry in pending:
+            if entry.param.grad is not None:
+                by_group.setdefault(entry.group, []).append(entry.param)
+        for index, params in by_group.items():
+            key = (index, *map(id, params))
+            with torch.no_grad():
+                self.small_plans[key] = self.step_params(
+                    self.opt.param_groups[index], index, params, self.small_plans.get(key))
+            for param in params:
+                param.grad = None
 
-        The kernel is the one the group's ``step()`` would give this parameter (routed beside
-        the group's other parameters of its format and device), so the update is the same.
+    def step_params(self, group: dict[str, Any], index: int, params: list[Tensor],
+                    plan: Any) -> Any:
+        """One step of ``params`` (of param group ``index``) through the optimizer's own
+        checks, plan and kernels; returns the plan, to be passed back next time.
+
+        The kernels are those the group's ``step()`` would give these parameters (routed
+        beside the group's other parameters), so the update is the same.
         """
-        opt, index = self.opt, entry.group
-        check_group(group, index, read_tensors=False)
-        check_release(group, [], index)
-        view = {**group, "params": [entry.param]}
-        plan = entry.plan
+        opt = self.opt
+        if index not in self.checked:  # once per group and iteration, as step() checks
+            check_group(group, index, read_tensors=False)
+            check_release(group, [], index)
+            self.checked.add(index)
+        view = {**group, "params": params}
         key = opt._step_key(view)
         if key is None or plan is None or plan.key != key:
             checked = opt._collect(view, index)
-            plan = entry.plan = opt._plan(view, checked, self._route(view, group, checked))
+            plan = opt._plan(view, checked, self._route(view, group, checked))
         opt._run_plan(group, plan, None)
+        return plan
 
     def _route(self, view: dict[str, Any], group: dict[str, Any],
                checked: list[tuple[Tensor, Tensor, str]]) -> list[Any]:
-        """``checked``'s single parameter's kernel call, as the group's step would route it
-        (the group's other parameters stand in with themselves as gradients)."""
-        param, _, fmt = checked[0]
-        others = [(q, q, fmt) for q in group["params"] if q is not param
-                  and q.device == param.device
-                  and storage_format(q, group["state_dtype"]) == fmt]
-        return [(kernel, f, [0]) for kernel, f, members in self.opt._route(view, checked + others)
-                if 0 in members]
-
+        """``checked``'s kernel calls as the group's step would route them: the group's other
+        parameters stand in (with themselves as gradients) and are then left out."""
+        count = len(checked)
+        ids = {id(p) for p, _, _ in checked}
+        others = [(q, q, storage_format(q, group["state_dtype"])) for q in group["params"]
+                  if id(q) not in ids]
+        routes = []
+        for kernel, fmt, members in self.opt._route(view, checked + others):
+            mine = [m for m in members if m < count]
+            if mine:
+                routes.append((kernel, fmt, mine))
+        return routes
