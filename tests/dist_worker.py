@@ -231,6 +231,16 @@ def release(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> Non
         fsdp_refused = "FSDP2" in str(exc)
     save(out, "release", rank, model.module, freed=freed, local_refused=local_refused,
          fsdp_refused=fsdp_refused)
+    model = DistributedDataParallel(make_model())  # accumulation: no_sync(), then a synced pass
+    opt = Adan(param_groups(model.module), gradient_release=True, **opt_kwargs)
+    opt.register_ddp(model)
+    for k in range(STEPS):
+        x, y = batch(k, rank, world)
+        with model.no_sync():
+            F.mse_loss(model(x[:2]), y[:2]).backward()
+        F.mse_loss(model(x[2:]), y[2:]).backward()
+        opt.step()
+    save(out, "release-accumulated", rank, model.module)
 
 
 SCENARIOS = {f.__name__: f for f in (fsdp, fsdp_compact, ddp, zero, dcp_save, dcp_resume,

@@ -37,9 +37,10 @@ released parameters with the reduced gradients; their own hooks then stand aside
 told, as torch's own optimizer-in-backward support tells it, that the optimizer runs in
 backward, and a callback at the end of backward frees the gradients it may have written back.
 DDP's bucket buffers (one gradient's worth) remain: under DDP release saves the parameters'
-``.grad`` copies, not the buckets. Gradient accumulation under DDP is meant to be DDP's own
-``no_sync()`` (no reduction, hence no step; not tested here); ``pause_gradient_release()`` is
-refused there, since the reduced bucket is not kept for a later step.
+``.grad`` copies, not the buckets. Gradient accumulation under DDP is DDP's own ``no_sync()``
+(no reduction, hence no step: the gradients accumulate in ``.grad`` until a synced backward);
+``pause_gradient_release()`` is refused there, since the reduced bucket is not kept for a later
+step.
 """
 
 from __future__ import annotations
