@@ -206,7 +206,45 @@ def dcp_resume(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> 
     save(out, f"dcp_resume-{world}", rank, model, grads=grads)
 
 
-SCENARIOS = {f.__name__: f for f in (fsdp, fsdp_compact, ddp, zero, dcp_save, dcp_resume)}
+def release(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> None:
+    """Gradient release under DDP (stepped in DDP's communication hook, after the all-reduce);
+    refused without DDP (a local gradient) and under FSDP2 (no hook after its reduce-scatter)."""
+    model = DistributedDataParallel(make_model())
+    opt = Adan(param_groups(model.module), gradient_release=True, **opt_kwargs)
+    opt.register_ddp(model)
+    freed = True
+    for k in range(STEPS):
+        x, y = batch(k, rank, world)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        freed &= all(p.grad is None for p in model.parameters())
+        opt.step()
+    local = make_model()
+    Adan(local.parameters(), gradient_release=True)
+    try:
+        F.mse_loss(local(batch(0, rank, world)[0]), batch(0, rank, world)[1]).backward()
+    except RuntimeError as exc:
+        local_refused = "register_ddp" in str(exc)
+    try:
+        Adan(shard(make_model()).parameters(), gradient_release=True)
+    except ValueError as exc:
+        fsdp_refused = "FSDP2" in str(exc)
+    save(out, "release", rank, model.module, freed=freed, local_refused=local_refused,
+         fsdp_refused=fsdp_refused)
+    model = DistributedDataParallel(make_model())  # accumulation: no_sync(), then a synced pass
+    opt = Adan(param_groups(model.module), gradient_release=True, **opt_kwargs)
+    opt.register_ddp(model)
+    for k in range(STEPS):
+        x, y = batch(k, rank, world)
+        with model.no_sync():
+            F.mse_loss(model(x[:2]), y[:2]).backward()
+        F.mse_loss(model(x[2:]), y[2:]).backward()
+        opt.step()
+    save(out, "release-accumulated", rank, model.module)
+
+
+SCENARIOS = {f.__name__: f for f in (fsdp, fsdp_compact, ddp, zero, dcp_save, dcp_resume,
+                                     release)}
 
 
 def entry(rank: int, world: int, port: int, scenario: str, out: str,

@@ -156,6 +156,30 @@ def test_ddp_matches_reference_and_single_process(tmp_path):
     assert_params(result["params"], single_process({}), TOL)
 
 
+def test_gradient_release_under_ddp_equals_a_normal_step(tmp_path):
+    """Each parameter stepped in DDP's communication hook with the averaged gradient; release
+    without DDP's reduction and under FSDP2 is refused."""
+    launch("release", 2, tmp_path, {})
+    result = load(tmp_path, "release")
+    assert result["freed"] and result["local_refused"] and result["fsdp_refused"]
+    assert_params(result["params"], single_process({}), TOL)
+    # Two micro-batches per rank, the first inside DDP's no_sync(): as one process pausing
+    # release for the first of two micro-batches, each made of both ranks' halves.
+    model = dist_worker.make_model()
+    opt = Adan(dist_worker.param_groups(model), gradient_release=True)
+    for k in range(dist_worker.STEPS):
+        x, y = dist_worker.batch(k, 0, 1)
+        half = x.shape[0] // 2
+        micro = [torch.cat([t[j:j + 2], t[half + j:half + j + 2]]) for t in (x, y)
+                 for j in (0, 2)]
+        with opt.pause_gradient_release():
+            torch.nn.functional.mse_loss(model(micro[0]), micro[2]).backward()
+        torch.nn.functional.mse_loss(model(micro[1]), micro[3]).backward()
+        opt.step()
+    assert_params(load(tmp_path, "release-accumulated")["params"], list(model.parameters()),
+                  TOL)
+
+
 def test_zero_redundancy_optimizer_matches_reference(tmp_path):
     """Partitioned state; Adan clips by the norm over all partitions (grad_norm_group)."""
     launch("zero", 2, tmp_path, dict(max_grad_norm=0.05))

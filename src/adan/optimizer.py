@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable
 from copy import deepcopy
@@ -30,6 +31,7 @@ from adan.distributed import (
 )
 from adan.kernels.common import StepArgs, real_view
 from adan.kernels.select import Kernel, route
+from adan.release import GradientRelease, check_release
 from adan.state import (
     StateMap,
     add_seed,
@@ -107,6 +109,10 @@ class Adan(Optimizer):
             ``load_state_dict`` and when a group's setting changes. See docs/lowmem.md.
         stochastic_param_rounding: write bfloat16 parameters with stochastic rounding so that
             updates smaller than their precision are not lost (no extra memory).
+        gradient_release: step each parameter inside backward as soon as its gradient is
+            complete and free that gradient, so the model's gradients never coexist (a group
+            setting; see :mod:`adan.release` for what it cannot be combined with, and
+            :meth:`pause_gradient_release` for gradient accumulation).
     """
 
     def __init__(
@@ -127,6 +133,7 @@ class Adan(Optimizer):
         grad_norm_group: ProcessGroup | None = None,
         state_dtype: str | torch.dtype | None = None,
         stochastic_param_rounding: bool = False,
+        gradient_release: bool = False,
     ) -> None:
         check_grad_norm_group(grad_norm_group)
         self._grad_norm_group = grad_norm_group
@@ -135,19 +142,22 @@ class Adan(Optimizer):
         # one of their ids.
         self._state_refs: list[Any] = []
         self._skips: Tensor | None = None
+        self._release = GradientRelease(self)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, no_prox=no_prox,
             max_grad_norm=max_grad_norm, maximize=maximize, foreach=foreach, fused=fused,
             differentiable=differentiable, capturable=capturable, state_dtype=state_dtype,
-            stochastic_param_rounding=stochastic_param_rounding,
+            stochastic_param_rounding=stochastic_param_rounding, gradient_release=gradient_release,
         )
         check_group(defaults)
+        check_release(defaults, [])
         super().__init__(params, defaults)
         self.state = StateMap(self.state)
         # As torch's optimizers: only fused=True claims to unscale inside the step. GradScaler
         # then hands over grad_scale/found_inf; otherwise it unscales .grad itself, which keeps
         # clipping after ``scaler.unscale_`` (e.g. Lightning's gradient_clip_val) available.
         self._step_supports_amp_scaling = bool(fused)
+        self._release.sync()  # releasing optimizers claim it too, to refuse a GradScaler
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -159,6 +169,31 @@ class Adan(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        self.__dict__.setdefault("_release", GradientRelease(self))  # a copy registers anew
+        self._release.sync()
+
+    def pause_gradient_release(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which backward passes leave released parameters' gradients to
+        accumulate in ``.grad``, for gradient accumulation: run every backward but the last
+        of a step inside it; the last one then steps with the accumulated gradients."""
+        return self._release.pause()
+
+    def remove_gradient_release(self) -> None:
+        """Remove the gradient-release hooks and turn the setting off in every group: from now
+        on gradients stay in ``.grad`` until ``step()``."""
+        self._release.remove_all()
+
+    def register_ddp(self, model: torch.nn.Module) -> None:
+        """With gradient release under ``DistributedDataParallel``: step the released
+        parameters of ``model`` (the DDP module) in its communication hook, once each bucket
+        is all-reduced, instead of on the local gradient (see :mod:`adan.release`)."""
+        self._release.register_ddp(model)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; with gradient release it also ends the iteration, so that
+        the next backward may release again (released parameters hold no gradient)."""
+        self._release.new_iteration()
+        super().zero_grad(set_to_none)
 
     @property
     def skipped_steps(self) -> int:
@@ -177,6 +212,7 @@ class Adan(Optimizer):
             params = param_group["params"] = [params] if isinstance(params, Tensor) else list(
                 params)
             check_params([p[1] if isinstance(p, tuple) else p for p in params], index)
+            check_release(merged, [p[1] if isinstance(p, tuple) else p for p in params], index)
         if self.__dict__.get("param_groups"):
             first = self.param_groups[0]["max_grad_norm"]
             if merged["max_grad_norm"] != first:
@@ -188,6 +224,7 @@ class Adan(Optimizer):
                                                   "max_grad_norm", "state_dtype")})
         super().add_param_group(param_group)
         self._plans.clear()
+        self._release.sync()
 
     # --- state dicts -------------------------------------------------------------------------
 
@@ -244,6 +281,7 @@ class Adan(Optimizer):
             if "param_names" in group and "param_names" not in saved:
                 new["param_names"] = group["param_names"]
             new["state_dtype"] = group["state_dtype"]
+            new["gradient_release"] = group.get("gradient_release", False)
             check_group(new, index)
             groups.append(new)
         state: defaultdict[Tensor, Any] = defaultdict(dict)
@@ -473,6 +511,7 @@ class Adan(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._release.before_step()
         self._check_step_groups()
         groups = self.param_groups
         states = self._states_key()
@@ -493,21 +532,26 @@ class Adan(Optimizer):
                 if i < len(groups):
                     plan.key = None if plan.sharded else self._step_key(groups[i], states)
         for i, group in enumerate(groups):
-            plan = self._plans[i]
-            beta1, beta2, beta3 = group["betas"]
-            for call in plan.calls:
-                # A plan holds only parameters with gradients; DTensor ones take local shards.
-                grads = [cast(Tensor, plan.params[m].grad) for m in call.members]
-                if plan.key is None:
-                    grads = [local_views(plan.params[m], g, {})[1]
-                             for m, g in zip(call.members, grads, strict=True)]
-                call.kernel(call.params, grads, call.states, StepArgs(
-                    lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
-                    weight_decay=group["weight_decay"], no_prox=group["no_prox"],
-                    maximize=group["maximize"], capturable=group["capturable"],
-                    grad_factor=grad_factor, fmt=call.fmt,
-                    stochastic_param=group["stochastic_param_rounding"], cache=call.cache))
+            self._run_plan(group, self._plans[i], grad_factor)
         return loss
+
+    @staticmethod
+    def _run_plan(group: dict[str, Any], plan: _Plan, grad_factor: Tensor | None) -> None:
+        """Launch a plan's kernel calls with the group's current settings (a step of the
+        group, or gradient release's step of one parameter)."""
+        beta1, beta2, beta3 = group["betas"]
+        for call in plan.calls:
+            # A plan holds only parameters with gradients; DTensor ones take local shards.
+            grads = [cast(Tensor, plan.params[m].grad) for m in call.members]
+            if plan.key is None:
+                grads = [local_views(plan.params[m], g, {})[1]
+                         for m, g in zip(call.members, grads, strict=True)]
+            call.kernel(call.params, grads, call.states, StepArgs(
+                lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
+                weight_decay=group["weight_decay"], no_prox=group["no_prox"],
+                maximize=group["maximize"], capturable=group["capturable"],
+                grad_factor=grad_factor, fmt=call.fmt,
+                stochastic_param=group["stochastic_param_rounding"], cache=call.cache))
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import adan.release
 from adan.__main__ import main as adan_main
 from adan.bench import lowmem
 
@@ -61,3 +62,21 @@ def test_report_plots_curves_and_differences_from_fp32(tmp_path, capsys):
     assert lowmem.main(argv) == 0
     assert (tmp_path / "c.png").stat().st_size > 0
     assert "bf16  mean final val loss 3.0100 (+0.0100 vs fp32, 1 seeds)" in capsys.readouterr().out
+
+
+def test_training_mode_measures_what_release_frees(capsys, monkeypatch):
+    """A tiny GPT-2-shaped model, each parameter released on its own: release holds no more
+    than its largest gradient at once and lowers the step's peak; the table and the comparison
+    are printed (no timing asserted)."""
+    monkeypatch.setattr(adan.release, "SMALL_NUMEL", 0)
+    argv = ["training", "--layers", "1", "--embd", "64", "--vocab", "64", "--block", "8",
+            "--batch", "1", "--steps", "1", "--repeats", "1"]
+    assert lowmem.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Adan int8 + release" in out and "Adan: release saves" in out
+    rows = lowmem.training(1, 64, 64, 8, 1, 1, 1)
+    for base in ("Adan", "Adan int8"):
+        released = rows[f"{base} + release"]
+        assert rows[base]["grads"] == 4.0 and released["grads"] < 2.0
+        assert released["peak"] < rows[base]["peak"]
+        assert released["state"] == rows[base]["state"]

@@ -1,7 +1,10 @@
 """Benchmarks of Adan's low-memory state: bytes per parameter, step time, convergence.
 
 ``python -m adan.bench.lowmem memory|speed [--device cuda]`` prints a table (on CUDA with each
-step's transient peak per parameter, and CUDA-event timing); ``convergence`` trains the
+step's transient peak per parameter, and CUDA-event timing); ``training`` trains a GPT-2-shaped
+model a few steps with AdamW, Adan, 8-bit Adan and 8-bit Adan with gradient release and
+reports each training step's peak memory (params, gradients, state and activations) per
+parameter, and the median time per iteration; ``convergence`` trains the
 character-level GPT of :mod:`adan.bench.charlm` for each state setting and seed, writes the
 curves to JSON and, with ``--plot``, draws the mean validation curves (needs matplotlib);
 ``report`` summarises and plots a saved JSON without training.
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from adan import Adan
 from adan.bench.speed import step_peak
@@ -92,6 +97,159 @@ def speed(numel: int, tensors: int, repeats: int, steps: int,
                 opt.step()
             times[fmt].append((time.perf_counter() - start) / steps)
     return {fmt: statistics.median(t) for fmt, t in times.items()}
+
+
+# The optimizers ``training`` compares: name and a constructor taking the parameters.
+TRAINING_SETTINGS: dict[str, Any] = {
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.02),
+    "Adan": lambda ps: Adan(ps, lr=1e-3, weight_decay=0.02),
+    "Adan + release": lambda ps: Adan(ps, lr=1e-3, weight_decay=0.02, gradient_release=True),
+    "Adan int8": lambda ps: Adan(ps, lr=1e-3, weight_decay=0.02, state_dtype="int8"),
+    "Adan int8 + release": lambda ps: Adan(ps, lr=1e-3, weight_decay=0.02, state_dtype="int8",
+                                           gradient_release=True),
+}
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _iteration(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """One training iteration: clear gradients, forward, backward, step."""
+    opt.zero_grad(set_to_none=True)
+    logits = model(x[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+    opt.step()
+
+
+def _cpu_peak(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> int:
+    """Bytes allocated at the peak of one iteration, from the profiler's allocation events,
+    above what was live when it began."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _iteration(model, opt, x)
+    live = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+              if e.name() == "[memory]"]
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+class _GradCounter:
+    """The most bytes of ``.grad`` tensors held at once: a post-accumulate-grad hook registered
+    before the optimizer's counts each gradient in, one registered after it counts those that
+    gradient release freed out; the rest leave at ``zero_grad``."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        self.live = self.most = 0
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._arrived)
+
+    def _arrived(self, p: torch.Tensor) -> None:
+        self.live += _tensor_bytes([p.grad])
+        self.most = max(self.most, self.live)
+
+    def after_optimizer(self) -> None:
+        """Register the hooks that run after the optimizer's."""
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._released)
+
+    def _released(self, p: torch.Tensor) -> None:
+        if p.grad is None:
+            self.live -= p.numel() * p.element_size()
+
+    def cleared(self) -> None:
+        self.live = _tensor_bytes(p.grad for p in self.params if p.grad is not None)
+
+
+class _OptClock:
+    """Host seconds of an optimizer's work: its ``step()`` and, with gradient release, the
+    steps its hooks take inside backward (meaningful on CPU, where kernels run on the host)."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.seconds = 0.0
+        self.start = 0.0
+        opt.register_step_pre_hook(self._begin)
+        opt.register_step_post_hook(self._end)
+        release = getattr(opt, "_release", None)
+        if release is not None:
+            inner = release.step_params
+
+            def timed(*args: Any) -> Any:
+                start = time.perf_counter()
+                plan = inner(*args)
+                self.seconds += time.perf_counter() - start
+                return plan
+
+            release.step_params = timed
+
+    def _begin(self, *_: Any) -> None:
+        self.start = time.perf_counter()
+
+    def _end(self, *_: Any) -> None:
+        self.seconds += time.perf_counter() - self.start
+
+
+def training(layers: int, embd: int, vocab: int, block: int, batch: int, steps: int,
+             repeats: int, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+    """Per optimizer in :data:`TRAINING_SETTINGS`, bytes per parameter of the parameters, the
+    state, the most ``.grad`` bytes held at once and the peak of a training step (measured after
+    ``steps`` warm-up iterations: CPU from the profiler's allocation events plus what was live
+    before, CUDA ``max_memory_allocated``), and the median seconds per iteration and of the
+    optimizer's work in it over ``repeats`` more (unprofiled; the settings take turns, one
+    iteration each)."""
+    from adan.bench.charlm import CharGPT
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(vocab, (batch, block + 1), generator=gen).to(device)
+    runs: dict[str, Any] = {}
+    out: dict[str, dict[str, float]] = {}
+    for name, make in TRAINING_SETTINGS.items():
+        torch.manual_seed(0)
+        model = CharGPT(vocab, block, layers, max(1, embd // 64), embd).to(device)
+        params: list[torch.Tensor] = list(model.parameters())
+        numel = sum(p.numel() for p in params)
+        counter = _GradCounter(params)
+        opt = make(params)
+        counter.after_optimizer()
+        for _ in range(steps):
+            _iteration(model, opt, x)
+        opt.zero_grad(set_to_none=True)
+        counter.cleared()
+        counter.most = 0
+        _iteration(model, opt, x)
+        grads = counter.most
+        opt.zero_grad(set_to_none=True)
+        before = _tensor_bytes(params) + state_bytes(list(opt.state.values()))
+        if device.type == "cuda":
+            _sync(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            _iteration(model, opt, x)
+            _sync(device)
+            peak = before + torch.cuda.max_memory_allocated(device) - base
+        else:
+            peak = before + _cpu_peak(model, opt, x)
+        out[name] = {"params": _tensor_bytes(params) / numel,
+                     "state": state_bytes(list(opt.state.values())) / numel,
+                     "grads": grads / numel, "peak": peak / numel, "numel": numel}
+        runs[name] = (model, opt, _OptClock(opt))
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (model, opt, clock) in runs.items():
+            _sync(device)
+            clock.seconds = 0.0
+            start = time.perf_counter()
+            _iteration(model, opt, x)
+            _sync(device)
+            times[name].append((time.perf_counter() - start, clock.seconds))
+    for name, t in times.items():
+        out[name]["seconds"] = statistics.median(s for s, _ in t)
+        out[name]["optimizer"] = statistics.median(o for _, o in t)
+    return out
 
 
 def convergence(
@@ -191,7 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     mem = sub.add_parser("memory", help="state bytes per parameter")
     mem.add_argument("--numel", type=int, default=1 << 20)
     spd = sub.add_parser("speed", help="median step time per setting")
-    for sub_parser in (mem, spd):  # accepted before or after the mode
+    trn = sub.add_parser("training", help="peak memory of a GPT-2-shaped training step")
+    trn.add_argument("--layers", type=int, default=4)
+    trn.add_argument("--embd", type=int, default=256)
+    trn.add_argument("--vocab", type=int, default=1024)
+    trn.add_argument("--block", type=int, default=32)
+    trn.add_argument("--batch", type=int, default=2)
+    trn.add_argument("--steps", type=int, default=3, help="warm-up iterations")
+    trn.add_argument("--repeats", type=int, default=11, help="timed iterations")
+    for sub_parser in (mem, spd, trn):  # accepted before or after the mode
         sub_parser.add_argument("--device", default=argparse.SUPPRESS,
                                 help="cpu or cuda (default: cpu)")
     spd.add_argument("--numel", type=int, default=1 << 20)
@@ -228,6 +394,25 @@ def main(argv: list[str] | None = None) -> int:
         for fmt, per, peak in memory(args.numel, device):
             extra = "" if peak is None else f"  step peak {peak:7.4f} B/p"
             print(f"  {fmt:5s} {per:7.4f}{extra}")
+    elif args.command == "training":
+        rows = training(args.layers, args.embd, args.vocab, args.block, args.batch, args.steps,
+                        args.repeats, device)
+        numel = int(next(iter(rows.values()))["numel"])
+        print(f"GPT-2-shaped model, {args.layers} layers x {args.embd}, vocab {args.vocab}, "
+              f"{args.batch} x {args.block} tokens, {numel} fp32 params, {device} "
+              "(bytes per parameter; median time per iteration)")
+        print(f"  {'optimizer':20s} params  state  grads*  peak  ms/iter  ms/iter in the "
+              "optimizer  (* the most .grad bytes held at once)")
+        for name, row in rows.items():
+            print(f"  {name:20s} {row['params']:6.2f} {row['state']:6.2f} {row['grads']:6.2f} "
+                  f"{row['peak']:6.2f} {row['seconds'] * 1e3:8.1f} {row['optimizer'] * 1e3:8.1f}")
+        for base in ("Adan", "Adan int8"):
+            saved = rows[base]["peak"] - rows[f"{base} + release"]["peak"]
+            with_release = rows[f"{base} + release"]
+            print(f"  {base}: release saves {saved:.2f} B/param of peak, "
+                  f"{saved / rows[base]['grads']:.0%} of the gradients' bytes; time per "
+                  f"iteration x{with_release['seconds'] / rows[base]['seconds']:.2f}, in the "
+                  f"optimizer x{with_release['optimizer'] / rows[base]['optimizer']:.2f}")
     elif args.command == "speed":
         medians = speed(args.numel, args.tensors, args.repeats, args.steps, device)
         where = (torch.cuda.get_device_name(device) if device.type == "cuda"
