@@ -1,8 +1,7 @@
 """Gradient release (``gradient_release=True``): each parameter is stepped inside backward.
 
-Training with release must equal training without it: bit for bit where the path is
-deterministic (plain state), within the format's rounding for compact state (whose stochastic
-rounding draws one seed per kernel call: per group without release, per parameter with it).
+Training with release must equal training without it, bit for bit on every path and state
+format (stochastic rounding's noise depends on the parameter, step and element alone).
 """
 
 from __future__ import annotations
@@ -93,7 +92,9 @@ def train(model: nn.Module, opt: Adan, steps: range, sched=None) -> None:
 def pair(name: str, steps: int = STEPS, **kwargs) -> tuple[nn.Module, nn.Module]:
     """The same model trained without and with release; the released one's grads checked."""
     plain, released = MODELS[name](), MODELS[name]()
+    torch.manual_seed(5)  # both runs draw the optimizer's rounding seed from here
     train(plain, make(plain, False, **kwargs), range(steps))
+    torch.manual_seed(5)
     opt = make(released, True, **kwargs)
     for k in range(steps):
         loss_of(released, k).backward()
@@ -123,14 +124,12 @@ def distance(a: nn.Module, b: nn.Module) -> float:
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
 @pytest.mark.parametrize("path", [dict(foreach=False), dict()], ids=["eager", "compiled"])
-def test_compact_state_is_as_close_to_float32_state_as_the_normal_step(fmt, path,
-                                                                       release_mode):
-    """Other stochastic-rounding draws, same accuracy: released compact state is as far from
-    the float32-state run as the normal step's compact state is."""
+def test_compact_state_is_bit_identical_to_the_normal_step(fmt, path, release_mode):
+    """Rounding noise is a function of (seed, step, element), and a parameter's seed of its
+    position in the optimizer, not of the order states are created in (backward's, with
+    release): compact state released equals the normal step's bit for bit."""
     plain, released = pair("transformer", 6, state_dtype=fmt, **path)
-    exact = TinyTransformer()
-    train(exact, make(exact, False, **path), range(6))
-    assert 0 < distance(released, exact) < 2 * distance(plain, exact)
+    assert_same(plain, released)
 
 
 @pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True)], ids=str)
@@ -324,23 +323,25 @@ def test_triton_kernel_per_tensor_with_its_own_cached_table(monkeypatch, fmt):
     from adan.kernels import cuda_triton, select
 
     def triton_route(group, fmt, params, grads, states):
-        return select._fused("triton", select.compact_adan, True, params, grads, states, fmt)
+        return select._fused("triton", select.compact_adan, True, params, grads, states, fmt,
+                             group)
 
     monkeypatch.setattr(adan.optimizer, "route", triton_route)
     monkeypatch.setattr(adan.release, "SMALL_NUMEL", 0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plain, released = mlp().to(device), mlp().to(device)
-    train(plain, make(plain, False, state_dtype=fmt), range(2))
+    torch.manual_seed(5)  # both runs draw the optimizer's rounding seed from here
+    train(plain, make(plain, False, state_dtype=fmt), range(3))
+    torch.manual_seed(5)
     opt = make(released, True, state_dtype=fmt)
     caches = []
-    for k in range(2):
+    for k in range(3):
         loss_of(released, k).backward()
         entries = opt._release.entries.values()
         assert all(e.plan.calls[0].kernel is cuda_triton.triton_adan for e in entries)
         caches.append([id(e.plan.calls[0].cache) for e in entries])
         opt.step()
-    assert caches[0] == caches[1]
-    if fmt is None:
-        assert_same(plain, released)
-    else:
-        assert 0 < distance(plain, released) < 0.05
+    # Plans made in the first backward are renewed once (states of later parameters are
+    # created after them, which the plans' key counts); then they are kept.
+    assert caches[1] == caches[2]
+    assert_same(plain, released)

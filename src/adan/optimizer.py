@@ -39,6 +39,7 @@ from adan.state import (
     convert_state,
     format_matches,
     init_state,
+    rounding_seed,
     shape_mismatch,
     step_dtype,
     storage_format,
@@ -141,6 +142,9 @@ class Adan(Optimizer):
         # What the plans' keys name by identity, kept alive so that no new object takes over
         # one of their ids.
         self._state_refs: list[Any] = []
+        # Stochastic rounding: the optimizer's base seed and its parameters' positions.
+        self._rounding_base: int | None = None
+        self._indices: dict[int, int] | None = None
         self._skips: Tensor | None = None
         self._release = GradientRelease(self)
         defaults = dict(
@@ -165,6 +169,8 @@ class Adan(Optimizer):
         self.__dict__.setdefault("_grad_norm_group", None)
         self.__dict__["_plans"] = {}
         self.__dict__["_state_refs"] = []
+        self.__dict__.setdefault("_rounding_base", None)
+        self.__dict__["_indices"] = None
         self.__dict__.setdefault("_skips", None)
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -224,6 +230,7 @@ class Adan(Optimizer):
                                                   "max_grad_norm", "state_dtype")})
         super().add_param_group(param_group)
         self._plans.clear()
+        self._indices = None
         self._release.sync()
 
     # --- state dicts -------------------------------------------------------------------------
@@ -421,9 +428,15 @@ class Adan(Optimizer):
             if fmt == "int8":
                 localize(state, param)
             convert_state(state, param, fmt)
-        if fmt in ("bf16", "int8") or (group["stochastic_param_rounding"]
-                                       and real_view(param).dtype == torch.bfloat16):
-            add_seed(state, state["step"].device)
+        if "seed" not in state and (fmt in ("bf16", "int8") or (
+                group["stochastic_param_rounding"] and real_view(param).dtype == torch.bfloat16)):
+            if self._rounding_base is None:  # one draw from torch's generator per optimizer
+                self._rounding_base = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+            if self._indices is None:
+                self._indices = {id(p): i for i, p in enumerate(chain.from_iterable(
+                    g["params"] for g in self.param_groups))}
+            add_seed(state, state["step"].device,
+                     rounding_seed(self._rounding_base, self._indices[id(param)]))
         return state
 
     def _step_key(self, group: dict[str, Any], states: list[int]) -> list[Any] | None:
@@ -525,15 +538,20 @@ class Adan(Optimizer):
         for i in stale:
             self._plans[i] = self._plan(groups[i], checked[i], routes[i])
         if stale:  # the new plans' keys, and the others' with the states as they now are
-            states = self._states_key()
-            self._state_refs = [*self.state.values(),
-                                *chain.from_iterable(map(dict.values, self.state.values()))]
+            states = self._keep_states()
             for i, plan in self._plans.items():
                 if i < len(groups):
                     plan.key = None if plan.sharded else self._step_key(groups[i], states)
         for i, group in enumerate(groups):
             self._run_plan(group, self._plans[i], grad_factor)
         return loss
+
+    def _keep_states(self) -> list[int]:
+        """The states' key for plans made now (:meth:`_states_key`), keeping alive what it
+        names by identity, so that no new object takes over one of those ids."""
+        self._state_refs = [*self.state.values(),
+                            *chain.from_iterable(map(dict.values, self.state.values()))]
+        return self._states_key()
 
     @staticmethod
     def _run_plan(group: dict[str, Any], plan: _Plan, grad_factor: Tensor | None) -> None:
@@ -543,7 +561,7 @@ class Adan(Optimizer):
         for call in plan.calls:
             # A plan holds only parameters with gradients; DTensor ones take local shards.
             grads = [cast(Tensor, plan.params[m].grad) for m in call.members]
-            if plan.key is None:
+            if plan.sharded:
                 grads = [local_views(plan.params[m], g, {})[1]
                          for m, g in zip(call.members, grads, strict=True)]
             call.kernel(call.params, grads, call.states, StepArgs(

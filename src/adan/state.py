@@ -12,10 +12,10 @@ one of these formats (:func:`storage_format` picks it from the group's ``state_d
   over the flattened codes).
 
 State that rounds stochastically (``"bf16"``, ``"int8"``, or a bfloat16 parameter written
-with stochastic rounding) also keeps ``seed``, a 0-d int64 tensor drawn once from torch's
-generator when that state is created and saved with it: the rounding noise of a step is a
-function of (seed, step count, element) alone, so every path draws the same noise, a resumed
-run rounds as the uninterrupted one, and a step draws nothing from torch's generator.
+with stochastic rounding) also keeps ``seed``, a 0-d int64 tensor made when that state is
+created (:func:`rounding_seed`) and saved with it: the rounding noise of a step is a function
+of (seed, step count, element) alone, so every path draws the same noise, a resumed run
+rounds as the uninterrupted one, and a step draws nothing from torch's generator.
 """
 
 from __future__ import annotations
@@ -122,12 +122,21 @@ def init_state(param: Tensor, fmt: str) -> dict[str, Tensor]:
     return state
 
 
-def add_seed(state: dict[str, Any], device: torch.device) -> None:
-    """Give ``state`` its stochastic-rounding seed, drawn from torch's (CPU) generator once,
-    so that ``torch.manual_seed`` reproduces a run; kept if it has one."""
+def rounding_seed(base: int, index: int) -> int:
+    """The stochastic-rounding seed of the optimizer's ``index``-th parameter: a hash of the
+    optimizer's base seed (drawn once from torch's generator) and the index, so that it does
+    not depend on the order in which states are created (gradient release creates them in
+    backward's order)."""
+    from adan.kernels.compact import mix32  # the noise's own hash
+
+    return int(mix32((base + index * 0x9E3779B9) & 0xFFFFFFFF)) & 0x7FFFFFFF
+
+
+def add_seed(state: dict[str, Any], device: torch.device, seed: int) -> None:
+    """Give ``state`` its stochastic-rounding seed (a 0-d int64 tensor on ``device``), unless
+    it has one (a loaded or earlier state keeps its own)."""
     if "seed" not in state:
-        value = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
-        state["seed"] = torch.full((), value, dtype=torch.int64, device=device)
+        state["seed"] = torch.full((), seed, dtype=torch.int64, device=device)
 
 
 def _buffer_shape(param: Tensor, fmt: str) -> tuple[int, ...]:
