@@ -1,4 +1,4 @@
-"""Step time of the CPU paths on both sides of ``FUSED_MIN_NUMEL``, to choose the cut-off.
+"""Step time of the CPU paths on both sides of ``FUSED_MIN_MEAN_NUMEL``, to choose the cut-off.
 
     PYTHONPATH=src python benchmarks/fused_cutoff.py [--threads 1] [--steps 20] [--pieces 1,16]
         [--log2 16:22] [--per-octave 2]
@@ -47,7 +47,7 @@ def main() -> None:
     opts = parser.parse_args()
     first, last = (int(x) for x in opts.log2.split(":"))
     torch.set_num_threads(opts.threads)
-    print(f"threads {opts.threads}, FUSED_MIN_NUMEL {select.FUSED_MIN_NUMEL}, "
+    print(f"threads {opts.threads}, FUSED_MIN_MEAN_NUMEL {select.FUSED_MIN_MEAN_NUMEL}, "
           f"cpu {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}")
     pieces_list = [int(k) for k in opts.pieces.split(",")]
     print(f"{'log2 n':>6} {'tensors':>7} " + " ".join(f"{k + ' ms':>11}" for k in PATHS)

@@ -35,7 +35,7 @@ def test_tensor_subclasses_take_the_single_tensor_path():
     class Tagged(torch.Tensor):
         pass
 
-    p = torch.zeros(select.FUSED_MIN_NUMEL).as_subclass(Tagged)
+    p = torch.zeros(select.FUSED_MIN_MEAN_NUMEL).as_subclass(Tagged)
     assert _route(params=[p]) == [(single.single_tensor_adan, [0])]
 
 

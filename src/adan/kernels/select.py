@@ -7,8 +7,8 @@ device:
 * CUDA: the Triton kernel (:mod:`.cuda_triton`), one launch per group and dtype signature,
   for every group and format; tensors it does not take (float64, non-contiguous) go to the
   eager paths. No ``torch.compile`` and no warm-up beyond Triton's own build (cached on disk).
-* CPU: the compiled C++ kernel (:mod:`.cpu_compiled`) for groups of at least
-  :data:`FUSED_MIN_NUMEL` elements and for compact state, else foreach.
+* CPU: the compiled C++ kernel (:mod:`.cpu_compiled`) for groups whose tensors average at
+  least :data:`FUSED_MIN_MEAN_NUMEL` elements and for compact state, else foreach.
 * ``foreach=False`` picks the single-tensor eager path (:mod:`.single`, or :mod:`.compact` for
   compact state), ``foreach=True`` the multi-tensor one (compact state has none and takes the
   default), ``fused=True`` demands the device's fused kernel.
@@ -39,15 +39,13 @@ from adan.state import init_state
 
 Kernel = Callable[[list[Tensor], list[Tensor], list[dict[str, Any]], StepArgs], None]
 
-# Smallest plain-state group (in elements) for which the CPU default compiles its kernel.
-# Measured on both sides (benchmarks/fused_cutoff.py, 1 thread, 2^16-2^22 elements in 1, 4, 16
-# and 64 tensors): the compiled kernel wins once the group's tensors reach about 2^16 elements
-# each (one tensor: from 2^16, 1.5-3x; four: from 2^18; sixteen: from 2^20, 1.3-1.6x) and
-# loses below that, where foreach's per-tensor cost is lower (16 tensors under 2^20: 1.3-2.6x
-# slower). A total alone cannot see tensor sizes; 2^20 keeps many-tensor groups, what models
-# have, on the faster path and leaves a lone tensor of 2^16-2^20 up to 3x slower than
-# ``fused=True``.
-FUSED_MIN_NUMEL = 1 << 20
+# The CPU default compiles its kernel for a plain-state group whose tensors average at least
+# this many elements. Measured on both sides (benchmarks/fused_cutoff.py, 1 thread, 2^16-2^22
+# elements in 1, 4, 16 and 64 tensors, docs/benchmarks.md): the compiled kernel wins in every
+# case where the tensors reach 2^16 elements each (one tensor from 2^16, 1.5-3.8x; 4 from
+# 2^18, 16 from 2^20, 64 from 2^22) and loses below that, where foreach's per-tensor cost is
+# the smaller (64 tensors of 2^15: 2.4x slower). A group total cannot tell those apart.
+FUSED_MIN_MEAN_NUMEL = 1 << 16
 
 # Outcome of building a fused kernel per (kind, device type, format, param dtype, grad dtype):
 # None once it ran, else the exception that stopped it.
@@ -186,6 +184,7 @@ def route(group: dict[str, Any], fmt: str, params: list[Tensor], grads: list[Ten
     if not all(type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params):
         return [(eager, everything)]
     if kind == "triton" or (kind == "cpu" and (
-            fmt != "plain" or sum(p.numel() for p in params) >= FUSED_MIN_NUMEL)):
+            fmt != "plain"
+            or sum(p.numel() for p in params) >= FUSED_MIN_MEAN_NUMEL * len(params))):
         return _fused(kind, multi, False, params, grads, states, fmt, group)
     return [(multi, everything)]
