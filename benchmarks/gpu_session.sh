@@ -3,8 +3,9 @@
 #
 #   bash benchmarks/gpu_session.sh [PYTEST_ARGS] [adan bench speed arguments...]
 #
-# PYTEST_ARGS is one string, split on spaces (default: "tests"; "skip" runs no tests); it can
-# also come from the environment. Further arguments go to `adan bench speed --device cuda`.
+# PYTEST_ARGS is one string, split on spaces (default: the CUDA-relevant tests, $CUDA_TESTS;
+# "skip" runs no tests); it can also come from the environment. Further arguments go to
+# `adan bench speed --device cuda` (default: --steps 10 --warmup 2).
 # Expects the peers in .peers/ (a git-ignored copy of ../shared/peers, sent with carry
 # [".peers"]) and carries on without them. Everything lands in $OUT (7 files, no folders):
 #   env.txt        GPU, driver, python, torch, triton, the checkout's commit
@@ -14,18 +15,24 @@
 #   speed.md       the benchmark's markdown tables (stdout)
 #   speed.log      its progress lines and warnings (stderr)
 #   speed.json     every result (rewritten after each row, so a cut-off run keeps its rows)
-# Time limits (seconds from the start of this script): tests stop at TESTS_UNTIL (default 270),
-# the benchmark is interrupted at BENCH_UNTIL (default 580) and still prints what it measured.
+# Time limits (seconds from the start of this script): tests stop at TESTS_UNTIL (default 200),
+# the benchmark is interrupted at BENCH_UNTIL (default 440) and still prints what it measured,
+# so that one call fits in ~8 minutes and leaves device time for one short rerun.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-/tmp/gpu-session-out}
 mkdir -p "$OUT"
-PYTEST_ARGS=${1:-${PYTEST_ARGS:-tests}}
+# The tests whose CUDA cases the GPU decides: the Triton kernel's, the CUDA ones of the
+# optimizer, gradient release and reproducibility, and the benchmark's.
+CUDA_TESTS="tests/kernels/test_cuda_triton.py tests/test_optimizer.py tests/test_release.py
+ tests/test_reproducible.py tests/bench/test_speed.py tests/bench/test_lowmem_bench.py"
+PYTEST_ARGS=${1:-${PYTEST_ARGS:-$CUDA_TESTS}}
 shift $(( $# > 0 ? 1 : 0 ))
-TESTS_UNTIL=${TESTS_UNTIL:-270}
-BENCH_UNTIL=${BENCH_UNTIL:-580}
+[ $# -gt 0 ] || set -- --steps 10 --warmup 2
+TESTS_UNTIL=${TESTS_UNTIL:-200}
+BENCH_UNTIL=${BENCH_UNTIL:-440}
 left() { local s=$(( $1 - SECONDS )); echo $(( s > 30 ? s : 30 )); }
 say() { echo "== [$(printf '%4d' "$SECONDS") s] $*"; }
 
