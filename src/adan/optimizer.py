@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Adan"]
 
-_grad, _dtype, _shape, _layout = (attrgetter(a) for a in ("grad", "dtype", "shape", "layout"))
+_grad, _dtype, _shape = (attrgetter(a) for a in ("grad", "dtype", "shape"))
 
 
 class Adan(Optimizer):
@@ -445,9 +445,10 @@ class Adan(Optimizer):
         parameters have gradients, and the dtypes, shapes and layout of their gradients;
         and ``states`` (:meth:`_states_key`). A parameter's dtype, shape or layout cannot
         change without its gradient's changing too (torch checks what ``.grad`` takes, and
-        autograd lays gradients out like their parameters). Addresses are not part of it:
-        the kernels follow them at every step. None where no plan is cached (a step traced
-        by torch.compile, a sparse gradient)."""
+        autograd lays gradients out like their parameters); a sparse gradient is not
+        contiguous, so it renews the plan, whose checks refuse it. Addresses are not part of
+        it: the kernels follow them at every step. None where no plan is cached (a step
+        traced by torch.compile)."""
         if torch.compiler.is_compiling():
             return None
         params = group["params"]
@@ -455,8 +456,6 @@ class Adan(Optimizer):
         if not all(map(is_not, grads, repeat(None))):
             params = [p for p, g in zip(params, grads, strict=True) if g is not None]
             grads = [g for g in grads if g is not None]
-        if any(layout is not torch.strided for layout in map(_layout, grads)):
-            return None
         return [group["state_dtype"], group["foreach"], group["fused"], group["differentiable"],
                 group["stochastic_param_rounding"], group["capturable"], *map(id, params),
                 *map(_dtype, grads), *map(_shape, grads), *map(Tensor.is_contiguous, grads),
