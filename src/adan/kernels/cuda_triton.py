@@ -372,7 +372,8 @@ class _Staging:
     Outside CUDA graph capture each refresh copies from a new pinned tensor (torch's pinned
     allocator reuses it once that copy has finished). During capture nothing is allocated on
     the host: the copy reads a pinned buffer reserved at an earlier refresh, which is then
-    kept for good, since the graph copies from it again at every replay.
+    kept for good, since the graph copies from it again at every replay (only a second
+    capture with no eager step since the first allocates one there).
     """
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device,
@@ -391,10 +392,9 @@ class _Staging:
             return self.device
         host = torch.tensor(values, dtype=self.device.dtype, pin_memory=self.cuda and not capturing)
         if capturing:
-            if self.spare is None:
-                raise RuntimeError("adan: a second re-plan of this param group inside one CUDA "
-                                   "graph capture; run one eager step with the same tensors "
-                                   "before capturing")
+            if self.spare is None:  # a second capture with no eager step between: torch's
+                # pinned allocator takes allocations during capture (older torch may refuse)
+                self.spare = torch.empty_like(host, pin_memory=True)
             self.spare.copy_(host)
             host, self.spare = self.spare, None
             self.keepalive.append(host)
