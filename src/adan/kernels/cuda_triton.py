@@ -87,19 +87,9 @@ def _col(row, col: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
 def _expm1(x):
     """``exp(x) - 1`` in float64, without cancellation for small ``|x|`` (a series whose
     truncation is below float64's rounding there)."""
-    s = x * (1.0 / 87178291200)  # Horner's form of x + x**2/2! + ... + x**14/14!
-    s = x * (1.0 / 6227020800 + s)
-    s = x * (1.0 / 479001600 + s)
-    s = x * (1.0 / 39916800 + s)
-    s = x * (1.0 / 3628800 + s)
-    s = x * (1.0 / 362880 + s)
-    s = x * (1.0 / 40320 + s)
-    s = x * (1.0 / 5040 + s)
-    s = x * (1.0 / 720 + s)
-    s = x * (1.0 / 120 + s)
-    s = x * (1.0 / 24 + s)
-    s = x * (1.0 / 6 + s)
-    s = x * (1.0 / 2 + s)
+    s = x * (1.0 / 14)  # x * (1 + x/2 * (1 + x/3 * (... * (1 + x/14)))): 14 terms
+    for k in tl.static_range(13, 1, -1):
+        s = x * (1.0 / k) * (1.0 + s)
     series = x * (1.0 + s)
     return tl.where(tl.abs(x) < 0.25, series, tl.exp(x) - 1.0)
 
