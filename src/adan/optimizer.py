@@ -34,12 +34,12 @@ from adan.kernels.select import Kernel, route
 from adan.release import GradientRelease, check_release
 from adan.state import (
     StateMap,
-    add_seed,
     check_saved_state,
     convert_state,
     format_matches,
     init_state,
     rounding_seed,
+    rounds_stochastically,
     shape_mismatch,
     step_dtype,
     storage_format,
@@ -428,21 +428,21 @@ class Adan(Optimizer):
             if fmt == "int8":
                 localize(state, param)
             convert_state(state, param, fmt)
-        if "seed" not in state and (fmt in ("bf16", "int8") or (
-                group["stochastic_param_rounding"] and real_view(param).dtype == torch.bfloat16)):
+        if "seed" not in state and rounds_stochastically(param, fmt,
+                                                          group["stochastic_param_rounding"]):
             if self._rounding_base is None:  # one draw from torch's generator per optimizer
                 self._rounding_base = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
             if self._indices is None:
                 self._indices = {id(p): i for i, p in enumerate(chain.from_iterable(
                     g["params"] for g in self.param_groups))}
-            add_seed(state, state["step"].device,
-                     rounding_seed(self._rounding_base, self._indices[id(param)]))
+            state["seed"] = rounding_seed(self._rounding_base, self._indices[id(param)],
+                                          state["step"].device)
         return state
 
     def _step_key(self, group: dict[str, Any], states: list[int]) -> list[Any] | None:
         """What a group's cached plan depends on, read cheaply at every step (C-level maps,
         no Python code per tensor): the settings that pick kernels and formats; which
-        parameters have gradients, and the dtypes, shapes and layout of their gradients;
+        parameters have gradients, and the dtypes, shapes and contiguity of their gradients;
         and ``states`` (:meth:`_states_key`). A parameter's dtype, shape or layout cannot
         change without its gradient's changing too (torch checks what ``.grad`` takes, and
         autograd lays gradients out like their parameters); a sparse gradient is not

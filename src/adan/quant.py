@@ -23,6 +23,8 @@ from the lower, so the expected decoded value equals the input (stochastic round
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -159,6 +161,21 @@ def legacy_meta(scale: Tensor) -> Tensor:
     """The meta rows of a checkpoint saved before tops existed (scales only): no top."""
     scale = scale.float().reshape(-1, 1)
     return torch.cat([scale, torch.zeros_like(scale), torch.full_like(scale, -1.0)], dim=1)
+
+
+M32 = 0xFFFFFFFF
+GOLDEN = 0x9E3779B9
+"""2**32 over the golden ratio: the step between the keys of successive noise words."""
+_MIX = 0x45D9F3B
+
+
+def mix32(x: Any) -> Any:
+    """A 32-bit integer hash (two multiply-xorshift rounds) of ``x`` in ``[0, 2**32)``, the
+    source of stochastic rounding's noise: a Python int or an int64 tensor, with the same
+    result (products stay below 2**63)."""
+    x = (((x >> 16) ^ x) * _MIX) & M32
+    x = (((x >> 16) ^ x) * _MIX) & M32
+    return (x >> 16) ^ x
 
 
 def round_to_bf16(x: Tensor, noise: Tensor | None = None) -> Tensor:

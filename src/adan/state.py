@@ -30,9 +30,12 @@ from torch import Tensor
 
 from adan.kernels.common import BUFFER_KEYS, BUFFERS, real_view
 from adan.quant import (
+    GOLDEN,
+    M32,
     META,
     dequantize_blockwise,
     legacy_meta,
+    mix32,
     num_blocks,
     quantize_blockwise_flat,
 )
@@ -122,21 +125,21 @@ def init_state(param: Tensor, fmt: str) -> dict[str, Tensor]:
     return state
 
 
-def rounding_seed(base: int, index: int) -> int:
-    """The stochastic-rounding seed of the optimizer's ``index``-th parameter: a hash of the
-    optimizer's base seed (drawn once from torch's generator) and the index, so that it does
-    not depend on the order in which states are created (gradient release creates them in
-    backward's order)."""
-    from adan.kernels.compact import mix32  # the noise's own hash
-
-    return int(mix32((base + index * 0x9E3779B9) & 0xFFFFFFFF)) & 0x7FFFFFFF
+def rounds_stochastically(param: Tensor, fmt: str, stochastic_param: bool) -> bool:
+    """Whether a step of ``param`` with state in ``fmt`` rounds anything stochastically
+    (compact state, or a bfloat16 parameter written with stochastic rounding): such a
+    state keeps a seed."""
+    return fmt in ("bf16", "int8") or (stochastic_param and real_view(param).dtype
+                                       == torch.bfloat16)
 
 
-def add_seed(state: dict[str, Any], device: torch.device, seed: int) -> None:
-    """Give ``state`` its stochastic-rounding seed (a 0-d int64 tensor on ``device``), unless
-    it has one (a loaded or earlier state keeps its own)."""
-    if "seed" not in state:
-        state["seed"] = torch.full((), seed, dtype=torch.int64, device=device)
+def rounding_seed(base: int, index: int, device: torch.device) -> Tensor:
+    """The stochastic-rounding seed of the optimizer's ``index``-th parameter, as a 0-d int64
+    tensor on ``device``: a hash of the optimizer's base seed (drawn once from torch's
+    generator) and the index, so that it does not depend on the order in which states are
+    created (gradient release creates them in backward's order)."""
+    value = int(mix32((base + index * GOLDEN) & M32)) & 0x7FFFFFFF
+    return torch.full((), value, dtype=torch.int64, device=device)
 
 
 def _buffer_shape(param: Tensor, fmt: str) -> tuple[int, ...]:

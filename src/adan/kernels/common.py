@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -60,11 +60,6 @@ class StepArgs:
         """Whether parameters of ``dtype`` are written with stochastic rounding."""
         return self.stochastic_param and dtype == torch.bfloat16
 
-    def rounds_stochastically(self, dtype: torch.dtype) -> bool:
-        """Whether a step of parameters of ``dtype`` rounds anything stochastically (compact
-        state, or such parameters): only such a step draws from torch's generator."""
-        return self.fmt in ("bf16", "int8") or self.rounds_param(dtype)
-
 
 def step_decision(args: StepArgs) -> bool | Tensor:
     """Whether the step runs: a non-finite gradient factor (GradScaler found an overflow, or
@@ -96,14 +91,11 @@ def keep_if_skipped(tensors: list[Tensor], go: bool | Tensor) -> Callable[[], No
     return restore
 
 
-def count_step(state: dict[str, Any], go: bool | Tensor) -> None:
+def count_step(state: dict[str, Any], go: Literal[True] | Tensor) -> None:
     """Advance a state's step count, unless ``go`` (from :func:`step_decision`) says the step
     was skipped on the device."""
-    if go is True:
-        state["step"] += 1
-    else:
-        state["step"] += torch.as_tensor(go, device=state["step"].device).to(
-            state["step"].dtype)
+    step = state["step"]
+    step += 1 if go is True else go.to(device=step.device, dtype=step.dtype)
 
 
 def use_tensor_scalars(capturable: bool, steps: list[Tensor]) -> bool:

@@ -33,7 +33,14 @@ from adan.kernels.common import (
     use_tensor_scalars,
     wide_dtype,
 )
-from adan.quant import dequantize_blockwise, quantize_blockwise_flat, round_to_bf16
+from adan.quant import (
+    GOLDEN,
+    M32,
+    dequantize_blockwise,
+    mix32,
+    quantize_blockwise_flat,
+    round_to_bf16,
+)
 from adan.state import work_dtype
 
 # Positions in the scalar vector.
@@ -93,28 +100,15 @@ def rounded_sqrt(x: Tensor) -> Tensor:
     return torch.sqrt(x.double()).to(x.dtype)
 
 
-_M32 = 0xFFFFFFFF
-_MIX = 0x45D9F3B
-_GOLDEN = 0x9E3779B9
-
-
-def mix32(x: Any) -> Any:
-    """A 32-bit integer hash (two multiply-xorshift rounds) of ``x`` in ``[0, 2**32)``: a
-    Python int or an int64 tensor, with the same result (products stay below 2**63)."""
-    x = (((x >> 16) ^ x) * _MIX) & _M32
-    x = (((x >> 16) ^ x) * _MIX) & _M32
-    return (x >> 16) ^ x
-
-
 def noise_word(like: Tensor, seed: Tensor, step: Tensor, word: int) -> Tensor:
     """A random 32-bit word per element of ``like`` (int64 in ``[0, 2**32)``), a function of
     the tensor's seed, the step count, ``word`` and the element's index alone: the same on
     every path, for a resumed run and for a CUDA graph's replay. Word 0 rounds ``m`` (its low
     16 bits) and ``v`` (high), word 1 ``n`` and ``prev_grad``, word 2 the parameter.
     Integer arithmetic only, so a compiled step fuses it into its one pass."""
-    key = seed ^ mix32(step.to(torch.int64) & _M32)
+    key = seed ^ mix32(step.to(torch.int64) & M32)
     index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
-    return mix32((index + mix32((key + word * _GOLDEN) & _M32)) & _M32)
+    return mix32((index + mix32((key + word * GOLDEN) & M32)) & M32)
 
 
 def _store(buffer: Tensor, meta: Tensor | None, x: Tensor, fmt: str, signed: bool,
