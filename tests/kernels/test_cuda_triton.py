@@ -382,6 +382,41 @@ def test_same_bits_as_the_cpu_compact_path(device, fmt):
         assert torch.equal(a, b)
 
 
+
+@triton.jit
+def _pick_code_kernel(t_ptr, u_ptr, out_ptr, n, SIGNED: triton.language.constexpr):
+    offs = triton.language.program_id(0) * 1024 + triton.language.arange(0, 1024)
+    mask = offs < n
+    t = triton.language.load(t_ptr + offs, mask=mask, other=0.0)
+    u = triton.language.load(u_ptr + offs, mask=mask, other=0.5)
+    triton.language.store(out_ptr + offs, cuda_triton._pick_code(t, u, SIGNED), mask=mask)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_code_choice_is_exact_at_every_code_boundary(device, signed):
+    """The kernel's 8-bit encoder (a root estimate from a few multiplications, one bracket
+    correction) picks the code adan.quant picks, bit for bit, where an estimate is most likely
+    off: at every code value, one float32 step either side of it, and at 0, 1 and tiny t,
+    with the smallest, a random and the largest rounding noise."""
+    from adan.quant import code_below, code_levels, code_value
+    levels, _ = code_levels(signed)
+    c = code_value(torch.arange(levels + 1, dtype=torch.float32), signed)
+    t = torch.cat([c, torch.nextafter(c, torch.zeros(())), torch.nextafter(c, torch.ones(())),
+                   torch.tensor([0.0, 1.0, 1e-38, 1e-30, 3e-8]),
+                   torch.rand(4000, generator=torch.Generator().manual_seed(0)) ** 4])
+    t = t.clamp(0, 1)
+    noise = torch.tensor([0.0, 65535.0])
+    noise = torch.cat([noise, torch.randint(0, 65536, (1,)).float()])
+    t, noise = (x.reshape(-1) for x in torch.meshgrid(t, noise, indexing="ij"))
+    u = (noise + 0.5) * (1 / 65536)
+    lower = code_below(t, signed)
+    lo, hi = code_value(lower, signed), code_value(lower + 1, signed)
+    expected = lower + (t - lo > u * (hi - lo)).float()
+    out = torch.empty_like(t, device=device)
+    _pick_code_kernel[(-(-t.numel() // 1024),)](t.to(device), u.to(device), out, t.numel(),
+                                                 SIGNED=signed)
+    assert torch.equal(out.cpu(), expected)
+
 def test_replaced_state_tensors_are_followed(device):
     """A state tensor replaced between steps (some libraries assign new ones) is the one the
     kernel updates: the plan is renewed, never writing the old, orphaned tensor."""

@@ -16,12 +16,13 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-# Per thread of a full tile (2048 elements, 256 threads: 8 each): 16-byte loads and stores of
-# the param, the gradient and the four buffers (two per array for 4-byte elements, one for
-# 2-byte ones; 8-bit codes are 8 bytes per thread, below a vector).
+# Per thread of a full program (4096 elements in two tiles, 256 threads: 8 each per tile):
+# 16-byte loads and stores of the param, the gradient and the four buffers (two per array per
+# tile for 4-byte elements, one for 2-byte ones); 8-bit codes take 4-byte accesses, so that
+# their tiles keep the float32 tiles' layout (a block in one warp).
 EXPECTED = {
-    "fp32": (12, 10), "fp32-all-options": (12, 10), "bf16": (6, 5), "bf16-sr-param": (6, 5),
-    "fp16-fp32-state": (10, 9), "bf16-state": (8, 6), "int8-state": (4, 2),
+    "fp32": (24, 20), "fp32-all-options": (24, 20), "bf16": (12, 10), "bf16-sr-param": (12, 10),
+    "fp16-fp32-state": (20, 18), "bf16-state": (16, 12), "int8-state": (8, 4),
 }
 
 
@@ -46,11 +47,16 @@ def test_kernel_compiles_for_sm90_with_wide_accesses_and_no_spills(built, varian
     assert (result["ld_v4"], result["st_v4"]) == (loads, stores)
 
 
-@pytest.mark.parametrize("variant", [v for v in EXPECTED if v != "int8-state"])
-@pytest.mark.parametrize("tiles", ["", "/partial"])
-def test_plain_and_bf16_variants_fit_two_ctas_per_sm(built, variant, tiles):
+# Every kernel but the 8-bit one's partial tiles (at most one program per tensor), which
+# holds one CTA per SM.
+TWO_CTAS = [v + tiles for v in EXPECTED for tiles in ("", "/partial")
+            if v + tiles != "int8-state/partial"]
+
+
+@pytest.mark.parametrize("kernel", TWO_CTAS)
+def test_kernels_fit_two_ctas_per_sm(built, kernel):
     """Full and partial tiles launch apart, so each kernel holds one branch's registers."""
-    assert built[variant + tiles]["ctas_per_sm"] >= 2
+    assert built[kernel]["ctas_per_sm"] >= 2
 
 
 def test_fp32_full_tiles_within_96_registers(built):
@@ -58,7 +64,8 @@ def test_fp32_full_tiles_within_96_registers(built):
 
 
 def test_int8_kernel_does_not_grow(built):
-    """The 8-bit kernel is far from its target (<= 160 SASS instructions per element, 2 CTAs
-    per SM: docs/benchmarks.md); its current figures are a bound, so it only improves."""
-    assert built["int8-state"]["instr_per_elem"] <= 550
-    assert built["int8-state"]["registers"] <= 176
+    """The 8-bit kernel is above its target (<= 160 SASS instructions per element): what its
+    power codes cost is in docs/benchmarks.md; its current figures are a bound, so it only
+    improves. (It was 546 before its blocks were laid out one per warp.)"""
+    assert built["int8-state"]["instr_per_elem"] <= 420
+    assert built["int8-state"]["registers"] <= 128

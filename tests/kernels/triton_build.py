@@ -74,7 +74,7 @@ def build(param: str, state: str, fmt: int, no_prox: bool, maximize: bool, facto
                      STEP_DT=tl.float32, FMT=fmt, NO_PROX=no_prox, MAXIMIZE=maximize,
                      HAS_FACTOR=factor, LR_ON_DEVICE=tensor_lr, SR_PARAM=sr_param,
                      ALIGNED=True, MASKED=masked, BLOCK=cuda_triton.BLOCK,
-                     QBLOCK=cuda_triton.QBLOCK, NCOL=cuda_triton.NCOL)
+                     TILE=cuda_triton.TILE, QBLOCK=cuda_triton.QBLOCK, NCOL=cuda_triton.NCOL)
     signature = {**ARGS, **{name: "constexpr" for name in constants}}
     names = list(signature)
     source = ASTSource(

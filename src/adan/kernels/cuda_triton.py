@@ -1,10 +1,12 @@
 """CUDA Adan in Triton: one launch per step for all tensors of a group that share dtypes.
 
 The kernel walks a table of the tensors' addresses and sizes. Each program updates one tile
-of ``BLOCK`` elements of one tensor, with the math in float32 registers, reading and writing
-every element once: param, gradient and the four state buffers, in any storage format (the
-parameter's dtype, float32, bfloat16 with stochastic rounding, or 8-bit blockwise codes whose
-blocks are tiles' rows, so each program owns its blocks and their meta rows). It computes
+of ``BLOCK`` elements of one tensor, ``TILE`` at a time (so that the per-program set-up, the
+step's float64 scalars above all, is paid once for both halves while registers hold one),
+with the math in float32 registers, reading and writing every element once: param, gradient
+and the four state buffers, in any storage format (the parameter's dtype, float32, bfloat16
+with stochastic rounding, or 8-bit blockwise codes whose blocks are tiles' rows, each in one
+warp, so each program owns its blocks and their meta rows). It computes
 the same expressions, in the same order, as :func:`adan.kernels.compact.adan_update` and
 :mod:`adan.quant`, with the same scalars (step-dependent ones in float64, rounded once) and
 the same rounding noise, so that under Triton's interpreter it agrees with the CPU paths bit
@@ -47,8 +49,11 @@ from adan.kernels.common import BUFFER_KEYS, StepArgs, log_beta, real_view
 
 __all__ = ["BLOCK", "triton_adan", "triton_unsupported"]
 
-BLOCK = 2048
-"""Elements per program: a multiple of the 8-bit code's block (256)."""
+BLOCK = 4096
+"""Elements per program."""
+TILE = 2048
+"""Elements a program updates at a time (BLOCK is a multiple): a multiple of the 8-bit code's
+block (256)."""
 QBLOCK = 256
 NUM_WARPS = 8
 
@@ -65,33 +70,38 @@ _ALIGN = 16
 
 
 @triton.jit
-def _ptr(base, addr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+def _ptr(base, addr, DT: tl.constexpr, VEC: tl.constexpr):
     """The address ``addr`` as a pointer to ``DT``, formed as ``base`` (a 16-byte aligned
     pointer: a table row or the gradients' array) plus an element offset rather than cast
-    from the integer, so that the compiler knows, with ``ALIGNED``, that it is 16-byte
-    aligned and can use 16-byte loads; a pointer cast from an integer would lose that."""
+    from the integer, so that the compiler knows that it is aligned to ``VEC`` elements (at
+    most 16 bytes; 0: no promise) and can use vector accesses; a pointer cast from an
+    integer would lose that."""
     SIZE: tl.constexpr = DT.primitive_bitwidth // 8
-    offset = (addr - base.to(tl.int64, bitcast=True)) // SIZE
-    if ALIGNED:
-        offset = tl.multiple_of(offset, 16 // SIZE)
+    offset = addr - base.to(tl.int64, bitcast=True)
+    if SIZE > 1:  # (a division by 1 would be folded away with the hint below on it)
+        offset = offset // SIZE
+    if VEC > 0:
+        offset = tl.multiple_of(offset, min(VEC, 16 // SIZE))
     return base.to(tl.pointer_type(DT), bitcast=True) + offset
 
 
 @triton.jit
-def _col(row, col: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+def _col(row, col: tl.constexpr, DT: tl.constexpr, VEC: tl.constexpr):
     """The address in column ``col`` of a table row, as a pointer to ``DT``."""
-    return _ptr(row, tl.load(row + col), DT, ALIGNED)
+    return _ptr(row, tl.load(row + col), DT, VEC)
 
 
 @triton.jit
 def _expm1(x):
-    """``exp(x) - 1`` in float64, without cancellation for small ``|x|`` (a series whose
-    truncation is below float64's rounding there)."""
-    s = x * (1.0 / 14)  # x * (1 + x/2 * (1 + x/3 * (... * (1 + x/14)))): 14 terms
-    for k in tl.static_range(13, 1, -1):
+    """``exp(x) - 1`` in float64, without cancellation for small ``|x|``: below ``2**-6`` a
+    7-term series (truncated at ``x**8 / 8!``, under float64's rounding), above it
+    ``exp(x) - 1``, whose cancellation there costs at most 6 of float64's 53 bits (the
+    callers round to float32)."""
+    s = x * (1.0 / 7)  # x * (1 + x/2 * (1 + x/3 * (... * (1 + x/7))))
+    for k in tl.static_range(6, 1, -1):
         s = x * (1.0 / k) * (1.0 + s)
     series = x * (1.0 + s)
-    return tl.where(tl.abs(x) < 0.25, series, tl.exp(x) - 1.0)
+    return tl.where(tl.abs(x) < 2.0**-6, series, tl.exp(x) - 1.0)
 
 
 @triton.jit
@@ -142,22 +152,23 @@ def _st(ptr, x, mask, MASKED: tl.constexpr):
 
 @triton.jit
 def _load(row, col: tl.constexpr, meta_col: tl.constexpr, offs, mask, qrow, qmask, cols,
-          S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr, ALIGNED: tl.constexpr,
+          S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr, VEC: tl.constexpr,
           MASKED: tl.constexpr):
     """Decode one state buffer's tile to float32 (masked elements read as 0)."""
     if FMT == 2:
         if SIGNED:
-            codes = _ld(_col(row, col, tl.int8, ALIGNED) + offs, mask, MASKED)
+            codes = _ld(_col(row, col, tl.int8, VEC) + offs, mask, MASKED)
         else:
-            codes = _ld(_col(row, col, tl.uint8, ALIGNED) + offs, mask, MASKED)
+            codes = _ld(_col(row, col, tl.uint8, VEC) + offs, mask, MASKED)
         value = _code_value(codes.to(tl.float32), SIGNED)
-        meta = _col(row, meta_col, tl.float32, False) + qrow * 3
+        meta = _col(row, meta_col, tl.float32, 0) + qrow * 3
         scale = tl.load(meta, mask=qmask, other=0.0)
         top = tl.load(meta + 1, mask=qmask, other=0.0)
         pos = tl.load(meta + 2, mask=qmask, other=-1.0).to(tl.int32)
-        return tl.where(cols[None, :] == pos[:, None], top[:, None], value * scale[:, None])
+        return tl.where(cols == _per_element(pos), _per_element(top),
+                        value * _per_element(scale))
     else:
-        return _ld(_col(row, col, S_DT, ALIGNED) + offs, mask, MASKED).to(tl.float32)
+        return _ld(_col(row, col, S_DT, VEC) + offs, mask, MASKED).to(tl.float32)
 
 
 @triton.jit
@@ -180,55 +191,100 @@ def _cast(x, DT: tl.constexpr):
 
 
 @triton.jit
-def _code_below(t, SIGNED: tl.constexpr):
-    """The largest code below ``levels`` whose value is at most ``t``
-    (:func:`adan.quant.code_below`: a root estimate corrected by one comparison each way)."""
+def _block_max(x):
+    """The largest element of each block of a ``(2, ROWS, QBLOCK // 2)`` tile: one per row.
+    A block's halves lie in one thread's registers and its columns in one warp (see the
+    kernel's tile layout), so this needs shuffles but no shared memory or barrier."""
+    return tl.max(tl.max(x, axis=0), axis=1)
+
+
+@triton.jit
+def _per_element(block_values):
+    """Per-block values (from the reductions above) broadcast to the tile's shape, in the
+    order of axes that keeps their layout (no conversion through shared memory)."""
+    return tl.expand_dims(tl.expand_dims(block_values, 1), 0)
+
+
+@triton.jit
+def _block_min(x):
+    return tl.min(tl.min(x, axis=0), axis=1)
+
+
+@triton.jit
+def _cube_root(t):
+    """``t ** (1/3)`` for ``t`` in ``[0, 1]`` to a relative 3e-5 (0.003 of a signed code):
+    an inverse cube root from the float's bits, two Newton steps (multiplications only; a
+    float32 ``log2``, which the estimate would otherwise take, is a 20-instruction
+    polynomial on a GPU), then ``t * y * y``."""
+    t = tl.maximum(t, 1e-30)
+    y = (0x54A21D2A - t.to(tl.int32, bitcast=True) // 3).to(tl.float32, bitcast=True)
+    third = t * (1.0 / 3)
+    for _ in tl.static_range(2):
+        y = y * (4.0 / 3 - third * (y * y * y))
+    return t * y * y
+
+
+@triton.jit
+def _block_sum(x):
+    return tl.sum(tl.sum(x, axis=0), axis=1)
+
+
+@triton.jit
+def _pick_code(t, uniform, SIGNED: tl.constexpr):
+    """The code of ``t`` (in ``[0, 1]``) rounded stochastically, as :mod:`adan.quant`: the
+    bracket ``[c(k), c(k+1)]`` of :func:`adan.quant.code_below`, then up with probability
+    ``(t - c(k)) / (c(k+1) - c(k))``. A root estimate lowered by 1/64 of a code (far above its
+    error, at most a few units in the last place) is the bracket or one below it, so one
+    comparison finds it exactly, and the three code values it needs also give the bounds."""
     if SIGNED:
         levels = 127.0
-        root = tl.exp2(tl.log2(tl.maximum(t, 1e-30)) * (1.0 / 3))
+        root = _cube_root(t)
     else:
         levels = 255.0
         root = tl.sqrt(tl.sqrt(t))
-    k = tl.minimum(tl.maximum(tl.floor(root * levels), 0.0), levels - 1.0)
-    k = k - tl.where(t < _code_value(k, SIGNED), 1.0, 0.0)
-    k = k + tl.where(t >= _code_value(k + 1.0, SIGNED), 1.0, 0.0)
-    return tl.minimum(tl.maximum(k, 0.0), levels - 1.0)
+    k = tl.minimum(tl.maximum(tl.floor(root * levels - (1.0 / 64)), 0.0), levels - 2.0)
+    c0 = _code_value(k, SIGNED)
+    c1 = _code_value(k + 1.0, SIGNED)
+    c2 = _code_value(k + 2.0, SIGNED)
+    up = t >= c1
+    lo = tl.where(up, c1, c0)
+    hi = tl.where(up, c2, c1)
+    k = k + tl.where(up, 1.0, 0.0)
+    return k + tl.where(t - lo > uniform * (hi - lo), 1.0, 0.0)
 
 
 @triton.jit
 def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, qmask, cols,
            noise16, S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr,
-           ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+           VEC: tl.constexpr, MASKED: tl.constexpr, QBLOCK: tl.constexpr):
     """Encode a float32 tile into one state buffer (see :mod:`adan.quant` for the codes)."""
     if FMT == 2:
         inf = float("inf")
-        mag = tl.where(x != x, inf, tl.abs(x))
+        mag = tl.where(x != x, inf, tl.abs(x))  # a NaN ranks with the largest
         if MASKED:
             mag = tl.where(mask, mag, -1.0)
-        pos = tl.argmax(mag, axis=1)
-        is_top = cols[None, :] == pos[:, None]
-        top = tl.sum(tl.where(is_top, x, 0.0), axis=1)
+        top_mag = _block_max(mag)
+        pos = _block_min(tl.where(mag == _per_element(top_mag), cols, QBLOCK))
+        is_top = cols == _per_element(pos)
+        top = _block_sum(tl.where(is_top, x, 0.0))
         rest = tl.where(is_top | (mag == inf) | (mag < 0), 0.0, mag)
-        scale = tl.max(rest, axis=1)
-        t = tl.minimum(rest * (1.0 / tl.where(scale > 0, scale, 1.0))[:, None], 1.0)
-        k = _code_below(t, SIGNED)
-        lo = _code_value(k, SIGNED)
-        hi = _code_value(k + 1.0, SIGNED)
+        scale = _block_max(rest)
+        t = tl.minimum(rest * _per_element(1.0 / tl.where(scale > 0, scale, 1.0)), 1.0)
         uniform = (noise16.to(tl.float32) + 0.5) * (1.0 / 65536)
-        k = k + tl.where(t - lo > uniform * (hi - lo), 1.0, 0.0)
+        k = _pick_code(t, uniform, SIGNED)
         if SIGNED:
-            _st(_col(row, col, tl.int8, ALIGNED) + offs, tl.where(x < 0, -k, k).to(tl.int8),
+            _st(_col(row, col, tl.int8, VEC) + offs, tl.where(x < 0, -k, k).to(tl.int8),
                 mask, MASKED)
         else:
-            _st(_col(row, col, tl.uint8, ALIGNED) + offs, k.to(tl.uint8), mask, MASKED)
-        meta = _col(row, meta_col, tl.float32, False) + qrow * 3
+            _st(_col(row, col, tl.uint8, VEC) + offs, k.to(tl.uint8), mask, MASKED)
+        meta = _col(row, meta_col, tl.float32, 0) + qrow * 3
         tl.store(meta, scale, mask=qmask)
         tl.store(meta + 1, top, mask=qmask)
         tl.store(meta + 2, pos.to(tl.float32), mask=qmask)
     elif FMT == 1:
-        _st(_col(row, col, tl.bfloat16, ALIGNED) + offs, _round_bf16(x, noise16), mask, MASKED)
+        _st(_col(row, col, tl.bfloat16, VEC) + offs, _round_bf16(x, noise16), mask, MASKED)
     else:
-        _st(_col(row, col, S_DT, ALIGNED) + offs, _cast(x, S_DT), mask, MASKED)
+        _st(_col(row, col, S_DT, VEC) + offs, _cast(x, S_DT), mask, MASKED)
 
 
 @triton.jit
@@ -238,11 +294,15 @@ def _adan_kernel(
     P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, STEP_DT: tl.constexpr,
     FMT: tl.constexpr, NO_PROX: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_FACTOR: tl.constexpr, LR_ON_DEVICE: tl.constexpr, SR_PARAM: tl.constexpr,
-    ALIGNED: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
-    NCOL: tl.constexpr,
+    ALIGNED: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
+    QBLOCK: tl.constexpr, NCOL: tl.constexpr,
 ):
     """One tile of one tensor per program: load, Adan's step in float32, store. ``hyper``
     holds float64 ``log(b1), log(b2), log(b3), b2, weight_decay``."""
+    # Vector accesses promised to the compiler, in elements: 16 bytes; with 8-bit codes 4
+    # elements, so that code tiles take the float32 tiles' layout (4 per thread) and a block
+    # stays in one warp rather than the compiler converting between layouts.
+    VEC: tl.constexpr = (4 if FMT == 2 else 16) if ALIGNED else 0
     pid = tl.program_id(0)
     t = tl.load(tiles + 2 * pid).to(tl.int64)
     tile = tl.load(tiles + 2 * pid + 1).to(tl.int64)
@@ -278,61 +338,71 @@ def _adan_kernel(
             keep = keep_value
             scale = scale_value
 
-        ROWS: tl.constexpr = BLOCK // QBLOCK
-        cols = tl.arange(0, QBLOCK)
-        qrow = tile * ROWS + tl.arange(0, ROWS)
-        offs = qrow[:, None] * QBLOCK + cols[None, :]
-        mask = offs < numel
-        qmask = qrow <= numel // QBLOCK  # meta rows: one per started block, plus one
+        SUBTILES: tl.constexpr = BLOCK // TILE
+        ROWS: tl.constexpr = TILE // QBLOCK
+        # A tile is (2, ROWS, QBLOCK // 2): block r's two halves at [0, r] and [1, r]. Triton
+        # lays the last axis (16-byte vectors) across a warp's threads and the rows across
+        # warps, so each block lies in one warp and its reductions stay within it.
+        HALF: tl.constexpr = QBLOCK // 2
+        cols = tl.arange(0, 2)[:, None, None] * HALF + tl.arange(0, HALF)[None, None, :]
         if FMT != 0 or SR_PARAM:  # the noise of adan.kernels.compact.noise_word
             seed = tl.load(tl.load(row + 11).to(tl.pointer_type(tl.int64)))
             key = seed.to(tl.uint32) ^ _mix32(k.to(tl.uint32))
-            index = offs.to(tl.uint32)
-        p_ptr = _col(row, 0, P_DT, ALIGNED) + offs
-        p = _ld(p_ptr, mask, MASKED).to(tl.float32)
-        g_ptr = _ptr(grads, tl.load(grads + t), G_DT, ALIGNED) + offs
-        g = _ld(g_ptr, mask, MASKED).to(tl.float32) * factor
-        m = _load(row, 1, 7, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED, MASKED)
-        v = _load(row, 2, 8, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED, MASKED)
-        n = _load(row, 3, 9, offs, mask, qrow, qmask, cols, S_DT, FMT, False, ALIGNED, MASKED)
-        prev = _load(row, 4, 10, offs, mask, qrow, qmask, cols, S_DT, FMT, True, ALIGNED,
-                     MASKED)
-        prev = tl.where(k == 1.0, g, prev)  # g_0 := g_1: the first difference is zero
+        for sub in tl.static_range(SUBTILES):
+            first = (tile * SUBTILES + sub) * TILE
+            # (a partial tile's sub-tiles past the tensor's end, and its extra meta row, are
+            # skipped)
+            if not MASKED or first <= numel:
+                qrow = first // QBLOCK + tl.arange(0, ROWS)
+                offs = _per_element(qrow) * QBLOCK + cols
+                mask = offs < numel
+                qmask = qrow <= numel // QBLOCK  # meta rows: one per started block, plus one
+                index = offs.to(tl.uint32)
+                p_ptr = _col(row, 0, P_DT, VEC) + offs
+                p = _ld(p_ptr, mask, MASKED).to(tl.float32)
+                g_ptr = _ptr(grads, tl.load(grads + t), G_DT, VEC) + offs
+                g = _ld(g_ptr, mask, MASKED).to(tl.float32) * factor
+                m = _load(row, 1, 7, offs, mask, qrow, qmask, cols, S_DT, FMT, True, VEC, MASKED)
+                v = _load(row, 2, 8, offs, mask, qrow, qmask, cols, S_DT, FMT, True, VEC, MASKED)
+                n = _load(row, 3, 9, offs, mask, qrow, qmask, cols, S_DT, FMT, False, VEC, MASKED)
+                prev = _load(row, 4, 10, offs, mask, qrow, qmask, cols, S_DT, FMT, True, VEC,
+                             MASKED)
+                prev = tl.where(k == 1.0, g, prev)  # g_0 := g_1: the first difference is zero
 
-        diff = g - prev
-        m = m * beta1 + g * omb1
-        v = v * beta2 + diff * omb2
-        nesterov = g + diff * beta2
-        n = n * beta3 + nesterov * nesterov * omb3
-        denom = tl.sqrt_rn(n) * ibc3 + eps
-        update = (m * ibc1 + v * b2bc2) / denom
-        new = p * keep - update * scale
+                diff = g - prev
+                m = m * beta1 + g * omb1
+                v = v * beta2 + diff * omb2
+                nesterov = g + diff * beta2
+                n = n * beta3 + nesterov * nesterov * omb3
+                denom = tl.sqrt_rn(n) * ibc3 + eps
+                update = (m * ibc1 + v * b2bc2) / denom
+                new = p * keep - update * scale
 
-        if FMT != 0:
-            word = _noise_word(index, key, 0)
-            _store(row, 1, 7, m, offs, mask, qrow, qmask, cols, (word & 65535).to(tl.int32),
-                   S_DT, FMT, True, ALIGNED, MASKED)
-            _store(row, 2, 8, v, offs, mask, qrow, qmask, cols, (word >> 16).to(tl.int32),
-                   S_DT, FMT, True, ALIGNED, MASKED)
-            word = _noise_word(index, key, 1)
-            _store(row, 3, 9, n, offs, mask, qrow, qmask, cols, (word & 65535).to(tl.int32),
-                   S_DT, FMT, False, ALIGNED, MASKED)
-            _store(row, 4, 10, g, offs, mask, qrow, qmask, cols, (word >> 16).to(tl.int32),
-                   S_DT, FMT, True, ALIGNED, MASKED)
-        else:
-            _store(row, 1, 7, m, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, True, ALIGNED,
-                   MASKED)
-            _store(row, 2, 8, v, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, True, ALIGNED,
-                   MASKED)
-            _store(row, 3, 9, n, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, False, ALIGNED,
-                   MASKED)
-            _store(row, 4, 10, g, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, True, ALIGNED,
-                   MASKED)
-        if SR_PARAM:
-            word = _noise_word(index, key, 2)
-            _st(p_ptr, _round_bf16(new, (word & 65535).to(tl.int32)), mask, MASKED)
-        else:
-            _st(p_ptr, _cast(new, P_DT), mask, MASKED)
+                if FMT != 0:
+                    word = _noise_word(index, key, 0)
+                    _store(row, 1, 7, m, offs, mask, qrow, qmask, cols, (word & 65535).to(tl.int32),
+                           S_DT, FMT, True, VEC, MASKED, QBLOCK)
+                    _store(row, 2, 8, v, offs, mask, qrow, qmask, cols, (word >> 16).to(tl.int32),
+                           S_DT, FMT, True, VEC, MASKED, QBLOCK)
+                    word = _noise_word(index, key, 1)
+                    _store(row, 3, 9, n, offs, mask, qrow, qmask, cols, (word & 65535).to(tl.int32),
+                           S_DT, FMT, False, VEC, MASKED, QBLOCK)
+                    _store(row, 4, 10, g, offs, mask, qrow, qmask, cols, (word >> 16).to(tl.int32),
+                           S_DT, FMT, True, VEC, MASKED, QBLOCK)
+                else:
+                    _store(row, 1, 7, m, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, True, VEC,
+                           MASKED, QBLOCK)
+                    _store(row, 2, 8, v, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, True, VEC,
+                           MASKED, QBLOCK)
+                    _store(row, 3, 9, n, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, False, VEC,
+                           MASKED, QBLOCK)
+                    _store(row, 4, 10, g, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, True, VEC,
+                           MASKED, QBLOCK)
+                if SR_PARAM:
+                    word = _noise_word(index, key, 2)
+                    _st(p_ptr, _round_bf16(new, (word & 65535).to(tl.int32)), mask, MASKED)
+                else:
+                    _st(p_ptr, _cast(new, P_DT), mask, MASKED)
 
         # The last program of this tensor to finish (in either launch) advances its step.
         tiles_of_tensor = tl.maximum((numel + BLOCK - 1) // BLOCK, 1)
@@ -530,5 +600,5 @@ def triton_adan(
                 FMT=_FORMATS[args.fmt], NO_PROX=args.no_prox, MAXIMIZE=args.maximize,
                 HAS_FACTOR=factor is not None, LR_ON_DEVICE=lr_on_device,
                 SR_PARAM=args.rounds_param(p_dtype), ALIGNED=aligned, MASKED=masked,
-                BLOCK=BLOCK, QBLOCK=QBLOCK, NCOL=NCOL, num_warps=NUM_WARPS,
+                BLOCK=BLOCK, TILE=TILE, QBLOCK=QBLOCK, NCOL=NCOL, num_warps=NUM_WARPS,
             )
