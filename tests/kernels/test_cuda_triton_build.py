@@ -67,5 +67,5 @@ def test_int8_kernel_does_not_grow(built):
     """The 8-bit kernel is above its target (<= 160 SASS instructions per element): what its
     power codes cost is in docs/benchmarks.md; its current figures are a bound, so it only
     improves. (It was 546 before its blocks were laid out one per warp.)"""
-    assert built["int8-state"]["instr_per_elem"] <= 420
+    assert built["int8-state"]["instr_per_elem"] <= 410
     assert built["int8-state"]["registers"] <= 128

@@ -235,7 +235,7 @@ def _pick_code(t, uniform, SIGNED: tl.constexpr):
     bracket ``[c(k), c(k+1)]`` of :func:`adan.quant.code_below`, then up with probability
     ``(t - c(k)) / (c(k+1) - c(k))``. A root estimate lowered by 1/64 of a code (far above its
     error, at most a few units in the last place) is the bracket or one below it, so one
-    comparison finds it exactly, and the three code values it needs also give the bounds."""
+    comparison finds it exactly; the code value compared and one more bound the bracket."""
     if SIGNED:
         levels = 127.0
         root = _cube_root(t)
@@ -243,12 +243,11 @@ def _pick_code(t, uniform, SIGNED: tl.constexpr):
         levels = 255.0
         root = tl.sqrt(tl.sqrt(t))
     k = tl.minimum(tl.maximum(tl.floor(root * levels - (1.0 / 64)), 0.0), levels - 2.0)
-    c0 = _code_value(k, SIGNED)
     c1 = _code_value(k + 1.0, SIGNED)
-    c2 = _code_value(k + 2.0, SIGNED)
     up = t >= c1
-    lo = tl.where(up, c1, c0)
-    hi = tl.where(up, c2, c1)
+    other = _code_value(k + tl.where(up, 2.0, 0.0), SIGNED)  # the bracket's other end
+    lo = tl.where(up, c1, other)
+    hi = tl.where(up, other, c1)
     k = k + tl.where(up, 1.0, 0.0)
     return k + tl.where(t - lo > uniform * (hi - lo), 1.0, 0.0)
 
@@ -277,10 +276,13 @@ def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, 
                 mask, MASKED)
         else:
             _st(_col(row, col, tl.uint8, VEC) + offs, k.to(tl.uint8), mask, MASKED)
-        meta = _col(row, meta_col, tl.float32, 0) + qrow * 3
-        tl.store(meta, scale, mask=qmask)
-        tl.store(meta + 1, top, mask=qmask)
-        tl.store(meta + 2, pos.to(tl.float32), mask=qmask)
+        # The meta rows as one (ROWS, 4) store of 3 columns: one layout conversion, not three.
+        # (join stacks on a new last axis: [r, i, j] is the j-th argument's i-th)
+        rows = tl.reshape(tl.join(tl.join(scale, pos.to(tl.float32)), tl.join(top, scale)),
+                          (scale.shape[0], 4))
+        col4 = tl.arange(0, 4)[None, :]
+        meta = _col(row, meta_col, tl.float32, 0) + qrow[:, None] * 3 + col4
+        tl.store(meta, rows, mask=qmask[:, None] & (col4 < 3))
     elif FMT == 1:
         _st(_col(row, col, tl.bfloat16, VEC) + offs, _round_bf16(x, noise16), mask, MASKED)
     else:
