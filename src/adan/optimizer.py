@@ -9,7 +9,7 @@ from copy import deepcopy
 from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import attrgetter, is_not
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -439,7 +439,8 @@ class Adan(Optimizer):
                                           state["step"].device)
         return state
 
-    def _step_key(self, group: dict[str, Any], states: list[int]) -> list[Any] | None:
+    def _step_key(self, group: dict[str, Any], states: list[int]
+                  ) -> tuple[list[Any] | None, list[Tensor]]:
         """What a group's cached plan depends on, read cheaply at every step (C-level maps,
         no Python code per tensor): the settings that pick kernels and formats; which
         parameters have gradients, and the dtypes, shapes and contiguity of their gradients;
@@ -447,11 +448,12 @@ class Adan(Optimizer):
         change without its gradient's changing too (torch checks what ``.grad`` takes, and
         autograd lays gradients out like their parameters); a sparse gradient is not
         contiguous, so it renews the plan, whose checks refuse it. Addresses are not part of
-        it: the kernels follow them at every step. None where no plan is cached (a step
-        traced by torch.compile)."""
-        if torch.compiler.is_compiling():
-            return None
+        it: the kernels follow them at every step. The key is None where no plan is cached
+        (a step traced by torch.compile). Returned with the gradients it read, in the order
+        of the plan's parameters, which the step then launches with (no second read)."""
         params = group["params"]
+        if torch.compiler.is_compiling():
+            return None, [p.grad for p in params if p.grad is not None]
         grads = list(map(_grad, params))
         if not all(map(is_not, grads, repeat(None))):
             params = [p for p, g in zip(params, grads, strict=True) if g is not None]
@@ -459,7 +461,7 @@ class Adan(Optimizer):
         return [group["state_dtype"], group["foreach"], group["fused"], group["differentiable"],
                 group["stochastic_param_rounding"], group["capturable"], *map(id, params),
                 *map(_dtype, grads), *map(_shape, grads), *map(Tensor.is_contiguous, grads),
-                *states]
+                *states], grads
 
     def _states_key(self) -> list[int]:
         """What the plans depend on in ``self.state``: a state dict, buffer or step count
@@ -504,8 +506,9 @@ class Adan(Optimizer):
         for param, grad, fmt in checked:
             p, _, state = local_views(param, grad, self._prepare_state(param, fmt, group))
             local.append((p, state))
+        everything = list(range(len(checked)))
         calls = [_Call(kernel, fmt, members, [local[m][0] for m in members],
-                       [local[m][1] for m in members], {})
+                       [local[m][1] for m in members], {}, members == everything)
                  for kernel, fmt, members in routes]
         return _Plan(key=None, params=[p for p, _, _ in checked], calls=calls,
                      sharded=any(is_dtensor(p) for p, _, _ in checked))
@@ -527,7 +530,7 @@ class Adan(Optimizer):
         self._check_step_groups()
         groups = self.param_groups
         states = self._states_key()
-        keys = [self._step_key(group, states) for group in groups]
+        keys, grads = zip(*[self._step_key(group, states) for group in groups], strict=True)
         stale = [i for i, key in enumerate(keys)
                  if key is None or getattr(self._plans.get(i), "key", None) != key]
         checked = {i: self._collect(groups[i], i) for i in stale}
@@ -540,9 +543,9 @@ class Adan(Optimizer):
             states = self._keep_states()
             for i, plan in self._plans.items():
                 if i < len(groups):
-                    plan.key = None if plan.sharded else self._step_key(groups[i], states)
+                    plan.key = None if plan.sharded else self._step_key(groups[i], states)[0]
         for i, group in enumerate(groups):
-            self._run_plan(group, self._plans[i], grad_factor)
+            self._run_plan(group, self._plans[i], grads[i], grad_factor)
         return loss
 
     def _keep_states(self) -> list[int]:
@@ -553,17 +556,18 @@ class Adan(Optimizer):
         return self._states_key()
 
     @staticmethod
-    def _run_plan(group: dict[str, Any], plan: _Plan, grad_factor: Tensor | None) -> None:
+    def _run_plan(group: dict[str, Any], plan: _Plan, grads: list[Tensor],
+                  grad_factor: Tensor | None) -> None:
         """Launch a plan's kernel calls with the group's current settings (a step of the
-        group, or gradient release's step of one parameter)."""
+        group, or gradient release's step of one parameter); ``grads`` are those of the
+        plan's parameters, in its order (DTensor ones then take their local shards)."""
         beta1, beta2, beta3 = group["betas"]
         for call in plan.calls:
-            # A plan holds only parameters with gradients; DTensor ones take local shards.
-            grads = [cast(Tensor, plan.params[m].grad) for m in call.members]
             if plan.sharded:
-                grads = [local_views(plan.params[m], g, {})[1]
-                         for m, g in zip(call.members, grads, strict=True)]
-            call.kernel(call.params, grads, call.states, StepArgs(
+                mine = [local_views(plan.params[m], grads[m], {})[1] for m in call.members]
+            else:
+                mine = grads if call.whole else [grads[m] for m in call.members]
+            call.kernel(call.params, mine, call.states, StepArgs(
                 lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
                 weight_decay=group["weight_decay"], no_prox=group["no_prox"],
                 maximize=group["maximize"], capturable=group["capturable"],
@@ -574,7 +578,8 @@ class Adan(Optimizer):
 @dataclass
 class _Call:
     """One kernel call of a group's step: its kernel, format, the positions of its parameters
-    among the group's checked ones, the (local) tensors and states, and the kernel's cache."""
+    among the group's checked ones, the (local) tensors and states, and the kernel's cache.
+    ``whole``: the positions are all of them, in order (the gradients go as they are)."""
 
     kernel: Kernel
     fmt: str
@@ -582,6 +587,7 @@ class _Call:
     params: list[Tensor]
     states: list[dict[str, Any]]
     cache: dict[Any, Any]
+    whole: bool = False
 
 
 @dataclass
