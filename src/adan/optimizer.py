@@ -8,7 +8,7 @@ from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass
 from itertools import chain, repeat
-from operator import attrgetter, is_not
+from operator import attrgetter, is_, is_not
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -139,6 +139,8 @@ class Adan(Optimizer):
         check_grad_norm_group(grad_norm_group)
         self._grad_norm_group = grad_norm_group
         self._plans: dict[int, _Plan] = {}
+        # Each group's keys and values as its last check at a step left them.
+        self._checked_groups: list[tuple[list[str], list[Any]]] = []
         # What the plans' keys name by identity, kept alive so that no new object takes over
         # one of their ids.
         self._state_refs: list[Any] = []
@@ -168,6 +170,7 @@ class Adan(Optimizer):
         self.__dict__["state"] = StateMap(self.state)
         self.__dict__.setdefault("_grad_norm_group", None)
         self.__dict__["_plans"] = {}
+        self.__dict__["_checked_groups"] = []
         self.__dict__["_state_refs"] = []
         self.__dict__.setdefault("_rounding_base", None)
         self.__dict__["_indices"] = None
@@ -376,10 +379,20 @@ class Adan(Optimizer):
 
     def _check_step_groups(self) -> None:
         """Settings changed since the last step must still be valid (a tensor lr's value is
-        not read: that would synchronise with its device)."""
+        not read: that would synchronise with its device). A group still holding, under the
+        same keys, the very objects its last check left is not checked again: what the check
+        reads of them cannot change in place (floats, tuples, strings, flags), except for a
+        tensor lr's shape, so a group with one is always checked."""
         first = self.param_groups[0]["max_grad_norm"]
+        previous, self._checked_groups = self._checked_groups, []
         for index, group in enumerate(self.param_groups):
-            check_group(group, index, read_tensors=False)
+            keys, values = list(group), list(group.values())
+            seen = previous[index] if index < len(previous) else ([], [])
+            if (isinstance(group["lr"], Tensor) or keys != seen[0]
+                    or not all(map(is_, values, seen[1]))):
+                check_group(group, index, read_tensors=False)
+                keys, values = list(group), list(group.values())
+            self._checked_groups.append((keys, values))
             if group["max_grad_norm"] != first:
                 raise ValueError(
                     f"Invalid max_grad_norm in param group {index}: {group['max_grad_norm']!r}"
