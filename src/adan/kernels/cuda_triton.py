@@ -33,9 +33,8 @@ which is how CI tests it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from functools import reduce
-from operator import or_
 from typing import Any
 
 import torch
@@ -380,20 +379,24 @@ class _Staging:
         capturing = self.cuda and torch.cuda.is_current_stream_capturing()
         if values == self.last and not capturing:
             return self.device
-        host = torch.tensor(values, dtype=self.device.dtype, pin_memory=self.cuda and not capturing)
         if capturing:
             if self.spare is None:  # a second capture with no eager step between: torch's
                 # pinned allocator takes allocations during capture (older torch may refuse)
-                self.spare = torch.empty_like(host, pin_memory=True)
-            self.spare.copy_(host)
+                self.spare = self._host()
             host, self.spare = self.spare, None
             self.keepalive.append(host)
-        elif self.cuda:
-            if self.spare is None:
-                self.spare = torch.empty_like(host, pin_memory=True)
+        else:
+            host = self._host()
+            if self.cuda and self.spare is None:
+                self.spare = self._host()
+        host.numpy()[:] = values  # through NumPy: a third of torch.tensor(values)'s time
         self.device.copy_(host, non_blocking=self.cuda)
         self.last = values
         return self.device
+
+    def _host(self) -> Tensor:
+        """A host array to copy from: pinned on CUDA, so that the copy does not block."""
+        return torch.empty(self.device.shape, dtype=self.device.dtype, pin_memory=self.cuda)
 
 
 @dataclass
@@ -428,8 +431,8 @@ def _aligned(address: int) -> bool:
 
 def _alignment(addresses: list[int], like: list[bool]) -> list[bool]:
     """Which addresses are 16-byte aligned; ``like`` itself when it says all are and they
-    are (one C-level pass, the common case)."""
-    if all(like) and not reduce(or_, addresses, 0) % _ALIGN:
+    are (the common case: one C call, their greatest common divisor)."""
+    if all(like) and not math.gcd(*addresses) % _ALIGN:
         return like
     return [_aligned(a) for a in addresses]
 
