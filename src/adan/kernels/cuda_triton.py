@@ -457,6 +457,18 @@ def _tiles(numels: list[int], device: torch.device, keepalive: list[Tensor]
     return out
 
 
+def _check_sizes(param: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
+    """The kernel's bound is the parameter's size: refuse a gradient or buffer of another
+    (a parameter whose ``.data`` was replaced by a tensor of another shape keeps its old
+    gradient and state, and the owner's plan key, which reads gradients, does not see it)."""
+    numel = real_view(param).numel()
+    sizes = [real_view(t).numel() for t in (grad, *(state[k] for k in BUFFER_KEYS))]
+    if any(size != numel for size in sizes):
+        raise RuntimeError(f"Cannot step a parameter of shape {tuple(param.shape)}: its "
+                           f"gradient and state buffers hold {sizes} elements (was its .data "
+                           "replaced by a tensor of another shape?)")
+
+
 def _build(params: list[Tensor], grads: list[Tensor], grad_ptrs: list[int],
            states: list[dict[str, Any]]) -> _Plan:
     """The parts of a call: its tensors grouped by launch signature, with their tables."""
@@ -466,6 +478,7 @@ def _build(params: list[Tensor], grads: list[Tensor], grad_ptrs: list[int],
     rows: list[list[int]] = []
     by_signature: dict[tuple[Any, ...], list[int]] = {}
     for i, (param, state) in enumerate(zip(params, states, strict=True)):
+        _check_sizes(param, grads[i], state)
         metas = [state[k + "_meta"].data_ptr() if k + "_meta" in state else 0
                  for k in BUFFER_KEYS]
         row = [param.data_ptr(), *(state[k].data_ptr() for k in BUFFER_KEYS),
