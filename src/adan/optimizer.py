@@ -573,26 +573,32 @@ class Adan(Optimizer):
                   grad_factor: Tensor | None) -> None:
         """Launch a plan's kernel calls with the group's current settings (a step of the
         group, or gradient release's step of one parameter); ``grads`` are those of the
-        plan's parameters, in its order (DTensor ones then take their local shards)."""
-        beta1, beta2, beta3 = group["betas"]
+        plan's parameters, in its order (DTensor ones then take their local shards). A call
+        keeps its :class:`StepArgs` while the settings are the very objects it was made from
+        (immutable ones, as :meth:`_check_step_groups` relies on)."""
+        settings = (group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                    group["no_prox"], group["maximize"], group["capturable"],
+                    group["stochastic_param_rounding"], grad_factor)
         for call in plan.calls:
             if plan.sharded:
                 mine = [local_views(plan.params[m], grads[m], {})[1] for m in call.members]
             else:
                 mine = grads if call.whole else [grads[m] for m in call.members]
-            call.kernel(call.params, mine, call.states, StepArgs(
-                lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
-                weight_decay=group["weight_decay"], no_prox=group["no_prox"],
-                maximize=group["maximize"], capturable=group["capturable"],
-                grad_factor=grad_factor, fmt=call.fmt,
-                stochastic_param=group["stochastic_param_rounding"], cache=call.cache))
+            if call.args is None or not all(map(is_, settings, call.settings)):
+                lr, (beta1, beta2, beta3), eps, wd, no_prox, maximize, capturable, sr, _ = settings
+                call.settings, call.args = settings, StepArgs(
+                    lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, eps=eps, weight_decay=wd,
+                    no_prox=no_prox, maximize=maximize, capturable=capturable,
+                    grad_factor=grad_factor, fmt=call.fmt, stochastic_param=sr, cache=call.cache)
+            call.kernel(call.params, mine, call.states, call.args)
 
 
 @dataclass
 class _Call:
     """One kernel call of a group's step: its kernel, format, the positions of its parameters
     among the group's checked ones, the (local) tensors and states, and the kernel's cache.
-    ``whole``: the positions are all of them, in order (the gradients go as they are)."""
+    ``whole``: the positions are all of them, in order (the gradients go as they are).
+    ``args``: the last step's arguments, made from the group settings ``settings``."""
 
     kernel: Kernel
     fmt: str
@@ -601,6 +607,8 @@ class _Call:
     states: list[dict[str, Any]]
     cache: dict[Any, Any]
     whole: bool = False
+    settings: tuple[Any, ...] = ()
+    args: StepArgs | None = None
 
 
 @dataclass
