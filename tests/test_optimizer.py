@@ -250,6 +250,22 @@ def test_max_grad_norm_must_agree_across_groups():
     assert not a.any() and not opt.state
 
 
+def test_settings_replaced_between_steps_are_checked_again():
+    """A setting replaced after a step by an equal value of another type (an integer, a NumPy
+    scalar, a bool) is normalised or refused at the next step, as any new value is."""
+    p = torch.zeros(2)
+    opt = Adan([p], lr=0.01)
+    p.grad = torch.ones(2)
+    opt.step()
+    group = opt.param_groups[0]
+    group["weight_decay"], group["eps"] = 0, np.float64(1e-8)
+    opt.step()
+    assert type(group["weight_decay"]) is float and type(group["eps"]) is float
+    group["max_grad_norm"] = False
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        opt.step()
+
+
 # --- features a torch.optim user relies on --------------------------------------------------
 
 

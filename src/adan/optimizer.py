@@ -8,8 +8,8 @@ from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass
 from itertools import chain, repeat
-from operator import attrgetter, is_not
-from typing import TYPE_CHECKING, Any, cast
+from operator import attrgetter, is_, is_not
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -139,6 +139,8 @@ class Adan(Optimizer):
         check_grad_norm_group(grad_norm_group)
         self._grad_norm_group = grad_norm_group
         self._plans: dict[int, _Plan] = {}
+        # Each group's keys and values as its last check at a step left them.
+        self._checked_groups: list[tuple[list[str], list[Any]]] = []
         # What the plans' keys name by identity, kept alive so that no new object takes over
         # one of their ids.
         self._state_refs: list[Any] = []
@@ -168,6 +170,7 @@ class Adan(Optimizer):
         self.__dict__["state"] = StateMap(self.state)
         self.__dict__.setdefault("_grad_norm_group", None)
         self.__dict__["_plans"] = {}
+        self.__dict__["_checked_groups"] = []
         self.__dict__["_state_refs"] = []
         self.__dict__.setdefault("_rounding_base", None)
         self.__dict__["_indices"] = None
@@ -376,10 +379,20 @@ class Adan(Optimizer):
 
     def _check_step_groups(self) -> None:
         """Settings changed since the last step must still be valid (a tensor lr's value is
-        not read: that would synchronise with its device)."""
+        not read: that would synchronise with its device). A group still holding, under the
+        same keys, the very objects its last check left is not checked again: what the check
+        reads of them cannot change in place (floats, tuples, strings, flags), except for a
+        tensor lr's shape, so a group with one is always checked."""
         first = self.param_groups[0]["max_grad_norm"]
+        previous, self._checked_groups = self._checked_groups, []
         for index, group in enumerate(self.param_groups):
-            check_group(group, index, read_tensors=False)
+            keys, values = list(group), list(group.values())
+            seen = previous[index] if index < len(previous) else ([], [])
+            if (isinstance(group["lr"], Tensor) or keys != seen[0]
+                    or not all(map(is_, values, seen[1]))):
+                check_group(group, index, read_tensors=False)
+                keys, values = list(group), list(group.values())
+            self._checked_groups.append((keys, values))
             if group["max_grad_norm"] != first:
                 raise ValueError(
                     f"Invalid max_grad_norm in param group {index}: {group['max_grad_norm']!r}"
@@ -439,7 +452,8 @@ class Adan(Optimizer):
                                           state["step"].device)
         return state
 
-    def _step_key(self, group: dict[str, Any], states: list[int]) -> list[Any] | None:
+    def _step_key(self, group: dict[str, Any], states: list[int]
+                  ) -> tuple[list[Any] | None, list[Tensor]]:
         """What a group's cached plan depends on, read cheaply at every step (C-level maps,
         no Python code per tensor): the settings that pick kernels and formats; which
         parameters have gradients, and the dtypes, shapes and contiguity of their gradients;
@@ -447,11 +461,12 @@ class Adan(Optimizer):
         change without its gradient's changing too (torch checks what ``.grad`` takes, and
         autograd lays gradients out like their parameters); a sparse gradient is not
         contiguous, so it renews the plan, whose checks refuse it. Addresses are not part of
-        it: the kernels follow them at every step. None where no plan is cached (a step
-        traced by torch.compile)."""
-        if torch.compiler.is_compiling():
-            return None
+        it: the kernels follow them at every step. The key is None where no plan is cached
+        (a step traced by torch.compile). Returned with the gradients it read, in the order
+        of the plan's parameters, which the step then launches with (no second read)."""
         params = group["params"]
+        if torch.compiler.is_compiling():
+            return None, [p.grad for p in params if p.grad is not None]
         grads = list(map(_grad, params))
         if not all(map(is_not, grads, repeat(None))):
             params = [p for p, g in zip(params, grads, strict=True) if g is not None]
@@ -459,7 +474,7 @@ class Adan(Optimizer):
         return [group["state_dtype"], group["foreach"], group["fused"], group["differentiable"],
                 group["stochastic_param_rounding"], group["capturable"], *map(id, params),
                 *map(_dtype, grads), *map(_shape, grads), *map(Tensor.is_contiguous, grads),
-                *states]
+                *states], grads
 
     def _states_key(self) -> list[int]:
         """What the plans depend on in ``self.state``: a state dict, buffer or step count
@@ -504,8 +519,9 @@ class Adan(Optimizer):
         for param, grad, fmt in checked:
             p, _, state = local_views(param, grad, self._prepare_state(param, fmt, group))
             local.append((p, state))
+        everything = list(range(len(checked)))
         calls = [_Call(kernel, fmt, members, [local[m][0] for m in members],
-                       [local[m][1] for m in members], {})
+                       [local[m][1] for m in members], {}, members == everything)
                  for kernel, fmt, members in routes]
         return _Plan(key=None, params=[p for p, _, _ in checked], calls=calls,
                      sharded=any(is_dtensor(p) for p, _, _ in checked))
@@ -527,7 +543,7 @@ class Adan(Optimizer):
         self._check_step_groups()
         groups = self.param_groups
         states = self._states_key()
-        keys = [self._step_key(group, states) for group in groups]
+        keys, grads = zip(*[self._step_key(group, states) for group in groups], strict=True)
         stale = [i for i, key in enumerate(keys)
                  if key is None or getattr(self._plans.get(i), "key", None) != key]
         checked = {i: self._collect(groups[i], i) for i in stale}
@@ -540,9 +556,9 @@ class Adan(Optimizer):
             states = self._keep_states()
             for i, plan in self._plans.items():
                 if i < len(groups):
-                    plan.key = None if plan.sharded else self._step_key(groups[i], states)
+                    plan.key = None if plan.sharded else self._step_key(groups[i], states)[0]
         for i, group in enumerate(groups):
-            self._run_plan(group, self._plans[i], grad_factor)
+            self._run_plan(group, self._plans[i], grads[i], grad_factor)
         return loss
 
     def _keep_states(self) -> list[int]:
@@ -553,28 +569,36 @@ class Adan(Optimizer):
         return self._states_key()
 
     @staticmethod
-    def _run_plan(group: dict[str, Any], plan: _Plan, grad_factor: Tensor | None) -> None:
+    def _run_plan(group: dict[str, Any], plan: _Plan, grads: list[Tensor],
+                  grad_factor: Tensor | None) -> None:
         """Launch a plan's kernel calls with the group's current settings (a step of the
-        group, or gradient release's step of one parameter)."""
-        beta1, beta2, beta3 = group["betas"]
+        group, or gradient release's step of one parameter); ``grads`` are those of the
+        plan's parameters, in its order (DTensor ones then take their local shards). A call
+        keeps its :class:`StepArgs` while the settings are the very objects it was made from
+        (immutable ones, as :meth:`_check_step_groups` relies on)."""
+        settings = (group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                    group["no_prox"], group["maximize"], group["capturable"],
+                    group["stochastic_param_rounding"], grad_factor)
         for call in plan.calls:
-            # A plan holds only parameters with gradients; DTensor ones take local shards.
-            grads = [cast(Tensor, plan.params[m].grad) for m in call.members]
             if plan.sharded:
-                grads = [local_views(plan.params[m], g, {})[1]
-                         for m, g in zip(call.members, grads, strict=True)]
-            call.kernel(call.params, grads, call.states, StepArgs(
-                lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
-                weight_decay=group["weight_decay"], no_prox=group["no_prox"],
-                maximize=group["maximize"], capturable=group["capturable"],
-                grad_factor=grad_factor, fmt=call.fmt,
-                stochastic_param=group["stochastic_param_rounding"], cache=call.cache))
+                mine = [local_views(plan.params[m], grads[m], {})[1] for m in call.members]
+            else:
+                mine = grads if call.whole else [grads[m] for m in call.members]
+            if call.args is None or not all(map(is_, settings, call.settings)):
+                lr, (beta1, beta2, beta3), eps, wd, no_prox, maximize, capturable, sr, _ = settings
+                call.settings, call.args = settings, StepArgs(
+                    lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, eps=eps, weight_decay=wd,
+                    no_prox=no_prox, maximize=maximize, capturable=capturable,
+                    grad_factor=grad_factor, fmt=call.fmt, stochastic_param=sr, cache=call.cache)
+            call.kernel(call.params, mine, call.states, call.args)
 
 
 @dataclass
 class _Call:
     """One kernel call of a group's step: its kernel, format, the positions of its parameters
-    among the group's checked ones, the (local) tensors and states, and the kernel's cache."""
+    among the group's checked ones, the (local) tensors and states, and the kernel's cache.
+    ``whole``: the positions are all of them, in order (the gradients go as they are).
+    ``args``: the last step's arguments, made from the group settings ``settings``."""
 
     kernel: Kernel
     fmt: str
@@ -582,6 +606,9 @@ class _Call:
     params: list[Tensor]
     states: list[dict[str, Any]]
     cache: dict[Any, Any]
+    whole: bool = False
+    settings: tuple[Any, ...] = ()
+    args: StepArgs | None = None
 
 
 @dataclass

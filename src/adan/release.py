@@ -324,12 +324,12 @@ class GradientRelease:
             check_release(group, [], index)
             self.checked.add(index)
         view = {**group, "params": params}
-        key = opt._step_key(view, opt._states_key())
+        key, grads = opt._step_key(view, opt._states_key())
         if key is None or plan is None or plan.key != key:
             checked = opt._collect(view, index)
             plan = opt._plan(view, checked, self._route(view, group, checked))
-            plan.key = None if plan.sharded else opt._step_key(view, opt._keep_states())
-        opt._run_plan(group, plan, None)
+            plan.key = None if plan.sharded else opt._step_key(view, opt._keep_states())[0]
+        opt._run_plan(group, plan, grads, None)
         return plan
 
     def _route(self, view: dict[str, Any], group: dict[str, Any],

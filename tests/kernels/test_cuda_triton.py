@@ -433,6 +433,18 @@ def test_replaced_state_tensors_are_followed(device):
     assert old.item() == 2.0 and opt.state[p]["step"].item() == 11.0
 
 
+def test_data_replaced_by_another_shape_is_refused(device):
+    """A parameter whose .data takes another shape keeps its gradient and state: the kernel
+    refuses them instead of reading and writing past their ends."""
+    p = torch.zeros(300, device=device)
+    opt = Adan([p], lr=0.01)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    p.data = torch.zeros(600, device=device)
+    with pytest.raises(RuntimeError, match="shape"):
+        opt.step()
+
+
 def test_a_steady_loop_builds_its_table_once(device, monkeypatch):
     """zero_grad(set_to_none=True) gives new gradients at every step: only their addresses
     travel, the table is built once."""
