@@ -4,6 +4,7 @@ rule, and Dynamo's recompile limit."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from reference import ReferenceAdan, RefGroup
 
 from adan import Adan
 from adan.kernels import cpu_compiled, select
+from adan.kernels.common import StepArgs
+from adan.kernels.compact import LR, scalar_vector
 
 F32 = dict(rtol=1e-5, atol=1e-6)
 LAYOUTS = {"packed": {}, "per-tensor": dict(PACK_MAX=0, SERIAL_MAX=0)}
@@ -267,3 +270,14 @@ def test_int8_compile_settings_exist_in_this_torch():
 
     missing = [k for k in cpu_compiled._INT8_OPTIONS if not hasattr(config, k)]
     assert not missing, f"unknown Inductor settings on torch {torch.__version__}: {missing}"
+
+
+def test_shared_scalar_vectors_are_those_of_their_exact_values():
+    """The scalar vectors kept between calls (one per step for every tensor released in its
+    own hook) are looked up by the values' bits: lr 0.0 and -0.0 get their own."""
+    args = StepArgs(lr=0.0, beta1=0.9, beta2=0.8, beta3=0.7, eps=1e-8, weight_decay=0.1)
+    for lr in (0.0, -0.0, 0.0, 1e-3):
+        shared = cpu_compiled._shared_scalars(3.0, lr, args, torch.float32, torch.device("cpu"))
+        assert torch.equal(shared, scalar_vector(3.0, lr, args, torch.float32,
+                                                 torch.device("cpu")))
+        assert math.copysign(1.0, float(shared[LR])) == math.copysign(1.0, lr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import struct
 import types
 import warnings
 from collections.abc import Callable
@@ -39,6 +40,10 @@ PACK_MAX = 1 << 16
 # Calls below this many elements run single-threaded: forking OpenMP threads costs more than
 # the work (milliseconds when the machine is busy).
 SERIAL_MAX = 1 << 18
+# Scalar vectors of recent calls, by their exact inputs: gradient release calls the kernel once
+# per tensor, and the tensors of one step share a vector instead of each building its own.
+_SCALARS: dict[tuple[Any, ...], Tensor] = {}
+_SCALARS_MAX = 64
 
 
 # Inductor settings for the 8-bit format: keep intermediate values in memory once they are
@@ -88,6 +93,21 @@ def _run(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None]
         tensor_step(p, g, buffers, metas, s, seed, *options)
 
 
+def _shared_scalars(step: Scalar, lr: Scalar, args: StepArgs, dtype: torch.dtype,
+                    device: torch.device) -> Tensor:
+    """:func:`scalar_vector` of numbers (no gradient factor), kept for the next call of the
+    same values (the kernel only reads it); keyed by the floats' bits, so 0.0 and -0.0
+    differ."""
+    key = (struct.pack("<7d", step, lr, *args.betas, args.eps, args.weight_decay),
+           args.no_prox, args.maximize, dtype, device)
+    vector = _SCALARS.get(key)
+    if vector is None:
+        if len(_SCALARS) >= _SCALARS_MAX:
+            _SCALARS.clear()
+        vector = _SCALARS[key] = scalar_vector(step, lr, args, dtype, device)
+    return vector
+
+
 @functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=5)
@@ -103,15 +123,11 @@ def cpu_compiled_adan(
     may_skip = go is not True
     tensor_scalars, lr = step_scalars(states, args)
     packs: dict[tuple[Any, ...], list[int]] = {}
-    shared: dict[tuple[Any, ...], Tensor] = {}  # one scalar vector per step count and dtype
 
     def scalars(step: Scalar, dtype: torch.dtype, device: torch.device) -> Tensor:
-        if tensor_scalars:
+        if tensor_scalars or args.grad_factor is not None:
             return scalar_vector(step, lr, args, dtype, device)
-        key = (step, dtype, device)
-        if key not in shared:
-            shared[key] = scalar_vector(step, lr, args, dtype, device)
-        return shared[key]
+        return _shared_scalars(step, lr, args, dtype, device)
 
     for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
         p, g, buffers, metas = tensor_views(param, grad, state)
