@@ -556,19 +556,14 @@ class Adan(Optimizer):
     def _run_plan(group: dict[str, Any], plan: _Plan, grad_factor: Tensor | None) -> None:
         """Launch a plan's kernel calls with the group's current settings (a step of the
         group, or gradient release's step of one parameter)."""
-        beta1, beta2, beta3 = group["betas"]
         for call in plan.calls:
             # A plan holds only parameters with gradients; DTensor ones take local shards.
             grads = [cast(Tensor, plan.params[m].grad) for m in call.members]
             if plan.sharded:
                 grads = [local_views(plan.params[m], g, {})[1]
                          for m, g in zip(call.members, grads, strict=True)]
-            call.kernel(call.params, grads, call.states, StepArgs(
-                lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
-                weight_decay=group["weight_decay"], no_prox=group["no_prox"],
-                maximize=group["maximize"], capturable=group["capturable"],
-                grad_factor=grad_factor, fmt=call.fmt,
-                stochastic_param=group["stochastic_param_rounding"], cache=call.cache))
+            call.kernel(call.params, grads, call.states,
+                        StepArgs.of_group(group, call.fmt, grad_factor, call.cache))
 
 
 @dataclass
