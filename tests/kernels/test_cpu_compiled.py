@@ -281,3 +281,27 @@ def test_shared_scalar_vectors_are_those_of_their_exact_values():
         assert torch.equal(shared, scalar_vector(3.0, lr, args, torch.float32,
                                                  torch.device("cpu")))
         assert math.copysign(1.0, float(shared[LR])) == math.copysign(1.0, lr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_8bit_tensors_stepped_in_chunks_equal_the_whole_step(monkeypatch, dtype):
+    """An 8-bit tensor stepped in chunks of whole blocks (bounding the compiled step's
+    temporaries) is updated bit for bit as in one call: the rounding noise takes each
+    element's index in the whole tensor, a chunk's extra meta row is restored."""
+    runs = []
+    for chunk in (1 << 30, 1024):
+        monkeypatch.setattr(cpu_compiled, "CHUNK", chunk)
+        torch.manual_seed(0)
+        params = [torch.randn(n, dtype=dtype, requires_grad=True) for n in (5000, 3079, 1025)]
+        opt = Adan(params, lr=1e-2, weight_decay=0.1, state_dtype="int8", fused=True,
+                   stochastic_param_rounding=True)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        runs.append((params, opt))
+    (whole, opt_w), (chunked, opt_c) = runs
+    for p, q in zip(whole, chunked, strict=True):
+        assert torch.equal(p, q)
+        for key, value in opt_w.state[p].items():
+            assert torch.equal(value, opt_c.state[q][key]), key
