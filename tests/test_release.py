@@ -338,10 +338,62 @@ def test_triton_kernel_per_tensor_with_its_own_cached_table(monkeypatch, fmt):
     for k in range(3):
         loss_of(released, k).backward()
         entries = opt._release.entries.values()
-        assert all(e.plan.calls[0].kernel is cuda_triton.triton_adan for e in entries)
-        caches.append([id(e.plan.calls[0].cache) for e in entries])
+        assert all(e.prepared.plan.calls[0].kernel is cuda_triton.triton_adan for e in entries)
+        caches.append([id(e.prepared.plan.calls[0].cache) for e in entries])
         opt.step()
     # Plans made in the first backward are renewed once (states of later parameters are
     # created after them, which the plans' key counts); then they are kept.
     assert caches[1] == caches[2]
     assert_same(plain, released)
+
+
+def _new_tensor_lr(group: dict) -> None:
+    group["lr"] = torch.tensor(0.02, dtype=torch.float64)
+
+
+def _halve_lr_in_place(group: dict) -> None:
+    group["lr"].mul_(0.5)
+
+
+# Changes to the first group between iterations: new values (a scheduler's), a betas list, a
+# tensor lr (then changed in place, then replaced by another one), a switch of no_prox.
+CHANGES = [lambda g: None, lambda g: g.update(lr=0.02), lambda g: g.update(betas=[0.9, 0.8, 0.95]),
+           lambda g: g.update(weight_decay=0.2, eps=1e-4), _new_tensor_lr, _halve_lr_in_place,
+           lambda g: g.update(no_prox=True), _new_tensor_lr, lambda g: g.update(lr=0.0)]
+
+
+@pytest.mark.parametrize("path", [dict(foreach=True), dict(fused=True)], ids=str)
+def test_settings_changed_between_iterations_reach_the_prepared_steps(path, release_mode):
+    """Each released parameter keeps its plan and kernel arguments between iterations; every
+    change of its group's settings is applied from the next backward, bit for bit as a
+    normal step applies it."""
+    models = mlp(), mlp()
+    opts = [make(models[0], False, **path), make(models[1], True, **path)]
+    for k, change in enumerate(CHANGES):
+        for model, opt in zip(models, opts, strict=True):
+            change(opt.param_groups[0])
+            train(model, opt, range(k, k + 1))
+    assert_same(*models)
+
+
+@pytest.mark.parametrize("path", [dict(foreach=True), dict(fused=True)], ids=str)
+def test_replaced_or_loaded_state_renews_the_prepared_steps(path, release_mode):
+    """A prepared step writes the state it was made for: replacing a buffer, a parameter's
+    whole state or loading a state dict must renew it (else the old buffers would be
+    written), as it renews the normal step's plan."""
+    models = mlp(), mlp()
+    opts = [make(models[0], False, **path), make(models[1], True, **path)]
+    for model, opt in zip(models, opts, strict=True):
+        train(model, opt, range(2))
+        saved = copy.deepcopy(opt.state_dict())
+        train(model, opt, range(2, 4))
+        opt.load_state_dict(saved)
+        train(model, opt, range(4, 5))
+        first, last = list(model.parameters())[0], list(model.parameters())[-1]
+        opt.state[first]["exp_avg"] = opt.state[first]["exp_avg"].clone()
+        opt.state[last] = {k: v.clone() for k, v in opt.state[last].items()}
+        train(model, opt, range(5, 7))
+    assert_same(*models)
+    for p, q in zip(*(model.parameters() for model in models), strict=True):
+        for key, value in opts[0].state[p].items():
+            assert torch.equal(value, opts[1].state[q][key]), key

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from operator import is_not
 from typing import Any
 
 from torch import Tensor
@@ -65,8 +66,10 @@ def check_group(group: dict[str, Any], index: int | None = None, *,
     if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 3:
         raise ValueError(f"Invalid betas{_where(index)}: {betas!r} (allowed: 3 decay rates "
                          "(b1, b2, b3), each in [0, 1); Adan has three, AdamW two)")
-    group["betas"] = tuple(_check_number(f"betas[{i}]", beta, index, "a decay rate in [0, 1)",
-                                         lambda b: 0 <= b < 1) for i, beta in enumerate(betas))
+    checked = tuple(_check_number(f"betas[{i}]", beta, index, "a decay rate in [0, 1)",
+                                  lambda b: 0 <= b < 1) for i, beta in enumerate(betas))
+    if type(betas) is not tuple or any(map(is_not, checked, betas)):
+        group["betas"] = checked  # else kept: gradient release's cached steps compare identity
     group["eps"] = _check_number("eps", group["eps"], index, "a finite number >= 0")
     group["weight_decay"] = _check_number("weight_decay", group["weight_decay"], index,
                                           "a finite number >= 0")

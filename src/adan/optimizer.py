@@ -585,11 +585,8 @@ class Adan(Optimizer):
             else:
                 mine = grads if call.whole else [grads[m] for m in call.members]
             if call.args is None or not all(map(is_, settings, call.settings)):
-                lr, (beta1, beta2, beta3), eps, wd, no_prox, maximize, capturable, sr, _ = settings
-                call.settings, call.args = settings, StepArgs(
-                    lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, eps=eps, weight_decay=wd,
-                    no_prox=no_prox, maximize=maximize, capturable=capturable,
-                    grad_factor=grad_factor, fmt=call.fmt, stochastic_param=sr, cache=call.cache)
+                call.settings = settings
+                call.args = StepArgs.of_group(group, call.fmt, grad_factor, call.cache)
             call.kernel(call.params, mine, call.states, call.args)
 
 

@@ -48,7 +48,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from operator import attrgetter, itemgetter
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -68,6 +69,13 @@ __all__ = ["GradientRelease", "check_release"]
 # backward: one kernel call for all of them, as a normal step packs them on CPU, instead of one
 # launch each; their gradients, a small part of a model's, are held until then.
 SMALL_NUMEL = 1 << 16
+
+# The group settings a prepared step was made from: those that pick its kernels and formats
+# (compared by value), and those its kernel arguments hold (by identity: a scheduler's new lr,
+# a new betas tuple or another lr tensor rebuilds the arguments; 0.0 never passes for -0.0).
+_KERNEL_SETTINGS = itemgetter("state_dtype", "foreach", "fused", "differentiable",
+                              "stochastic_param_rounding", "capturable")
+_dtype, _shape = attrgetter("dtype"), attrgetter("shape")
 
 
 def _where(index: int | None) -> str:
@@ -101,15 +109,33 @@ def check_release(group: dict[str, Any], params: list[Any], index: int | None = 
                 "unsharded gradient after its reduce-scatter)")
 
 
+def _grads_key(grads: list[Tensor]) -> list[Any]:
+    """What a plan depends on in the gradients: their dtypes, shapes and contiguity (as
+    ``Adan._step_key`` reads them)."""
+    return [*map(_dtype, grads), *map(_shape, grads), *map(Tensor.is_contiguous, grads)]
+
+
+@dataclass
+class _Prepared:
+    """Released parameters' step made ready: their plan (whose kernel calls keep their
+    arguments while the group's settings stay the same objects) and what it was made from,
+    so that a release re-checks these instead of re-planning."""
+
+    plan: Any
+    kernel_settings: tuple[Any, ...]
+    grads: list[Any]
+    states: list[int]
+
+
 @dataclass
 class _Entry:
-    """One released parameter: its group's position, its hook and its own cached plan (whose
-    kernel caches hold, e.g., its Triton address row)."""
+    """One released parameter: its group's position, its hook and its own prepared step
+    (whose kernel caches hold, e.g., its Triton address row)."""
 
     param: Tensor
     group: int
     handle: RemovableHandle
-    plan: Any = None
+    prepared: _Prepared | None = None
     reduced: bool = False  # stepped by a DDP communication hook, not by its own hook
 
 
@@ -126,7 +152,7 @@ class GradientRelease:
         self.ddp_params: set[int] = set()
         self.freeing = False  # the end-of-backward callback of a DDP backward is queued
         self.pending: list[_Entry] = []  # small parameters released in this backward
-        self.small_plans: dict[tuple[int, ...], Any] = {}
+        self.small_plans: dict[tuple[int, ...], _Prepared] = {}
         self.checked: set[int] = set()  # groups whose settings this iteration has checked
 
     # --- set-up -------------------------------------------------------------------------------
@@ -149,7 +175,7 @@ class GradientRelease:
             if entry is None:
                 self.entries[key] = self._register(param, index)
             elif entry.group != index:
-                entry.group, entry.plan = index, None
+                entry.group, entry.prepared = index, None
         self.opt._step_supports_amp_scaling = bool(self.opt.defaults["fused"]) or bool(
             self.entries)
 
@@ -184,9 +210,10 @@ class GradientRelease:
                     "is not kept for a later step; run the accumulating backward passes inside "
                     "model.no_sync() instead")
             for param, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
-                if id(param) in self.entries:
+                entry = self.entries.get(id(param))
+                if entry is not None:
                     param.grad = grad
-                    self.fire(param)
+                    self.fire(entry)
             if not self.freeing:
                 self.freeing = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._free_reduced)
@@ -275,13 +302,14 @@ class GradientRelease:
                 "no registered DistributedDataParallel reduces: its hook sees only this "
                 "process's gradient. Call opt.register_ddp(ddp_model) (the parameters are then "
                 "stepped after the all-reduce), or turn gradient release off")
-        self.fire(param)
+        self.fire(entry)
 
-    def fire(self, param: Tensor) -> None:
-        """Step ``param`` with its complete (under DDP: averaged) gradient, then free it; a
-        small parameter waits for the end of backward, to be stepped with the others."""
-        entry = self.entries.get(id(param))
-        if entry is None or param.grad is None:
+    def fire(self, entry: _Entry) -> None:
+        """Step ``entry``'s parameter with its complete (under DDP: averaged) gradient, then
+        free it; a small parameter waits for the end of backward, to be stepped with the
+        others."""
+        param = entry.param
+        if param.grad is None:
             return
         group = self.opt.param_groups[entry.group]
         if not group.get("gradient_release", False):  # turned off since the last sync
@@ -292,7 +320,7 @@ class GradientRelease:
             self.pending.append(entry)
             return
         with torch.no_grad():
-            entry.plan = self.step_params(group, entry.group, [param], entry.plan)
+            entry.prepared = self.step_params(group, entry.group, [param], entry.prepared)
         param.grad = None
 
     def _flush(self) -> None:
@@ -311,9 +339,11 @@ class GradientRelease:
                 param.grad = None
 
     def step_params(self, group: dict[str, Any], index: int, params: list[Tensor],
-                    plan: Any) -> Any:
-        """One step of ``params`` (of param group ``index``) through the optimizer's own
-        checks, plan and kernels; returns the plan, to be passed back next time.
+                    prepared: _Prepared | None) -> _Prepared:
+        """One step of ``params`` (of param group ``index``, all with gradients) through the
+        optimizer's own checks, plan and kernels; returns the prepared step, to be passed back
+        next time. It is re-planned only when a kernel setting, a gradient's dtype, shape or
+        contiguity, or the state changed (its calls' arguments follow the settings).
 
         The kernels are those the group's ``step()`` would give these parameters (routed
         beside the group's other parameters), so the update is the same.
@@ -323,14 +353,17 @@ class GradientRelease:
             check_group(group, index, read_tensors=False)
             check_release(group, [], index)
             self.checked.add(index)
-        view = {**group, "params": params}
-        key, grads = opt._step_key(view, opt._states_key())
-        if key is None or plan is None or plan.key != key:
+        grads = cast("list[Tensor]", [p.grad for p in params])
+        if (prepared is None or opt._states_key() != prepared.states
+                or _KERNEL_SETTINGS(group) != prepared.kernel_settings
+                or _grads_key(grads) != prepared.grads):
+            view = {**group, "params": params}
             checked = opt._collect(view, index)
             plan = opt._plan(view, checked, self._route(view, group, checked))
-            plan.key = None if plan.sharded else opt._step_key(view, opt._keep_states())[0]
-        opt._run_plan(group, plan, grads, None)
-        return plan
+            prepared = _Prepared(plan, _KERNEL_SETTINGS(group), _grads_key(grads),
+                                 opt._keep_states())
+        opt._run_plan(group, prepared.plan, grads, None)
+        return prepared
 
     def _route(self, view: dict[str, Any], group: dict[str, Any],
                checked: list[tuple[Tensor, Tensor, str]]) -> list[Any]:

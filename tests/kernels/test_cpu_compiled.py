@@ -4,6 +4,7 @@ rule, and Dynamo's recompile limit."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from reference import ReferenceAdan, RefGroup
 
 from adan import Adan
 from adan.kernels import cpu_compiled, select
+from adan.kernels.common import StepArgs
+from adan.kernels.compact import LR, scalar_vector
 
 F32 = dict(rtol=1e-5, atol=1e-6)
 LAYOUTS = {"packed": {}, "per-tensor": dict(PACK_MAX=0, SERIAL_MAX=0)}
@@ -267,3 +270,38 @@ def test_int8_compile_settings_exist_in_this_torch():
 
     missing = [k for k in cpu_compiled._INT8_OPTIONS if not hasattr(config, k)]
     assert not missing, f"unknown Inductor settings on torch {torch.__version__}: {missing}"
+
+
+def test_shared_scalar_vectors_are_those_of_their_exact_values():
+    """The scalar vectors kept between calls (one per step for every tensor released in its
+    own hook) are looked up by the values' bits: lr 0.0 and -0.0 get their own."""
+    args = StepArgs(lr=0.0, beta1=0.9, beta2=0.8, beta3=0.7, eps=1e-8, weight_decay=0.1)
+    for lr in (0.0, -0.0, 0.0, 1e-3):
+        shared = cpu_compiled._shared_scalars(3.0, lr, args, torch.float32, torch.device("cpu"))
+        assert torch.equal(shared, scalar_vector(3.0, lr, args, torch.float32,
+                                                 torch.device("cpu")))
+        assert math.copysign(1.0, float(shared[LR])) == math.copysign(1.0, lr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_8bit_tensors_stepped_in_chunks_equal_the_whole_step(monkeypatch, dtype):
+    """An 8-bit tensor stepped in chunks of whole blocks (bounding the compiled step's
+    temporaries) is updated bit for bit as in one call: the rounding noise takes each
+    element's index in the whole tensor, a chunk's extra meta row is restored."""
+    runs = []
+    for chunk in (1 << 30, 1024):
+        monkeypatch.setattr(cpu_compiled, "CHUNK", chunk)
+        torch.manual_seed(0)
+        params = [torch.randn(n, dtype=dtype, requires_grad=True) for n in (5000, 3079, 1025)]
+        opt = Adan(params, lr=1e-2, weight_decay=0.1, state_dtype="int8", fused=True,
+                   stochastic_param_rounding=True)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        runs.append((params, opt))
+    (whole, opt_w), (chunked, opt_c) = runs
+    for p, q in zip(whole, chunked, strict=True):
+        assert torch.equal(p, q)
+        for key, value in opt_w.state[p].items():
+            assert torch.equal(value, opt_c.state[q][key]), key

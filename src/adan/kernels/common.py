@@ -52,6 +52,17 @@ class StepArgs:
     stochastic_param: bool = False
     cache: dict[Any, Any] | None = field(default=None, compare=False, repr=False)
 
+    @classmethod
+    def of_group(cls, group: dict[str, Any], fmt: str, grad_factor: Tensor | None,
+                 cache: dict[Any, Any]) -> StepArgs:
+        """The settings of param group ``group`` (an optimizer's dict) for a call in ``fmt``."""
+        beta1, beta2, beta3 = group["betas"]
+        return cls(lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
+                   weight_decay=group["weight_decay"], no_prox=group["no_prox"],
+                   maximize=group["maximize"], capturable=group["capturable"],
+                   grad_factor=grad_factor, fmt=fmt,
+                   stochastic_param=group["stochastic_param_rounding"], cache=cache)
+
     @property
     def betas(self) -> tuple[float, float, float]:
         return self.beta1, self.beta2, self.beta3

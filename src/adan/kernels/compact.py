@@ -100,14 +100,18 @@ def rounded_sqrt(x: Tensor) -> Tensor:
     return torch.sqrt(x.double()).to(x.dtype)
 
 
-def noise_word(like: Tensor, seed: Tensor, step: Tensor, word: int) -> Tensor:
+def noise_word(like: Tensor, seed: Tensor, step: Tensor, word: int,
+               first: Tensor | None = None) -> Tensor:
     """A random 32-bit word per element of ``like`` (int64 in ``[0, 2**32)``), a function of
     the tensor's seed, the step count, ``word`` and the element's index alone: the same on
     every path, for a resumed run and for a CUDA graph's replay. Word 0 rounds ``m`` (its low
     16 bits) and ``v`` (high), word 1 ``n`` and ``prev_grad``, word 2 the parameter.
-    Integer arithmetic only, so a compiled step fuses it into its one pass."""
+    ``first`` (0-d int64) is the index of ``like``'s first element when it is a chunk of the
+    whole tensor. Integer arithmetic only, so a compiled step fuses it into its one pass."""
     key = seed ^ mix32(step.to(torch.int64) & M32)
     index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
+    if first is not None:
+        index = index + first
     return mix32((index + mix32((key + word * GOLDEN) & M32)) & M32)
 
 
@@ -132,11 +136,12 @@ def _store(buffer: Tensor, meta: Tensor | None, x: Tensor, fmt: str, signed: boo
 
 def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None],
                 s: Tensor, seed: Tensor, fmt: str, stochastic_param: bool,
-                may_skip: bool) -> None:
+                may_skip: bool, first: Tensor | None = None) -> None:
     """One step of one parameter in place: ``p`` and ``g`` real views, the four buffers (real
     views) with their flat 8-bit block data or None, ``s`` from :func:`scalar_vector`,
     ``seed`` the state's 0-d int64 seed for stochastic rounding. With ``may_skip`` a
-    non-finite gradient factor leaves everything as it was, decided on the device."""
+    non-finite gradient factor leaves everything as it was, decided on the device. ``first``:
+    the index of the first element where these are a chunk (whole blocks) of the tensor."""
     work = s.dtype
     decoded = [
         dequantize_blockwise(b, meta, p.shape, signed=signed, dtype=work) if meta is not None
@@ -147,7 +152,7 @@ def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor 
     new, *moments = adan_update(p.to(work), g.to(work), m, v, n, prev, s)
     go = torch.isfinite(s[FACTOR]) if may_skip else None
     compact = fmt in ("bf16", "int8")
-    words = [noise_word(p, seed, s[STEP], w) for w in range(2)] if compact else []
+    words = [noise_word(p, seed, s[STEP], w, first) for w in range(2)] if compact else []
     for i, (b, meta, x, (_, signed)) in enumerate(zip(buffers, metas, moments, BUFFERS,
                                                       strict=True)):
         bits = None
@@ -155,7 +160,8 @@ def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor 
             bits = (words[i // 2] >> 16 if i % 2 else words[i // 2] & 0xFFFF).to(torch.int32)
         _store(b, meta, x, fmt, signed, bits, go)
     if stochastic_param and p.dtype == torch.bfloat16:
-        new = round_to_bf16(new, (noise_word(p, seed, s[STEP], 2) & 0xFFFF).to(torch.int32))
+        noise = noise_word(p, seed, s[STEP], 2, first)
+        new = round_to_bf16(new, (noise & 0xFFFF).to(torch.int32))
     p.copy_(new if go is None else torch.where(go, new.to(p.dtype), p))
 
 

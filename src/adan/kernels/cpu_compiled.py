@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import struct
 import types
 import warnings
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from adan.kernels.compact import (
     tensor_step,
     tensor_views,
 )
+from adan.quant import BLOCK, META
 from adan.state import work_dtype
 
 __all__ = ["cpu_compiled_adan", "cpu_compiler_missing"]
@@ -39,6 +41,13 @@ PACK_MAX = 1 << 16
 # Calls below this many elements run single-threaded: forking OpenMP threads costs more than
 # the work (milliseconds when the machine is busy).
 SERIAL_MAX = 1 << 18
+# 8-bit tensors of more elements are stepped in chunks of this many (whole blocks): the
+# compiled 8-bit step keeps several 8-byte temporaries per element, which a chunk bounds.
+CHUNK = 1 << 16
+# Scalar vectors of recent calls, by their exact inputs: gradient release calls the kernel once
+# per tensor, and the tensors of one step share a vector instead of each building its own.
+_SCALARS: dict[tuple[Any, ...], Tensor] = {}
+_SCALARS_MAX = 64
 
 
 # Inductor settings for the 8-bit format: keep intermediate values in memory once they are
@@ -66,7 +75,8 @@ def _compiled(signature: tuple[Any, ...], serial: bool) -> Callable[..., None]:
 
 def _run(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None], s: Tensor,
          seed: Tensor, args: StepArgs, may_skip: bool) -> None:
-    """One :func:`tensor_step` call, compiled unless compiling already or too small."""
+    """One :func:`tensor_step` call, compiled unless compiling already or too small; an
+    8-bit tensor in chunks of :data:`CHUNK` elements (bit for bit the same update)."""
     options = (args.fmt, args.stochastic_param, may_skip)
     if torch.compiler.is_compiling() or p.numel() <= 1:
         # Sizes 0 and 1 would specialise the compiled kernel; eager is as fast for them.
@@ -76,16 +86,49 @@ def _run(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None]
     # dtype, torch's ``grad_dtype``) must not reach Dynamo.
     flat = [t.detach().view(-1) for t in (p, g, *buffers)]
     signature = (*options, *(t.dtype for t in flat), s.dtype)
-    try:
-        _compiled(signature, p.numel() < SERIAL_MAX)(flat[0], flat[1], flat[2:], metas, s,
-                                                     seed, *options)
-    except torch._dynamo.exc.FailOnRecompileLimitHit:
-        # Raised before the compiled code runs (nothing written): a signature's graphs differ
-        # only by guards on torch's global state (e.g. the default dtype) and size classes,
-        # so a process that changes them often can exhaust Dynamo's limit; never fail on it.
-        _warn_once(f"adan: Dynamo's recompile limit was reached for the CPU kernel {signature}"
-                   "; that signature runs eagerly (correct, slower) from now on")
-        tensor_step(p, g, buffers, metas, s, seed, *options)
+    fn = _compiled(signature, p.numel() < SERIAL_MAX)
+    numel = p.numel()
+    starts = range(0, numel - 1, CHUNK) if args.fmt == "int8" else range(1)
+    for start, stop in zip(starts, [*starts[1:], numel], strict=True):
+        # A chunk's meta rows: its blocks' and, as for any size, one more, which inside the
+        # tensor is the next chunk's first row, restored after the call.
+        rows = slice(start // BLOCK * META, (stop // BLOCK + 1) * META)
+        parts = [None if m is None else m[rows] for m in metas]
+        kept = [(m, m[-META:].clone()) for m in parts if m is not None and stop < numel]
+        call = (flat[0][start:stop], flat[1][start:stop], [t[start:stop] for t in flat[2:]],
+                parts, s, seed, *options, _first(start))
+        try:
+            fn(*call)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # Raised before the compiled code runs (nothing written): a signature's graphs
+            # differ only by guards on torch's global state (e.g. the default dtype) and size
+            # classes, so a process that changes them often can exhaust Dynamo's limit.
+            _warn_once(f"adan: Dynamo's recompile limit was reached for the CPU kernel "
+                       f"{signature}; that signature runs eagerly (correct, slower) from now on")
+            tensor_step(*call)
+        for m, row in kept:
+            m[-META:].copy_(row)
+
+
+@functools.cache
+def _first(index: int) -> Tensor:
+    """``index`` as the 0-d int64 tensor :func:`tensor_step` takes for a chunk's start."""
+    return torch.tensor(index, dtype=torch.int64)
+
+
+def _shared_scalars(step: Scalar, lr: Scalar, args: StepArgs, dtype: torch.dtype,
+                    device: torch.device) -> Tensor:
+    """:func:`scalar_vector` of numbers (no gradient factor), kept for the next call of the
+    same values (the kernel only reads it); keyed by the floats' bits, so 0.0 and -0.0
+    differ."""
+    key = (struct.pack("<7d", step, lr, *args.betas, args.eps, args.weight_decay),
+           args.no_prox, args.maximize, dtype, device)
+    vector = _SCALARS.get(key)
+    if vector is None:
+        if len(_SCALARS) >= _SCALARS_MAX:
+            _SCALARS.clear()
+        vector = _SCALARS[key] = scalar_vector(step, lr, args, dtype, device)
+    return vector
 
 
 @functools.cache
@@ -103,15 +146,11 @@ def cpu_compiled_adan(
     may_skip = go is not True
     tensor_scalars, lr = step_scalars(states, args)
     packs: dict[tuple[Any, ...], list[int]] = {}
-    shared: dict[tuple[Any, ...], Tensor] = {}  # one scalar vector per step count and dtype
 
     def scalars(step: Scalar, dtype: torch.dtype, device: torch.device) -> Tensor:
-        if tensor_scalars:
+        if tensor_scalars or args.grad_factor is not None:
             return scalar_vector(step, lr, args, dtype, device)
-        key = (step, dtype, device)
-        if key not in shared:
-            shared[key] = scalar_vector(step, lr, args, dtype, device)
-        return shared[key]
+        return _shared_scalars(step, lr, args, dtype, device)
 
     for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
         p, g, buffers, metas = tensor_views(param, grad, state)
