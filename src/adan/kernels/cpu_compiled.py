@@ -146,11 +146,17 @@ def cpu_compiled_adan(
     may_skip = go is not True
     tensor_scalars, lr = step_scalars(states, args)
     packs: dict[tuple[Any, ...], list[int]] = {}
+    shared: dict[tuple[Any, ...], Tensor] = {}  # with a gradient factor: one per step count
 
     def scalars(step: Scalar, dtype: torch.dtype, device: torch.device) -> Tensor:
-        if tensor_scalars or args.grad_factor is not None:
+        if tensor_scalars:
             return scalar_vector(step, lr, args, dtype, device)
-        return _shared_scalars(step, lr, args, dtype, device)
+        if args.grad_factor is None:
+            return _shared_scalars(step, lr, args, dtype, device)
+        key = (step, dtype, device)
+        if key not in shared:
+            shared[key] = scalar_vector(step, lr, args, dtype, device)
+        return shared[key]
 
     for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
         p, g, buffers, metas = tensor_views(param, grad, state)
