@@ -340,6 +340,7 @@ def _adan_kernel(
             scale = scale_value
 
         SUBTILES: tl.constexpr = BLOCK // TILE
+        EXTRA_ROW: tl.constexpr = 1 if FMT == 2 else 0
         ROWS: tl.constexpr = TILE // QBLOCK
         # A tile is (2, ROWS, QBLOCK // 2): block r's two halves at [0, r] and [1, r]. Triton
         # lays the last axis (16-byte vectors) across a warp's threads and the rows across
@@ -351,9 +352,9 @@ def _adan_kernel(
             key = seed.to(tl.uint32) ^ _mix32(k.to(tl.uint32))
         for sub in tl.static_range(SUBTILES):
             first = (tile * SUBTILES + sub) * TILE
-            # (a partial tile's sub-tiles past the tensor's end, and its extra meta row, are
-            # skipped)
-            if not MASKED or first <= numel:
+            # A partial tile skips its sub-tiles past the tensor's end, but for the one that
+            # holds the extra meta row of 8-bit state.
+            if not MASKED or first < numel + EXTRA_ROW:
                 qrow = first // QBLOCK + tl.arange(0, ROWS)
                 offs = _per_element(qrow) * QBLOCK + cols
                 mask = offs < numel
