@@ -452,8 +452,8 @@ class Adan(Optimizer):
                                           state["step"].device)
         return state
 
-    def _step_key(self, group: dict[str, Any], states: list[int]
-                  ) -> tuple[list[Any] | None, list[Tensor]]:
+    def _step_key(self, group: dict[str, Any], states: list[int],
+                  params: list[Tensor] | None = None) -> tuple[list[Any] | None, list[Tensor]]:
         """What a group's cached plan depends on, read cheaply at every step (C-level maps,
         no Python code per tensor): the settings that pick kernels and formats; which
         parameters have gradients, and the dtypes, shapes and contiguity of their gradients;
@@ -463,8 +463,9 @@ class Adan(Optimizer):
         contiguous, so it renews the plan, whose checks refuse it. Addresses are not part of
         it: the kernels follow them at every step. The key is None where no plan is cached
         (a step traced by torch.compile). Returned with the gradients it read, in the order
-        of the plan's parameters, which the step then launches with (no second read)."""
-        params = group["params"]
+        of the plan's parameters, which the step then launches with (no second read).
+        ``params``: a part of the group's parameters instead of all (gradient release)."""
+        params = group["params"] if params is None else params
         if torch.compiler.is_compiling():
             return None, [p.grad for p in params if p.grad is not None]
         grads = list(map(_grad, params))

@@ -48,8 +48,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from operator import attrgetter, itemgetter
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -61,7 +60,7 @@ from adan.distributed import is_dtensor
 from adan.state import storage_format
 
 if TYPE_CHECKING:
-    from adan.optimizer import Adan
+    from adan.optimizer import Adan, _Plan
 
 __all__ = ["GradientRelease", "check_release"]
 
@@ -70,12 +69,6 @@ __all__ = ["GradientRelease", "check_release"]
 # launch each; their gradients, a small part of a model's, are held until then.
 SMALL_NUMEL = 1 << 16
 
-# The group settings a prepared step was made from: those that pick its kernels and formats
-# (compared by value), and those its kernel arguments hold (by identity: a scheduler's new lr,
-# a new betas tuple or another lr tensor rebuilds the arguments; 0.0 never passes for -0.0).
-_KERNEL_SETTINGS = itemgetter("state_dtype", "foreach", "fused", "differentiable",
-                              "stochastic_param_rounding", "capturable")
-_dtype, _shape = attrgetter("dtype"), attrgetter("shape")
 
 
 def _where(index: int | None) -> str:
@@ -109,33 +102,15 @@ def check_release(group: dict[str, Any], params: list[Any], index: int | None = 
                 "unsharded gradient after its reduce-scatter)")
 
 
-def _grads_key(grads: list[Tensor]) -> list[Any]:
-    """What a plan depends on in the gradients: their dtypes, shapes and contiguity (as
-    ``Adan._step_key`` reads them)."""
-    return [*map(_dtype, grads), *map(_shape, grads), *map(Tensor.is_contiguous, grads)]
-
-
-@dataclass
-class _Prepared:
-    """Released parameters' step made ready: their plan (whose kernel calls keep their
-    arguments while the group's settings stay the same objects) and what it was made from,
-    so that a release re-checks these instead of re-planning."""
-
-    plan: Any
-    kernel_settings: tuple[Any, ...]
-    grads: list[Any]
-    states: list[int]
-
-
 @dataclass
 class _Entry:
-    """One released parameter: its group's position, its hook and its own prepared step
-    (whose kernel caches hold, e.g., its Triton address row)."""
+    """One released parameter: its group's position, its hook and its own plan (whose kernel
+    caches hold, e.g., its Triton address row)."""
 
     param: Tensor
     group: int
     handle: RemovableHandle
-    prepared: _Prepared | None = None
+    plan: _Plan | None = None
     reduced: bool = False  # stepped by a DDP communication hook, not by its own hook
 
 
@@ -152,7 +127,7 @@ class GradientRelease:
         self.ddp_params: set[int] = set()
         self.freeing = False  # the end-of-backward callback of a DDP backward is queued
         self.pending: list[_Entry] = []  # small parameters released in this backward
-        self.small_plans: dict[tuple[int, ...], _Prepared] = {}
+        self.small_plans: dict[tuple[int, ...], _Plan] = {}
         self.checked: set[int] = set()  # groups whose settings this iteration has checked
 
     # --- set-up -------------------------------------------------------------------------------
@@ -175,7 +150,7 @@ class GradientRelease:
             if entry is None:
                 self.entries[key] = self._register(param, index)
             elif entry.group != index:
-                entry.group, entry.prepared = index, None
+                entry.group, entry.plan = index, None
         self.opt._step_supports_amp_scaling = bool(self.opt.defaults["fused"]) or bool(
             self.entries)
 
@@ -320,7 +295,7 @@ class GradientRelease:
             self.pending.append(entry)
             return
         with torch.no_grad():
-            entry.prepared = self.step_params(group, entry.group, [param], entry.prepared)
+            entry.plan = self.step_params(group, entry.group, [param], entry.plan)
         param.grad = None
 
     def _flush(self) -> None:
@@ -339,11 +314,11 @@ class GradientRelease:
                 param.grad = None
 
     def step_params(self, group: dict[str, Any], index: int, params: list[Tensor],
-                    prepared: _Prepared | None) -> _Prepared:
+                    plan: _Plan | None) -> _Plan:
         """One step of ``params`` (of param group ``index``, all with gradients) through the
-        optimizer's own checks, plan and kernels; returns the prepared step, to be passed back
-        next time. It is re-planned only when a kernel setting, a gradient's dtype, shape or
-        contiguity, or the state changed (its calls' arguments follow the settings).
+        optimizer's own checks, plan and kernels; returns the plan, to be passed back next
+        time. As in ``step()``, it is re-made only when its key (:meth:`Adan._step_key`)
+        changed, and its calls' arguments follow the group's settings.
 
         The kernels are those the group's ``step()`` would give these parameters (routed
         beside the group's other parameters), so the update is the same.
@@ -353,17 +328,15 @@ class GradientRelease:
             check_group(group, index, read_tensors=False)
             check_release(group, [], index)
             self.checked.add(index)
-        grads = cast("list[Tensor]", [p.grad for p in params])
-        if (prepared is None or opt._states_key() != prepared.states
-                or _KERNEL_SETTINGS(group) != prepared.kernel_settings
-                or _grads_key(grads) != prepared.grads):
+        key, grads = opt._step_key(group, opt._states_key(), params)
+        if key is None or plan is None or plan.key != key:
             view = {**group, "params": params}
             checked = opt._collect(view, index)
             plan = opt._plan(view, checked, self._route(view, group, checked))
-            prepared = _Prepared(plan, _KERNEL_SETTINGS(group), _grads_key(grads),
-                                 opt._keep_states())
-        opt._run_plan(group, prepared.plan, grads, None)
-        return prepared
+            plan.key = None if plan.sharded else opt._step_key(group, opt._keep_states(),
+                                                               params)[0]
+        opt._run_plan(group, plan, grads, None)
+        return plan
 
     def _route(self, view: dict[str, Any], group: dict[str, Any],
                checked: list[tuple[Tensor, Tensor, str]]) -> list[Any]:
