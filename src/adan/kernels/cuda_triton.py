@@ -105,7 +105,7 @@ def _expm1(x):
 
 @triton.jit
 def _mix32(x):
-    """The 32-bit integer hash of :func:`adan.kernels.compact.mix32`, on uint32 (whose
+    """The 32-bit integer hash of :func:`adan.quant.mix32`, on uint32 (whose
     products wrap as that function's masks do)."""
     mul = tl.full((), 0x45D9F3B, tl.uint32)
     x = ((x >> 16) ^ x) * mul
@@ -380,26 +380,21 @@ def _adan_kernel(
                 update = (m * ibc1 + v * b2bc2) / denom
                 new = p * keep - update * scale
 
+                # 16 random bits per buffer (two words' halves), for the compact formats
+                noise = (0, 0, 0, 0)
                 if FMT != 0:
-                    word = _noise_word(index, key, 0)
-                    _store(row, 1, 7, m, offs, mask, qrow, qmask, cols, (word & 65535).to(tl.int32),
-                           S_DT, FMT, True, VEC, MASKED, QBLOCK)
-                    _store(row, 2, 8, v, offs, mask, qrow, qmask, cols, (word >> 16).to(tl.int32),
-                           S_DT, FMT, True, VEC, MASKED, QBLOCK)
-                    word = _noise_word(index, key, 1)
-                    _store(row, 3, 9, n, offs, mask, qrow, qmask, cols, (word & 65535).to(tl.int32),
-                           S_DT, FMT, False, VEC, MASKED, QBLOCK)
-                    _store(row, 4, 10, g, offs, mask, qrow, qmask, cols, (word >> 16).to(tl.int32),
-                           S_DT, FMT, True, VEC, MASKED, QBLOCK)
-                else:
-                    _store(row, 1, 7, m, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, True, VEC,
-                           MASKED, QBLOCK)
-                    _store(row, 2, 8, v, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, True, VEC,
-                           MASKED, QBLOCK)
-                    _store(row, 3, 9, n, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, False, VEC,
-                           MASKED, QBLOCK)
-                    _store(row, 4, 10, g, offs, mask, qrow, qmask, cols, 0, S_DT, FMT, True, VEC,
-                           MASKED, QBLOCK)
+                    w0 = _noise_word(index, key, 0)
+                    w1 = _noise_word(index, key, 1)
+                    noise = ((w0 & 65535).to(tl.int32), (w0 >> 16).to(tl.int32),
+                             (w1 & 65535).to(tl.int32), (w1 >> 16).to(tl.int32))
+                _store(row, 1, 7, m, offs, mask, qrow, qmask, cols, noise[0], S_DT, FMT, True,
+                       VEC, MASKED, QBLOCK)
+                _store(row, 2, 8, v, offs, mask, qrow, qmask, cols, noise[1], S_DT, FMT, True,
+                       VEC, MASKED, QBLOCK)
+                _store(row, 3, 9, n, offs, mask, qrow, qmask, cols, noise[2], S_DT, FMT, False,
+                       VEC, MASKED, QBLOCK)
+                _store(row, 4, 10, g, offs, mask, qrow, qmask, cols, noise[3], S_DT, FMT, True,
+                       VEC, MASKED, QBLOCK)
                 if SR_PARAM:
                     word = _noise_word(index, key, 2)
                     _st(p_ptr, _round_bf16(new, (word & 65535).to(tl.int32)), mask, MASKED)
