@@ -338,8 +338,8 @@ def test_triton_kernel_per_tensor_with_its_own_cached_table(monkeypatch, fmt):
     for k in range(3):
         loss_of(released, k).backward()
         entries = opt._release.entries.values()
-        assert all(e.prepared.plan.calls[0].kernel is cuda_triton.triton_adan for e in entries)
-        caches.append([id(e.prepared.plan.calls[0].cache) for e in entries])
+        assert all(e.plan.calls[0].kernel is cuda_triton.triton_adan for e in entries)
+        caches.append([id(e.plan.calls[0].cache) for e in entries])
         opt.step()
     # Plans made in the first backward are renewed once (states of later parameters are
     # created after them, which the plans' key counts); then they are kept.
