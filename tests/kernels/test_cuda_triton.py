@@ -21,6 +21,8 @@ from adan.kernels import select
 triton = pytest.importorskip("triton")
 from adan.kernels import cuda_triton  # noqa: E402  (needs Triton)
 
+tl = triton.language
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRETED
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -360,6 +362,21 @@ def test_a_tensor_of_more_than_2_31_elements():
 def test_same_bits_as_the_cpu_compact_path(device, fmt):
     """Under the interpreter the kernel computes what adan.kernels.compact computes, rounding
     noise included (a function of seed, step and element alone), with clipping."""
+    _assert_same_bits_as_the_cpu_compact_path(device, fmt)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("fmt", ["int8", None])
+def test_the_other_tile_arrangement_gives_the_same_bits(device, fmt, monkeypatch):
+    """The tile arrangement this Triton does not take (cuda_triton.HALVES: Triton 3.6 takes
+    the other), interpreted: the same bits as the CPU path."""
+    if device != "cpu":
+        pytest.skip("interpreted only (a compiled kernel keeps the value it was built with)")
+    monkeypatch.setattr(cuda_triton, "HALVES", tl.constexpr(1 - cuda_triton.HALVES))
+    _assert_same_bits_as_the_cpu_compact_path(device, fmt)
+
+
+def _assert_same_bits_as_the_cpu_compact_path(device, fmt):
     results = []
     for kernel in ("triton", "cpu"):
         torch.manual_seed(0)
@@ -384,12 +401,13 @@ def test_same_bits_as_the_cpu_compact_path(device, fmt):
 
 
 @triton.jit
-def _pick_code_kernel(t_ptr, u_ptr, out_ptr, n, SIGNED: triton.language.constexpr):
-    offs = triton.language.program_id(0) * 1024 + triton.language.arange(0, 1024)
+def _pick_code_kernel(t_ptr, u_ptr, out_ptr, n, SIGNED: tl.constexpr):
+    # (annotated `tl.constexpr`, which Triton 3.6 recognises in a string annotation)
+    offs = tl.program_id(0) * 1024 + tl.arange(0, 1024)
     mask = offs < n
-    t = triton.language.load(t_ptr + offs, mask=mask, other=0.0)
-    u = triton.language.load(u_ptr + offs, mask=mask, other=0.5)
-    triton.language.store(out_ptr + offs, cuda_triton._pick_code(t, u, SIGNED), mask=mask)
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.5)
+    tl.store(out_ptr + offs, cuda_triton._pick_code(t, u, SIGNED), mask=mask)
 
 
 @pytest.mark.parametrize("signed", [True, False])

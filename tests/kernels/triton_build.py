@@ -1,7 +1,9 @@
 """Compile the CUDA kernel for a Hopper GPU (sm_90) without one, with the ptxas that ships with
 Triton, and print per variant, as JSON, what the PTX and the SASS (from the bundled
-``cuobjdump``) hold: wide accesses, spills, registers, shared memory, the CTAs of 8 warps an
-SM can hold, SASS instructions per element of a tile and barriers per tile. Run by
+``cuobjdump``) hold: wide accesses, spills (local memory in the PTX, and local loads and
+stores in the SASS, where ptxas spills under a register cap), registers, shared memory, the
+CTAs of 8 warps an SM can hold, SASS instructions per element of a tile and barriers per
+tile. Run by
 test_cuda_triton_build.py in a process of its own: the tests' process runs Triton in
 interpreter mode, which compiles nothing.
 
@@ -48,8 +50,8 @@ REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM = 65536, 228 * 1024, 64
 
 def sass_figures(cubin: bytes) -> dict[str, float]:
     """Registers, shared memory, CTAs per SM (H100/H200 limits), and SASS instructions per
-    element and barriers per tile (the kernel has no loops: its static count is what a
-    full tile runs)."""
+    element, barriers and spill accesses per tile (the kernel has no loops: its static count
+    is what a full tile runs)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -65,7 +67,8 @@ def sass_figures(cubin: bytes) -> dict[str, float]:
     instructions = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([A-Z][A-Z0-9_.]*)", sass)
     return {"registers": regs, "shared": shared, "ctas_per_sm": ctas,
             "instr_per_elem": round(len(instructions) / (cuda_triton.BLOCK / THREADS), 1),
-            "barriers": sum(i.startswith("BAR") for i in instructions)}
+            "barriers": sum(i.startswith("BAR") for i in instructions),
+            "spills": sum(i.startswith(("LDL", "STL")) for i in instructions)}
 
 
 def build(param: str, state: str, fmt: int, no_prox: bool, maximize: bool, factor: bool,
@@ -83,8 +86,10 @@ def build(param: str, state: str, fmt: int, no_prox: bool, maximize: bool, facto
         # as Triton specialises pointer arguments at launch (torch's allocations are aligned)
         attrs={(i,): [["tt.divisibility", 16]] for i, k in enumerate(ARGS)
                if ARGS[k].startswith("*")})
+    cap = cuda_triton.register_cap(fmt, masked)  # as the kernel is launched
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": cuda_triton.NUM_WARPS})
+                            options={"num_warps": cuda_triton.NUM_WARPS,
+                                     **({} if cap is None else {"maxnreg": cap})})
     ptx = kernel.asm["ptx"]
     return {"ld_v4": ptx.count("ld.global.v4"), "st_v4": ptx.count("st.global.v4"),
             "local": ptx.count(".local"), "cubin_bytes": len(kernel.asm["cubin"]),

@@ -56,6 +56,32 @@ block (256)."""
 QBLOCK = 256
 NUM_WARPS = 8
 
+
+def _triton_before(major: int, minor: int) -> bool:
+    """Whether the installed Triton is older than ``major.minor``."""
+    version = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
+    return version < (major, minor)
+
+
+# The axis of a tile's (2, ROWS, QBLOCK // 2) or (ROWS, 2, QBLOCK // 2) shape that holds each
+# 8-bit block's two halves. Triton lays tiles out by the axes' contiguity, and these two axes
+# tie: Triton 3.8 and 3.9 then spread the warps over the middle axis, 3.6 (the GPU machine's)
+# over the first, so that with the other shape a block spans two warps, whose reductions go
+# through shared memory (113 barriers per program on sm_90 instead of 17). So the halves take
+# the axis that keeps a block in one warp. (3.7 was not built; it is taken to act as 3.6.)
+HALVES: tl.constexpr = tl.constexpr(1 if _triton_before(3, 8) else 0)
+
+REGISTER_CAP = 128
+"""Registers of 2 CTAs of NUM_WARPS warps per SM: the limit given to the kernels that would
+take more (the 8-bit one; with Triton before 3.8, partial tiles), which then fit without
+spilling, instead of 1 CTA per SM."""
+
+
+def register_cap(fmt: int, masked: bool) -> int | None:
+    """The ``maxnreg`` launch option of a kernel variant (None: the compiler's choice, which
+    for the others is below the cap, and lower than under it)."""
+    return REGISTER_CAP if fmt == 2 or (masked and HALVES == 1) else None
+
 # Columns of the address table, one row per tensor: param, m, v, n, prev_grad, step, number
 # of (real) elements, the 8-bit block data of m, v, n, prev_grad (0 if none), and the seed.
 # (The gradients' addresses live in an array of their own.) 12 columns keep rows 16-byte
@@ -191,22 +217,22 @@ def _cast(x, DT: tl.constexpr):
 
 @triton.jit
 def _block_max(x):
-    """The largest element of each block of a ``(2, ROWS, QBLOCK // 2)`` tile: one per row.
-    A block's halves lie in one thread's registers and its columns in one warp (see the
+    """The largest element of each block of a tile (see :data:`HALVES`): one per row. A
+    block's halves lie in one thread's registers and its columns in one warp (see the
     kernel's tile layout), so this needs shuffles but no shared memory or barrier."""
-    return tl.max(tl.max(x, axis=0), axis=1)
+    return tl.max(tl.max(x, axis=HALVES), axis=1)
 
 
 @triton.jit
 def _per_element(block_values):
     """Per-block values (from the reductions above) broadcast to the tile's shape, in the
     order of axes that keeps their layout (no conversion through shared memory)."""
-    return tl.expand_dims(tl.expand_dims(block_values, 1), 0)
+    return tl.expand_dims(tl.expand_dims(block_values, 1), HALVES)
 
 
 @triton.jit
 def _block_min(x):
-    return tl.min(tl.min(x, axis=0), axis=1)
+    return tl.min(tl.min(x, axis=HALVES), axis=1)
 
 
 @triton.jit
@@ -225,7 +251,7 @@ def _cube_root(t):
 
 @triton.jit
 def _block_sum(x):
-    return tl.sum(tl.sum(x, axis=0), axis=1)
+    return tl.sum(tl.sum(x, axis=HALVES), axis=1)
 
 
 @triton.jit
@@ -342,11 +368,13 @@ def _adan_kernel(
         SUBTILES: tl.constexpr = BLOCK // TILE
         EXTRA_ROW: tl.constexpr = 1 if FMT == 2 else 0
         ROWS: tl.constexpr = TILE // QBLOCK
-        # A tile is (2, ROWS, QBLOCK // 2): block r's two halves at [0, r] and [1, r]. Triton
-        # lays the last axis (16-byte vectors) across a warp's threads and the rows across
-        # warps, so each block lies in one warp and its reductions stay within it.
+        # A tile is (2, ROWS, QBLOCK // 2), block r's two halves at [0, r] and [1, r] (or, see
+        # HALVES, (ROWS, 2, QBLOCK // 2)). Triton lays the last axis (16-byte vectors) across
+        # a warp's threads and the rows across warps, so each block lies in one warp and its
+        # reductions stay within it.
         HALF: tl.constexpr = QBLOCK // 2
-        cols = tl.arange(0, 2)[:, None, None] * HALF + tl.arange(0, HALF)[None, None, :]
+        halves = tl.expand_dims(tl.expand_dims(tl.arange(0, 2), 1), 1 - HALVES)
+        cols = halves * HALF + tl.arange(0, HALF)[None, None, :]
         if FMT != 0 or SR_PARAM:  # the noise of adan.kernels.compact.noise_word
             seed = tl.load(tl.load(row + 11).to(tl.pointer_type(tl.int64)))
             key = seed.to(tl.uint32) ^ _mix32(k.to(tl.uint32))
@@ -615,4 +643,5 @@ def triton_adan(
                 HAS_FACTOR=factor is not None, LR_ON_DEVICE=lr_on_device,
                 SR_PARAM=args.rounds_param(p_dtype), ALIGNED=aligned, MASKED=masked,
                 BLOCK=BLOCK, TILE=TILE, QBLOCK=QBLOCK, NCOL=NCOL, num_warps=NUM_WARPS,
+                maxnreg=register_cap(_FORMATS[args.fmt], masked),
             )
