@@ -70,7 +70,6 @@ __all__ = ["GradientRelease", "check_release"]
 SMALL_NUMEL = 1 << 16
 
 
-
 def _where(index: int | None) -> str:
     return "" if index is None else f" in param group {index}"
 

@@ -57,11 +57,8 @@ QBLOCK = 256
 NUM_WARPS = 8
 
 
-def _triton_before(major: int, minor: int) -> bool:
-    """Whether the installed Triton is older than ``major.minor``."""
-    version = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
-    return version < (major, minor)
-
+_BEFORE_3_8 = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit()) < (3, 8)
+"""Whether the installed Triton is older than 3.8, whose layouts differ (see below)."""
 
 # The axis of a tile's (2, ROWS, QBLOCK // 2) or (ROWS, 2, QBLOCK // 2) shape that holds each
 # 8-bit block's two halves. Triton lays tiles out by the axes' contiguity, and these two axes
@@ -69,7 +66,7 @@ def _triton_before(major: int, minor: int) -> bool:
 # over the first, so that with the other shape a block spans two warps, whose reductions go
 # through shared memory (113 barriers per program on sm_90 instead of 17). So the halves take
 # the axis that keeps a block in one warp. (3.7 was not built; it is taken to act as 3.6.)
-HALVES: tl.constexpr = tl.constexpr(1 if _triton_before(3, 8) else 0)
+HALVES: tl.constexpr = tl.constexpr(1 if _BEFORE_3_8 else 0)
 
 REGISTER_CAP = 128
 """Registers of 2 CTAs of NUM_WARPS warps per SM: the limit given to the kernels that would
@@ -80,7 +77,8 @@ spilling, instead of 1 CTA per SM."""
 def register_cap(fmt: int, masked: bool) -> int | None:
     """The ``maxnreg`` launch option of a kernel variant (None: the compiler's choice, which
     for the others is below the cap, and lower than under it)."""
-    return REGISTER_CAP if fmt == 2 or (masked and HALVES == 1) else None
+    return REGISTER_CAP if fmt == 2 or (masked and _BEFORE_3_8) else None
+
 
 # Columns of the address table, one row per tensor: param, m, v, n, prev_grad, step, number
 # of (real) elements, the 8-bit block data of m, v, n, prev_grad (0 if none), and the seed.
@@ -626,6 +624,7 @@ def triton_adan(
         keep = 1 - lr * args.weight_decay if args.no_prox else 1 / (1 + lr * args.weight_decay)
         scale = lr if args.no_prox else lr * keep
     factor = None if args.grad_factor is None else args.grad_factor.to(device, non_blocking=True)
+    fmt = _FORMATS[args.fmt]
     for part in plan.parts:
         p_dtype, g_dtype, s_dtype, step_dtype, aligned = part.signature
         addresses = part.grads.put(grad_ptrs if len(part.members) == len(params)
@@ -639,9 +638,9 @@ def triton_adan(
                 keep, scale, b1, 1 - b1, b2, 1 - b2, b3, 1 - b3, args.eps,
                 P_DT=_TL_DTYPES[p_dtype], G_DT=_TL_DTYPES[g_dtype],
                 S_DT=_TL_DTYPES[state_dtype], STEP_DT=_TL_DTYPES[step_dtype],
-                FMT=_FORMATS[args.fmt], NO_PROX=args.no_prox, MAXIMIZE=args.maximize,
+                FMT=fmt, NO_PROX=args.no_prox, MAXIMIZE=args.maximize,
                 HAS_FACTOR=factor is not None, LR_ON_DEVICE=lr_on_device,
                 SR_PARAM=args.rounds_param(p_dtype), ALIGNED=aligned, MASKED=masked,
                 BLOCK=BLOCK, TILE=TILE, QBLOCK=QBLOCK, NCOL=NCOL, num_warps=NUM_WARPS,
-                maxnreg=register_cap(_FORMATS[args.fmt], masked),
+                maxnreg=register_cap(fmt, masked),
             )
