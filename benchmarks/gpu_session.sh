@@ -7,16 +7,19 @@
 # "skip" runs no tests); it can also come from the environment. Further arguments go to
 # `adan bench speed --device cuda` (default: --steps 10 --warmup 2).
 # Expects the peers in .peers/ (a git-ignored copy of ../shared/peers, sent with carry
-# [".peers"]) and carries on without them. Everything lands in $OUT (7 files, no folders):
+# [".peers"]) and carries on without them. Everything lands in $OUT (9 files, no folders):
 #   env.txt        GPU, driver, python, torch, triton, the checkout's commit
 #   setup.log      installing the peer wheels into /tmp/site
 #   build.log      building sail-sg's CUDA extension in .peers/sail-sg-adan
 #   tests.log      pytest
+#   lowmem.md      adan bench lowmem training --device cuda: peak memory and time per
+#                  iteration with and without gradient release (GPT-2 small's depth and width)
+#   lowmem.log     its progress lines
 #   speed.md       the benchmark's markdown tables (stdout)
 #   speed.log      its progress lines and warnings (stderr)
 #   speed.json     every result (rewritten after each row, so a cut-off run keeps its rows)
 # Time limits (seconds from the start of this script): tests stop at TESTS_UNTIL (default 200),
-# the benchmark is interrupted at BENCH_UNTIL (default 440) and still prints what it measured,
+# the memory benchmark at LOWMEM_UNTIL (default 260), the speed benchmark is interrupted at BENCH_UNTIL (default 440) and still prints what it measured,
 # so that one call fits in ~8 minutes and leaves device time for one short rerun.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -32,6 +35,7 @@ PYTEST_ARGS=${1:-${PYTEST_ARGS:-$CUDA_TESTS}}
 shift $(( $# > 0 ? 1 : 0 ))
 [ $# -gt 0 ] || set -- --steps 10 --warmup 2
 TESTS_UNTIL=${TESTS_UNTIL:-200}
+LOWMEM_UNTIL=${LOWMEM_UNTIL:-260}
 BENCH_UNTIL=${BENCH_UNTIL:-440}
 left() { local s=$(( $1 - SECONDS )); echo $(( s > 30 ? s : 30 )); }
 say() { echo "== [$(printf '%4d' "$SECONDS") s] $*"; }
@@ -82,6 +86,13 @@ if [ -n "$BUILD_PID" ]; then
   if wait "$BUILD_PID"; then say "sail-sg build done"; else
     say "sail-sg build failed (its fused rows will be skipped):"; tail -n 15 "$OUT/build.log"; fi
 fi
+
+say "adan bench lowmem training --device cuda (stops at ${LOWMEM_UNTIL} s; lowmem.md)"
+timeout -s INT -k 10 "$(left "$LOWMEM_UNTIL")" python3 -m adan bench lowmem training \
+  --device cuda --layers 12 --embd 768 --batch 8 --block 256 --repeats 21 \
+  > "$OUT/lowmem.md" 2> "$OUT/lowmem.log"
+say "memory benchmark exit status $?"
+cat "$OUT/lowmem.md"
 
 say "adan bench speed --device cuda $* (interrupted at ${BENCH_UNTIL} s)"
 timeout -s INT -k 20 "$(left "$BENCH_UNTIL")" python3 -m adan bench speed --device cuda \

@@ -80,3 +80,18 @@ def test_training_mode_measures_what_release_frees(capsys, monkeypatch):
         assert rows[base]["grads"] == 4.0 and released["grads"] < 2.0
         assert released["peak"] < rows[base]["peak"]
         assert released["state"] == rows[base]["state"]
+
+
+def test_training_mode_compares_only_the_settings_named(capsys):
+    """``--settings`` picks the optimizers (in its order); release's comparison is printed
+    for a pair that is there and not for one that is not."""
+    argv = ["training", "--layers", "1", "--embd", "64", "--vocab", "64", "--block", "8",
+            "--batch", "1", "--steps", "1", "--repeats", "1",
+            "--settings", "Adan + release", "Adan"]
+    assert lowmem.main(argv) == 0
+    out = capsys.readouterr().out
+    table = [line.split()[0:3] for line in out.splitlines() if line.startswith("  Adan ")]
+    assert table[:2] == [["Adan", "+", "release"], ["Adan", "4.00", "16.00"]]
+    assert "Adan: release saves" in out and "int8" not in out
+    with pytest.raises(SystemExit):
+        lowmem.main([*argv[:-2], "SGD"])

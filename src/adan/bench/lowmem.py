@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from adan import Adan
 from adan.bench.speed import step_peak
+from adan.progress import Progress
 from adan.state import state_bytes
 
 # The settings compared: float32 moments (as the parameter, here), bfloat16 and 8-bit.
@@ -193,13 +194,15 @@ class _OptClock:
 
 
 def training(layers: int, embd: int, vocab: int, block: int, batch: int, steps: int,
-             repeats: int, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-    """Per optimizer in :data:`TRAINING_SETTINGS`, bytes per parameter of the parameters, the
-    state, the most ``.grad`` bytes held at once and the peak of a training step (measured after
-    ``steps`` warm-up iterations: CPU from the profiler's allocation events plus what was live
-    before, CUDA ``max_memory_allocated``), and the median seconds per iteration and of the
-    optimizer's work in it over ``repeats`` more (unprofiled; the settings take turns, one
-    iteration each)."""
+             repeats: int, device: torch.device | str = "cpu",
+             settings: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Per optimizer in :data:`TRAINING_SETTINGS` (or those named in ``settings``, in that
+    order), bytes per parameter of the parameters, the state, the most ``.grad`` bytes held at
+    once and the peak of a training step (measured after ``steps`` warm-up iterations: CPU from
+    the profiler's allocation events plus what was live before, CUDA
+    ``max_memory_allocated``), and over ``repeats`` more (unprofiled; the settings take turns,
+    one iteration each) the medians of the seconds per iteration, of the optimizer's work in it
+    and of the process's page faults in it (memory the allocator had returned to the system)."""
     from adan.bench.charlm import CharGPT
 
     device = torch.device(device)
@@ -207,7 +210,10 @@ def training(layers: int, embd: int, vocab: int, block: int, batch: int, steps: 
     x = torch.randint(vocab, (batch, block + 1), generator=gen).to(device)
     runs: dict[str, Any] = {}
     out: dict[str, dict[str, float]] = {}
-    for name, make in TRAINING_SETTINGS.items():
+    chosen = {name: TRAINING_SETTINGS[name] for name in settings or TRAINING_SETTINGS}
+    count = len(chosen)
+    for position, (name, make) in enumerate(chosen.items(), 1):
+        bar = Progress(steps + 2, f"memory of {name} ({position}/{count})")
         torch.manual_seed(0)
         model = CharGPT(vocab, block, layers, max(1, embd // 64), embd).to(device)
         params: list[torch.Tensor] = list(model.parameters())
@@ -215,13 +221,15 @@ def training(layers: int, embd: int, vocab: int, block: int, batch: int, steps: 
         counter = _GradCounter(params)
         opt = make(params)
         counter.after_optimizer()
-        for _ in range(steps):
+        for done in range(1, steps + 1):
             _iteration(model, opt, x)
+            bar.update(done)
         opt.zero_grad(set_to_none=True)
         counter.cleared()
         counter.most = 0
         _iteration(model, opt, x)
         grads = counter.most
+        bar.update(steps + 1)
         opt.zero_grad(set_to_none=True)
         before = _tensor_bytes(params) + state_bytes(list(opt.state.values()))
         if device.type == "cuda":
@@ -233,23 +241,39 @@ def training(layers: int, embd: int, vocab: int, block: int, batch: int, steps: 
             peak = before + torch.cuda.max_memory_allocated(device) - base
         else:
             peak = before + _cpu_peak(model, opt, x)
+        bar.update(steps + 2)
+        bar.close()
         out[name] = {"params": _tensor_bytes(params) / numel,
                      "state": state_bytes(list(opt.state.values())) / numel,
                      "grads": grads / numel, "peak": peak / numel, "numel": numel}
         runs[name] = (model, opt, _OptClock(opt))
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-    for _ in range(repeats):
+    times: dict[str, list[tuple[float, float, int]]] = {name: [] for name in runs}
+    bar = Progress(repeats, f"timing {count} settings in turn")
+    for done in range(1, repeats + 1):
         for name, (model, opt, clock) in runs.items():
             _sync(device)
             clock.seconds = 0.0
+            faults = _page_faults()
             start = time.perf_counter()
             _iteration(model, opt, x)
             _sync(device)
-            times[name].append((time.perf_counter() - start, clock.seconds))
+            times[name].append((time.perf_counter() - start, clock.seconds,
+                                _page_faults() - faults))
+        bar.update(done)
+    bar.close()
     for name, t in times.items():
-        out[name]["seconds"] = statistics.median(s for s, _ in t)
-        out[name]["optimizer"] = statistics.median(o for _, o in t)
+        for key, column in (("seconds", 0), ("optimizer", 1), ("faults", 2)):
+            out[name][key] = statistics.median(row[column] for row in t)
     return out
+
+
+def _page_faults() -> int:
+    """The process's minor page faults so far (0 where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def convergence(
@@ -357,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     trn.add_argument("--batch", type=int, default=2)
     trn.add_argument("--steps", type=int, default=3, help="warm-up iterations")
     trn.add_argument("--repeats", type=int, default=11, help="timed iterations")
+    trn.add_argument("--settings", nargs="+", choices=list(TRAINING_SETTINGS), default=None,
+                     help="the optimizers to compare, in this order (default: all)")
     for sub_parser in (mem, spd, trn):  # accepted before or after the mode
         sub_parser.add_argument("--device", default=argparse.SUPPRESS,
                                 help="cpu or cuda (default: cpu)")
@@ -396,17 +422,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {fmt:5s} {per:7.4f}{extra}")
     elif args.command == "training":
         rows = training(args.layers, args.embd, args.vocab, args.block, args.batch, args.steps,
-                        args.repeats, device)
+                        args.repeats, device, args.settings)
         numel = int(next(iter(rows.values()))["numel"])
         print(f"GPT-2-shaped model, {args.layers} layers x {args.embd}, vocab {args.vocab}, "
               f"{args.batch} x {args.block} tokens, {numel} fp32 params, {device} "
               "(bytes per parameter; median time per iteration)")
         print(f"  {'optimizer':20s} params  state  grads*  peak  ms/iter  ms/iter in the "
-              "optimizer  (* the most .grad bytes held at once)")
+              "optimizer  page faults/iter  (* the most .grad bytes held at once)")
         for name, row in rows.items():
             print(f"  {name:20s} {row['params']:6.2f} {row['state']:6.2f} {row['grads']:6.2f} "
-                  f"{row['peak']:6.2f} {row['seconds'] * 1e3:8.1f} {row['optimizer'] * 1e3:8.1f}")
-        for base in ("Adan", "Adan int8"):
+                  f"{row['peak']:6.2f} {row['seconds'] * 1e3:8.1f} {row['optimizer'] * 1e3:8.1f}"
+                  f" {row['faults']:8.0f}")
+        for base in [b for b in ("Adan", "Adan int8") if {b, f"{b} + release"} <= rows.keys()]:
             saved = rows[base]["peak"] - rows[f"{base} + release"]["peak"]
             with_release = rows[f"{base} + release"]
             print(f"  {base}: release saves {saved:.2f} B/param of peak, "
