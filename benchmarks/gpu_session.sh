@@ -19,8 +19,9 @@
 #   speed.log      its progress lines and warnings (stderr)
 #   speed.json     every result (rewritten after each row, so a cut-off run keeps its rows)
 # Time limits (seconds from the start of this script): tests stop at TESTS_UNTIL (default 200),
-# the memory benchmark at LOWMEM_UNTIL (default 260), the speed benchmark is interrupted at BENCH_UNTIL (default 440) and still prints what it measured,
-# so that one call fits in ~8 minutes and leaves device time for one short rerun.
+# the memory benchmark at LOWMEM_UNTIL (default 260); the speed benchmark is interrupted at
+# BENCH_UNTIL (default 440) and still prints what it measured, so that one call fits in
+# ~8 minutes and leaves device time for one short rerun.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
