@@ -363,7 +363,7 @@ CHANGES = [lambda g: None, lambda g: g.update(lr=0.02), lambda g: g.update(betas
 
 
 @pytest.mark.parametrize("path", [dict(foreach=True), dict(fused=True)], ids=str)
-def test_settings_changed_between_iterations_reach_the_prepared_steps(path, release_mode):
+def test_settings_changed_between_iterations_reach_the_kept_plans(path, release_mode):
     """Each released parameter keeps its plan and kernel arguments between iterations; every
     change of its group's settings is applied from the next backward, bit for bit as a
     normal step applies it."""
@@ -377,8 +377,8 @@ def test_settings_changed_between_iterations_reach_the_prepared_steps(path, rele
 
 
 @pytest.mark.parametrize("path", [dict(foreach=True), dict(fused=True)], ids=str)
-def test_replaced_or_loaded_state_renews_the_prepared_steps(path, release_mode):
-    """A prepared step writes the state it was made for: replacing a buffer, a parameter's
+def test_replaced_or_loaded_state_renews_the_kept_plans(path, release_mode):
+    """A kept plan writes the state it was made for: replacing a buffer, a parameter's
     whole state or loading a state dict must renew it (else the old buffers would be
     written), as it renews the normal step's plan."""
     models = mlp(), mlp()

@@ -399,7 +399,6 @@ def _assert_same_bits_as_the_cpu_compact_path(device, fmt):
         assert torch.equal(a, b)
 
 
-
 @triton.jit
 def _pick_code_kernel(t_ptr, u_ptr, out_ptr, n, SIGNED: tl.constexpr):
     # (annotated `tl.constexpr`, which Triton 3.6 recognises in a string annotation)
@@ -434,6 +433,7 @@ def test_code_choice_is_exact_at_every_code_boundary(device, signed):
     _pick_code_kernel[(-(-t.numel() // 1024),)](t.to(device), u.to(device), out, t.numel(),
                                                  SIGNED=signed)
     assert torch.equal(out.cpu(), expected)
+
 
 def test_replaced_state_tensors_are_followed(device):
     """A state tensor replaced between steps (some libraries assign new ones) is the one the

@@ -222,15 +222,22 @@ def _block_max(x):
 
 
 @triton.jit
+def _block_min(x):
+    """The smallest element of each block of a tile, as :func:`_block_max`."""
+    return tl.min(tl.min(x, axis=HALVES), axis=1)
+
+
+@triton.jit
+def _block_sum(x):
+    """The sum of each block of a tile, as :func:`_block_max`."""
+    return tl.sum(tl.sum(x, axis=HALVES), axis=1)
+
+
+@triton.jit
 def _per_element(block_values):
     """Per-block values (from the reductions above) broadcast to the tile's shape, in the
     order of axes that keeps their layout (no conversion through shared memory)."""
     return tl.expand_dims(tl.expand_dims(block_values, 1), HALVES)
-
-
-@triton.jit
-def _block_min(x):
-    return tl.min(tl.min(x, axis=HALVES), axis=1)
 
 
 @triton.jit
@@ -245,11 +252,6 @@ def _cube_root(t):
     for _ in tl.static_range(2):
         y = y * (4.0 / 3 - third * (y * y * y))
     return t * y * y
-
-
-@triton.jit
-def _block_sum(x):
-    return tl.sum(tl.sum(x, axis=HALVES), axis=1)
 
 
 @triton.jit
