@@ -11,7 +11,8 @@ import torch
 from reference import ReferenceAdan, RefGroup, RefState
 
 from adan.kernels.common import StepArgs
-from adan.state import init_state
+from adan.state.formats import FORMATS
+from adan.state.lifecycle import init_state
 
 BLOCK = 256
 KEYS = (("exp_avg", True), ("exp_avg_diff", True), ("exp_avg_sq", False), ("prev_grad", True))
@@ -100,7 +101,7 @@ def check_kernel_step(kernel, fmt: str, device: str, shape: tuple[int, ...], no_
     hold the reference's new value stochastically rounded to its format."""
     rng = np.random.default_rng(0)
     p = torch.tensor(rng.normal(size=shape), dtype=torch.float32, device=device)
-    state = init_state(p, fmt)
+    state = init_state(p, FORMATS[fmt])
     lr, wd = 0.01, 0.05
     for k in range(1, steps + 1):
         g = torch.tensor(gradient(rng, shape), dtype=torch.float32, device=device)
@@ -113,7 +114,8 @@ def check_kernel_step(kernel, fmt: str, device: str, shape: tuple[int, ...], no_
                          weight_decay=wd, no_prox=no_prox, maximize=maximize)
         group.states = [rs]
         ReferenceAdan([group]).step([[g.double().cpu().numpy() * (factor or 1.0)]])
-        args = StepArgs(lr=lr, weight_decay=wd, no_prox=no_prox, maximize=maximize, fmt=fmt,
+        args = StepArgs(lr=lr, weight_decay=wd, no_prox=no_prox, maximize=maximize,
+                        fmt=FORMATS[fmt],
                         grad_factor=None if factor is None else torch.tensor(factor,
                                                                              device=device),
                         **HP)

@@ -164,3 +164,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def route_cpu_to_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send every CPU group to the Triton kernel, as ``fused=True`` on CUDA (its tensors run
+    through Triton's interpreter; tensors it does not take go to the eager fallback)."""
+    from adan.kernels import routing
+
+    table = dict(routing.TABLE)
+    for compact in (False, True):
+        table[("cpu", compact, "fused")] = "triton"
+    monkeypatch.setattr(routing, "TABLE", table)
+    monkeypatch.setattr(routing, "choice", lambda group: "fused")

@@ -220,7 +220,7 @@ def release(rank: int, world: int, out: Path, opt_kwargs: dict[str, Any]) -> Non
         freed &= all(p.grad is None for p in model.parameters())
         opt.step()
     local = make_model()
-    Adan(local.parameters(), gradient_release=True)
+    local_opt = Adan(local.parameters(), gradient_release=True)  # noqa: F841 (kept alive)
     try:
         F.mse_loss(local(batch(0, rank, world)[0]), batch(0, rank, world)[1]).backward()
     except RuntimeError as exc:

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adan.quant import dequantize_blockwise, quantize_blockwise, round_to_bf16
+from adan.numeric.codes import dequantize_blockwise, quantize_blockwise, round_to_bf16
 
 BLOCK = 256
 

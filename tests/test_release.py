@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import route_cpu_to_triton
 from reference import ReferenceAdan, RefGroup
 from torch import nn
 
-import adan.optimizer
 import adan.release
 from adan import Adan
 
@@ -320,13 +320,9 @@ def test_triton_kernel_per_tensor_with_its_own_cached_table(monkeypatch, fmt):
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    from adan.kernels import cuda_triton, select
+    from adan.kernels import cuda_triton
 
-    def triton_route(group, fmt, params, grads, states):
-        return select._fused("triton", select.compact_adan, True, params, grads, states, fmt,
-                             group)
-
-    monkeypatch.setattr(adan.optimizer, "route", triton_route)
+    route_cpu_to_triton(monkeypatch)
     monkeypatch.setattr(adan.release, "SMALL_NUMEL", 0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plain, released = mlp().to(device), mlp().to(device)
@@ -337,9 +333,10 @@ def test_triton_kernel_per_tensor_with_its_own_cached_table(monkeypatch, fmt):
     caches = []
     for k in range(3):
         loss_of(released, k).backward()
-        entries = opt._release.entries.values()
-        assert all(e.plan.calls[0].kernel is cuda_triton.triton_adan for e in entries)
-        caches.append([id(e.plan.calls[0].cache) for e in entries])
+        plans = [opt._stepper.plans[(e.group, (id(e.param),))]
+                 for e in opt._release.entries.values()]
+        assert all(plan.calls[0].kernel is cuda_triton.triton_adan for plan in plans)
+        caches.append([id(plan.calls[0].cache) for plan in plans])
         opt.step()
     # Plans made in the first backward are renewed once (states of later parameters are
     # created after them, which the plans' key counts); then they are kept.

@@ -1,42 +1,26 @@
-"""Distributed support: local-shard updates of DTensors and a global gradient norm.
+"""The gradient factor of a step: AMP's unscale times clipping by the global gradient norm.
 
-Adan's update is elementwise, so every rank can update its own shard of each parameter with the
-plain-tensor kernels; only the clipping norm needs a reduction: across the shards of DTensors
-(FSDP2, tensor parallelism), and across ranks whose optimizers hold disjoint partitions of the
-parameters (ZeroRedundancyOptimizer), given as ``grad_norm_group``. State of a DTensor
-parameter is sharded like it; 8-bit codes live with the local shard and are saved dequantised
-as DTensors, so that ``torch.distributed.checkpoint`` can reshard them.
+Adan's update is elementwise, so every rank updates its own shards (:mod:`adan.state.sharded`);
+only the clipping norm needs a reduction: across the shards of DTensors (FSDP2, tensor
+parallelism), and across ranks whose optimizers hold disjoint partitions of the parameters
+(ZeroRedundancyOptimizer), given as ``grad_norm_group`` (docs/distributed.md).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-try:
-    from torch.distributed.tensor import DTensor
-
-    _DTENSOR: tuple[type, ...] = (DTensor,)
-except ImportError:  # a torch build without torch.distributed: no DTensor can exist
-    _DTENSOR = ()
-
-from adan.kernels.common import BUFFER_KEYS, BUFFERS
-from adan.state import decode, init_state
+from adan.numeric.scalars import real_view
+from adan.state.dtensor import DTensor, is_dtensor
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = [
-    "check_grad_norm_group",
-    "dequantize_for_saving",
-    "global_grad_norm",
-    "init_sharded_state",
-    "is_dtensor",
-    "local_views",
-]
+__all__ = ["check_grad_norm_group", "global_grad_norm", "grad_factor", "scrub_grad_norm_group"]
 
 GRAD_NORM_GROUP = "grad_norm_group"
 
@@ -68,17 +52,13 @@ def scrub_grad_norm_group(param_group: dict[str, Any], group: ProcessGroup | Non
     param_group[GRAD_NORM_GROUP] = None
 
 
-def _is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
-    return isinstance(t, _DTENSOR)
-
-
 _NORM_TAKES_DTYPE = "dtype" in str(torch.ops.aten._foreach_norm.Scalar._schema)
 
 
 def _norms(grads: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     """Each gradient's 2-norm accumulated in ``dtype``: one foreach launch per device where
     torch's ``_foreach_norm`` takes a dtype, else one reduction per tensor."""
-    if _NORM_TAKES_DTYPE and grads and not _is_dtensor(grads[0]):  # all plain, or all DTensor
+    if _NORM_TAKES_DTYPE and grads and not is_dtensor(grads[0]):  # all plain, or all DTensor
         return list(torch._foreach_norm(grads, 2.0, dtype=dtype))
     return [torch.linalg.vector_norm(g, dtype=dtype) for g in grads]
 
@@ -100,7 +80,7 @@ def global_grad_norm(
     plain_grads: list[Tensor] = []
     sharded_grads: list[Tensor] = []
     for g in grads:
-        (sharded_grads if _is_dtensor(g) else plain_grads).append(g)
+        (sharded_grads if is_dtensor(g) else plain_grads).append(g)
     plain = [n if n.device == device else n.to(device) for n in _norms(plain_grads, dtype)]
     by_layout: dict[tuple[object, ...], list[Tensor]] = {}
     for n in _norms(sharded_grads, dtype):
@@ -119,91 +99,30 @@ def global_grad_norm(
     return local.sqrt().to(dtype)
 
 
-def _local(t: Tensor, param: Tensor, name: str) -> Tensor:
-    """``t``'s local shard, laid out like ``param``'s (only a gradient may be redistributed)."""
-    if not _is_dtensor(param):
-        return t
-    if not _is_dtensor(t):
-        raise ValueError(
-            f"Adan {name} is a plain tensor but its parameter is a DTensor; load sharded state "
-            "with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict"
-        )
-    if (t.device_mesh, t.placements) != (param.device_mesh, param.placements):
-        if name != "grads":
-            raise ValueError(
-                f"Adan {name} has placements {t.placements} but its parameter has "
-                f"{param.placements}; they must match"
-            )
-        t = t.redistribute(param.device_mesh, param.placements)
-    return t.to_local()
-
-
-def is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
-    """Whether ``t`` is a DTensor (a sharded parameter under FSDP2 or tensor parallelism)."""
-    return _is_dtensor(t)
-
-
-def local_views(param: Tensor, grad: Tensor, state: dict[str, Any]
-                ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """The local shards a kernel updates for a DTensor ``param``: its shard, its gradient's
-    shard laid out like it, and the state with every DTensor replaced by its shard (a view,
-    so the kernel's in-place writes land in the DTensors). Plain tensors pass unchanged."""
-    if not _is_dtensor(param):
-        return param, grad, state
-    local = {k: _local(v, param, k) if k in BUFFER_KEYS and "exp_avg_meta" not in state else v
-             for k, v in state.items()}
-    return param.to_local(), _local(grad, param, "grads"), local
-
-
-def init_sharded_state(param: DTensor, fmt: str) -> dict[str, Tensor]:
-    """Zeroed state for a DTensor parameter: buffers are DTensors laid out like it, except
-    8-bit codes, which belong to the local shard (they are saved dequantised, see
-    :func:`dequantize_for_saving`)."""
-    state = init_state(param.to_local(), fmt)
-    if fmt != "int8":
-        for key in BUFFER_KEYS:
-            state[key] = DTensor.from_local(state[key], param.device_mesh, param.placements,
-                                            shape=param.shape, stride=param.stride())
-    return state
-
-
-def dequantize_for_saving(state: dict[str, Any], param: Tensor) -> dict[str, Any]:
-    """A DTensor parameter's 8-bit state as float32 DTensors (what DCP can reshard); others
-    unchanged. Loading converts them back to the group's format."""
-    if not (_is_dtensor(param) and "exp_avg_meta" in state):
-        return state
-    out = {k: v for k, v in state.items() if not k.endswith("_meta")}
-    local = param.to_local()
-    for key, signed in BUFFERS:
-        value = decode(state, key, signed, local, torch.float32)
-        out[key] = DTensor.from_local(value, param.device_mesh, param.placements,
-                                      shape=param.shape, stride=param.stride())
-    return out
-
-
-def check_loaded_sharding(state: dict[str, Any], param: Tensor) -> str | None:
-    """What is wrong with loaded state for a DTensor ``param``, or None: its buffers must be
-    DTensors laid out like it (as ``set_optimizer_state_dict`` hands them over)."""
-    if not _is_dtensor(param):
-        return None
-    for key in BUFFER_KEYS:
-        value = state.get(key)
-        if not isinstance(value, Tensor):
-            continue
-        if not _is_dtensor(value):
-            return (f"the parameter is a DTensor (FSDP2) but its saved {key} is a plain "
-                    "tensor; load sharded state with "
-                    "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict")
-        if value.placements != param.placements:
-            return (f"its saved {key} has placements {value.placements} but the parameter "
-                    f"has {param.placements}")
-    return None
-
-
-def localize(state: dict[str, Any], param: Tensor) -> None:
-    """Replace a DTensor parameter's DTensor buffers by their local shards, in place (before
-    encoding them as 8-bit codes, which belong to the shard)."""
-    for key in BUFFER_KEYS:
-        value = state.get(key)
-        if _is_dtensor(param) and isinstance(value, Tensor) and _is_dtensor(value):
-            state[key] = value.to_local()
+def grad_factor(groups: list[dict[str, Any]], norm_group: ProcessGroup | None,
+                grad_scale: Tensor | None, found_inf: Tensor | None, skips: Tensor | None
+                ) -> tuple[Tensor | None, Tensor | None]:
+    """The factor every gradient is multiplied by, as a device tensor (None for 1), and the
+    count of skipped steps. It is ``1 / grad_scale`` (AMP) times ``min(1, max_norm / (norm +
+    eps))``, the norm being the unscaled gradients'; NaN, meaning "skip this step", where
+    GradScaler found an overflow or the norm is not finite."""
+    factor = None if grad_scale is None else grad_scale.double().reciprocal().float()
+    max_norm = groups[0]["max_grad_norm"]
+    grads = [real_view(p.grad) for g in groups for p in g["params"]
+             if p.grad is not None] if max_norm > 0 else []
+    if grads or (max_norm > 0 and norm_group is not None):
+        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        params = (p for group in groups for p in group["params"])
+        device = grads[0].device if grads else next(params, torch.empty(0)).device
+        norm = global_grad_norm(grads, acc, device, norm_group)
+        if factor is not None:
+            norm = norm * factor.to(norm.device)
+        finite = torch.isfinite(norm)
+        skips = (~finite).long() + (0 if skips is None else skips.to(finite.device))
+        clip = torch.where(finite, torch.clamp(max_norm / (norm + groups[0]["eps"]), max=1.0),
+                           torch.nan)
+        factor = clip if factor is None else clip * factor.to(clip.device)
+    if found_inf is not None:
+        base = torch.ones((), device=found_inf.device) if factor is None else factor
+        factor = torch.where(found_inf.to(base.device) > 0, torch.nan, base)
+    return factor, skips

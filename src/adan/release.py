@@ -1,68 +1,28 @@
-"""Gradient release: Adan steps each parameter inside backward and frees its gradient at once.
-
-With ``Adan(..., gradient_release=True)`` (or ``"gradient_release": True`` in a param group)
-every parameter of a releasing group gets a post-accumulate-grad hook. When backward has
-finished accumulating a parameter's gradient, the hook steps that parameter with its group's
-settings at that moment (the same checks, kernel choice and kernel call as ``Adan.step``) and
-sets its ``.grad`` to None, so the model's gradients never exist all at once: at most the
-gradients that are being stepped at a moment are held (autograd's gradients in flight aside).
-``Adan.step()`` then has nothing left to update for released
-parameters (it still runs a closure and the step hooks).
-
-What cannot be combined with it is refused when it is set up, or at the first point where it
-can be seen, never stepped wrongly:
-
-* ``max_grad_norm > 0``: the global norm needs every gradient before the first update;
-* ``differentiable=True``: the step would run inside backward;
-* DTensor parameters (FSDP2): FSDP2 writes the reduce-scattered gradient to the sharded
-  parameter in its own post-backward, which fires no post-accumulate-grad hook, and torch
-  offers no public hook after that write (``set_all_reduce_hook`` sees the flat reduced
-  buffer before it is split into the parameters' gradients);
-* a GradScaler: it unscales (and looks for overflows) after backward, when the hooks have
-  already stepped with the scaled gradients. Releasing optimizers claim
-  ``_step_supports_amp_scaling``, so ``scaler.step(opt)`` hands its scale to ``Adan.step``,
-  which raises; the parameters have by then taken that one backward's step;
-* a second backward before ``opt.step()`` or ``opt.zero_grad()`` (gradient accumulation): the
-  first hook of the second backward raises, before it updates anything. Accumulation is
-  spelled out instead: run every backward but the last inside
-  ``with opt.pause_gradient_release():`` (the hooks then leave the gradients to accumulate),
-  and the last backward steps each parameter with the accumulated gradient;
-* in a multi-process run, a hook that fires on a parameter DDP does not reduce (it would step
-  on the local gradient).
-
-DDP: a parameter's post-accumulate-grad hook fires on the local gradient, before DDP has
-all-reduced its bucket. ``opt.register_ddp(ddp_model)`` installs a communication hook that
-all-reduces each bucket (averaged, as DDP's default hook), waits for it and steps the bucket's
-released parameters with the reduced gradients; their own hooks then stand aside. The reducer is
-told, as torch's own optimizer-in-backward support tells it, that the optimizer runs in
-backward, and a callback at the end of backward frees the gradients it may have written back.
-DDP's bucket buffers (one gradient's worth) remain: under DDP release saves the parameters'
-``.grad`` copies, not the buckets. Gradient accumulation under DDP is DDP's own ``no_sync()``
-(no reduction, hence no step: the gradients accumulate in ``.grad`` until a synced backward);
-``pause_gradient_release()`` is refused there, since the reduced bucket is not kept for a later
-step.
+"""Gradient release: each parameter is stepped inside backward, from a post-accumulate-grad
+hook, as soon as its gradient is complete, and its gradient is freed at once, so the model's
+gradients never coexist. What it cannot be combined with, and how accumulation and DDP work
+with it: docs/lowmem.md (Gradient release). Steps go through :class:`adan.stepping.Stepper`,
+the same seam as ``Adan.step()``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from adan.checks import check_group
-from adan.distributed import is_dtensor
-from adan.state import storage_format
+from adan.checks import check_release
+from adan.state.store import States
+from adan.stepping import Stepper
 
-if TYPE_CHECKING:
-    from adan.optimizer import Adan, _Plan
-
-__all__ = ["GradientRelease", "check_release"]
+__all__ = ["GradientRelease"]
 
 # Parameters of fewer elements (biases, norm weights) are stepped together at the end of
 # backward: one kernel call for all of them, as a normal step packs them on CPU, instead of one
@@ -70,54 +30,30 @@ __all__ = ["GradientRelease", "check_release"]
 SMALL_NUMEL = 1 << 16
 
 
-def _where(index: int | None) -> str:
-    return "" if index is None else f" in param group {index}"
+class Owner(Protocol):
+    """What release reads of its optimizer: torch's public attributes."""
 
-
-def check_release(group: dict[str, Any], params: list[Any], index: int | None = None) -> None:
-    """Raise if ``group`` (with ``params``) asks for gradient release that cannot work."""
-    release = group.get("gradient_release", False)
-    if not isinstance(release, bool):
-        raise ValueError(f"Invalid gradient_release{_where(index)}: {release!r} (allowed: True "
-                         "or False)")
-    if not release:
-        return
-    if group["max_grad_norm"] > 0:
-        raise ValueError(
-            f"Invalid max_grad_norm{_where(index)}: {group['max_grad_norm']!r} with "
-            "gradient_release=True (allowed: 0; clipping scales every gradient by the global "
-            "norm, which needs all gradients before the first update, while gradient release "
-            "steps each parameter as soon as its own gradient is ready)")
-    if group["differentiable"]:
-        raise ValueError(f"Invalid differentiable{_where(index)}: True with "
-                         "gradient_release=True (the step would run inside backward)")
-    for i, p in enumerate(params):
-        if isinstance(p, Tensor) and is_dtensor(p):
-            raise ValueError(
-                f"Invalid gradient_release{_where(index)}: parameter {i} is a DTensor (FSDP2). "
-                "FSDP2 writes the reduce-scattered gradient to the sharded parameter in its "
-                "post-backward without firing post-accumulate-grad hooks, and torch has no "
-                "public hook after that write; step normally (FSDP2 already frees each "
-                "unsharded gradient after its reduce-scatter)")
+    param_groups: list[dict[str, Any]]
+    state: States
 
 
 @dataclass
 class _Entry:
-    """One released parameter: its group's position, its hook and its own plan (whose kernel
-    caches hold, e.g., its Triton address row)."""
+    """One released parameter: its group's position and its hook."""
 
     param: Tensor
     group: int
     handle: RemovableHandle
-    plan: _Plan | None = None
     reduced: bool = False  # stepped by a DDP communication hook, not by its own hook
 
 
 class GradientRelease:
-    """The hooks of one optimizer's released parameters and the bookkeeping between them."""
+    """The hooks of one optimizer's released parameters and the bookkeeping between them.
+    It holds its optimizer weakly: hooks left on parameters do not keep it alive."""
 
-    def __init__(self, opt: Adan) -> None:
-        self.opt = opt
+    def __init__(self, opt: Owner, stepper: Stepper) -> None:
+        self._owner = weakref.ref(opt)
+        self.stepper = stepper
         self.entries: dict[int, _Entry] = {}
         self.paused = 0
         self.fired = False  # a parameter was released since the last step() or zero_grad()
@@ -126,8 +62,19 @@ class GradientRelease:
         self.ddp_params: set[int] = set()
         self.freeing = False  # the end-of-backward callback of a DDP backward is queued
         self.pending: list[_Entry] = []  # small parameters released in this backward
-        self.small_plans: dict[tuple[int, ...], _Plan] = {}
         self.checked: set[int] = set()  # groups whose settings this iteration has checked
+
+    @property
+    def opt(self) -> Owner:
+        """The optimizer (the caller has checked that it is alive)."""
+        opt = self._owner()
+        assert opt is not None
+        return opt
+
+    @property
+    def active(self) -> bool:
+        """Whether any parameter is released."""
+        return bool(self.entries)
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -135,7 +82,6 @@ class GradientRelease:
         """Register hooks for the parameters of releasing groups and remove the others' (after
         ``add_param_group``, ``load_state_dict``, unpickling, or a group's setting changed)."""
         groups = self.opt.param_groups
-        self.small_plans.clear()
         self.layout = [(bool(g.get("gradient_release", False)), len(g["params"])) for g in groups]
         wanted: dict[int, tuple[Tensor, int]] = {}
         for index, group in enumerate(groups):
@@ -149,9 +95,7 @@ class GradientRelease:
             if entry is None:
                 self.entries[key] = self._register(param, index)
             elif entry.group != index:
-                entry.group, entry.plan = index, None
-        self.opt._step_supports_amp_scaling = bool(self.opt.defaults["fused"]) or bool(
-            self.entries)
+                entry.group = index
 
     def _register(self, param: Tensor, index: int) -> _Entry:
         handle = param.register_post_accumulate_grad_hook(self.hook)
@@ -178,6 +122,8 @@ class GradientRelease:
         def hook(_, bucket):  # type: ignore[no-untyped-def]  # DDP reads real annotations
             reduced = allreduce_hook(group, bucket)  # averages, as DDP's default hook does
             reduced.wait()
+            if self._owner() is None:
+                return reduced
             if self.paused:
                 raise RuntimeError(
                     "pause_gradient_release() under DistributedDataParallel: the reduced bucket "
@@ -219,11 +165,10 @@ class GradientRelease:
 
     # --- the iteration ------------------------------------------------------------------------
 
-    def before_step(self) -> None:
-        """At ``Adan.step()``: refuse a GradScaler, and let the next backward release again."""
-        opt = self.opt
-        if self.entries and (getattr(opt, "grad_scale", None) is not None
-                             or getattr(opt, "found_inf", None) is not None):
+    def before_step(self, scaled: bool) -> None:
+        """At ``Adan.step()``: refuse a GradScaler's step (``scaled``), and let the next
+        backward release again."""
+        if self.entries and scaled:
             raise RuntimeError(
                 "gradient release cannot be used with a GradScaler: the scaler unscales and "
                 "checks for overflows after backward, but the released parameters were already "
@@ -267,6 +212,9 @@ class GradientRelease:
 
     def hook(self, param: Tensor) -> None:
         """The post-accumulate-grad hook: step ``param`` unless paused or left to DDP."""
+        if self._owner() is None:  # the optimizer is gone: leave gradients as AdamW would
+            self.remove_hooks()
+            return
         entry = self.entries.get(id(param))
         if self.paused or entry is None or entry.reduced:
             return
@@ -277,6 +225,12 @@ class GradientRelease:
                 "process's gradient. Call opt.register_ddp(ddp_model) (the parameters are then "
                 "stepped after the all-reduce), or turn gradient release off")
         self.fire(entry)
+
+    def remove_hooks(self) -> None:
+        """Remove every hook (its optimizer was deleted)."""
+        for entry in self.entries.values():
+            self._remove(entry)
+        self.entries.clear()
 
     def fire(self, entry: _Entry) -> None:
         """Step ``entry``'s parameter with its complete (under DDP: averaged) gradient, then
@@ -293,61 +247,27 @@ class GradientRelease:
         if param.numel() < SMALL_NUMEL:
             self.pending.append(entry)
             return
-        with torch.no_grad():
-            entry.plan = self.step_params(group, entry.group, [param], entry.plan)
-        param.grad = None
+        self._step(entry.group, [param])
 
     def _flush(self) -> None:
         """Step the small parameters released in this backward, one call per group."""
         pending, self.pending = self.pending, []
+        if self._owner() is None:
+            return
         by_group: dict[int, list[Tensor]] = {}
         for entry in pending:
             if entry.param.grad is not None:
                 by_group.setdefault(entry.group, []).append(entry.param)
         for index, params in by_group.items():
-            key = (index, *map(id, params))
-            with torch.no_grad():
-                self.small_plans[key] = self.step_params(
-                    self.opt.param_groups[index], index, params, self.small_plans.get(key))
-            for param in params:
-                param.grad = None
+            self._step(index, params)
 
-    def step_params(self, group: dict[str, Any], index: int, params: list[Tensor],
-                    plan: _Plan | None) -> _Plan:
-        """One step of ``params`` (of param group ``index``, all with gradients) through the
-        optimizer's own checks, plan and kernels; returns the plan, to be passed back next
-        time. As in ``step()``, it is re-made only when its key (:meth:`Adan._step_key`)
-        changed, and its calls' arguments follow the group's settings.
-
-        The kernels are those the group's ``step()`` would give these parameters (routed
-        beside the group's other parameters), so the update is the same.
-        """
+    def _step(self, index: int, params: list[Tensor]) -> None:
+        """Step ``params`` of group ``index`` through the seam, then free their gradients."""
         opt = self.opt
-        if index not in self.checked:  # once per group and iteration, as step() checks
-            check_group(group, index, read_tensors=False)
-            check_release(group, [], index)
+        if index not in self.checked:  # once per group and iteration
+            check_release(opt.param_groups[index], [], index)
             self.checked.add(index)
-        key, grads = opt._step_key(group, opt._states_key(), params)
-        if key is None or plan is None or plan.key != key:
-            view = {**group, "params": params}
-            checked = opt._collect(view, index)
-            plan = opt._plan(view, checked, self._route(view, group, checked))
-            plan.key = None if plan.sharded else opt._step_key(group, opt._keep_states(),
-                                                               params)[0]
-        opt._run_plan(group, plan, grads, None)
-        return plan
-
-    def _route(self, view: dict[str, Any], group: dict[str, Any],
-               checked: list[tuple[Tensor, Tensor, str]]) -> list[Any]:
-        """``checked``'s kernel calls as the group's step would route them: the group's other
-        parameters stand in (with themselves as gradients) and are then left out."""
-        count = len(checked)
-        ids = {id(p) for p, _, _ in checked}
-        others = [(q, q, storage_format(q, group["state_dtype"])) for q in group["params"]
-                  if id(q) not in ids]
-        routes = []
-        for kernel, fmt, members in self.opt._route(view, checked + others):
-            mine = [m for m in members if m < count]
-            if mine:
-                routes.append((kernel, fmt, mine))
-        return routes
+        with torch.no_grad():
+            self.stepper.step_part(opt.param_groups, index, opt.state, params)
+        for param in params:
+            param.grad = None

@@ -202,30 +202,6 @@ def test_complex_parameters_follow_the_real_view(fmt):
                                atol=TRACK_TOL[fmt] * moved)
 
 
-def test_8bit_checkpoints_from_before_block_tops_still_load():
-    """Old 8-bit state: flat codes and one scale (the block's absolute maximum) per block."""
-    rng = np.random.default_rng(0)
-    p = torch.zeros(600)
-    values = {key: rng.normal(size=600) if signed else rng.uniform(0, 2, size=600)
-              for key, signed in KEYS}
-    old = {"step": torch.tensor(4.0)}
-    for key, signed in KEYS:
-        top, power = (127, 3) if signed else (255, 4)
-        x = values[key]
-        scales = np.array([np.abs(x[i:i + 256]).max() for i in range(0, 600 + 1, 256)] + [0.0])
-        scales = scales[: 600 // 256 + 1]
-        t = np.abs(x) / np.repeat(scales, 256)[:600]
-        old[key] = torch.tensor(np.round(t ** (1 / power) * top) * np.sign(x),
-                                dtype=torch.int8 if signed else torch.uint8)
-        old[key + "_scale"] = torch.tensor(scales, dtype=torch.float32)
-    opt = adan.Adan([p], state_dtype="int8")
-    opt.load_state_dict({"state": {0: old}, "param_groups": [
-        {**{k: v for k, v in opt.param_groups[0].items() if k != "params"}, "params": [0]}]})
-    for key, signed in KEYS:
-        got = decode(opt.state[p], key, signed, (600,))
-        np.testing.assert_allclose(got, values[key], rtol=0, atol=0.03 * np.abs(values[key]).max())
-
-
 @pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True), dict(fused=True), {}],
                          ids=["single", "foreach", "fused", "default"])
 def test_float16_parameters_keep_float32_state_by_default(path):

@@ -13,9 +13,10 @@ from conftest import allow_grad_dtype, assert_matches_reference, run_pair
 from reference import ReferenceAdan, RefGroup
 
 from adan import Adan
-from adan.kernels import cpu_compiled, select
+from adan.kernels import cpu_compiled, foreach, routing
 from adan.kernels.common import StepArgs
 from adan.kernels.compact import LR, scalar_vector
+from adan.state.formats import PLAIN
 
 F32 = dict(rtol=1e-5, atol=1e-6)
 LAYOUTS = {"packed": {}, "per-tensor": dict(PACK_MAX=0, SERIAL_MAX=0)}
@@ -154,13 +155,13 @@ def test_grad_scaler_skips_inf_steps_and_unscales(path):
 
 
 def _no_backend(monkeypatch):
-    monkeypatch.setattr(select, "_built", {})
-    monkeypatch.setattr(select, "cpu_compiler_missing", lambda: "no compiler (test)")
+    monkeypatch.setattr(routing, "_built", {})
+    monkeypatch.setattr(routing, "cpu_compiler_missing", lambda: "no compiler (test)")
 
 
 def test_default_falls_back_to_foreach_with_one_warning(monkeypatch, recwarn):
     _no_backend(monkeypatch)
-    monkeypatch.setattr(select, "FUSED_MIN_MEAN_NUMEL", 1)
+    monkeypatch.setattr(routing, "FUSED_MIN_NUMEL", 1)
     tparams, ref, opt = run_pair(32, torch.float32, {})
     assert_matches_reference(tparams, ref, opt, **F32)
     messages = [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)]
@@ -177,18 +178,20 @@ def test_fused_true_without_backend_raises_and_leaves_params(monkeypatch):
     assert torch.equal(p, torch.ones(3)) and not opt.state.get(p)  # nothing created
 
 
-def test_default_uses_fused_where_tensors_are_large_on_average():
-    """The mean tensor size decides (docs/benchmarks.md): one tensor of 2^16 compiles, 64 of
-    2^15 (2^21 in all) stay on foreach, where they step 2.4x faster."""
-    small, large = torch.zeros(10), torch.zeros(select.FUSED_MIN_MEAN_NUMEL)
+def test_default_compiles_each_tensor_of_2_16_elements_or_more():
+    """Each tensor's size decides (docs/benchmarks.md): from 2^16 elements the compiled kernel
+    is faster, below it foreach, which steps 64 tensors of 2^15 2.4x faster; a group's large
+    and small tensors each take theirs."""
+    small, large = torch.zeros(10), torch.zeros(routing.FUSED_MIN_NUMEL)
     group = Adan([small]).param_groups[0]
-    for p, kernel in ((small, select.multi_tensor_adan), (large, cpu_compiled.cpu_compiled_adan)):
-        assert select.route(group, "plain", [p], [p], [None]) == [(kernel, [0])]
-    many = [torch.zeros(select.FUSED_MIN_MEAN_NUMEL // 2) for _ in range(64)]
-    assert select.route(group, "plain", many, many, [None] * 64)[0][0] is select.multi_tensor_adan
-    mixed = [*many, torch.zeros(64 * select.FUSED_MIN_MEAN_NUMEL)]
-    assert select.route(group, "plain", mixed, mixed, [None] * 65)[0][0] is (
-        cpu_compiled.cpu_compiled_adan)
+    for p, kernel in ((small, foreach.multi_tensor_adan), (large, cpu_compiled.cpu_compiled_adan)):
+        assert routing.route(group, PLAIN, [p], [p], [None]) == [(kernel, [0])]
+    many = [torch.zeros(routing.FUSED_MIN_NUMEL // 2) for _ in range(64)]
+    assert routing.route(group, PLAIN, many, many, [None] * 64) == [
+        (foreach.multi_tensor_adan, list(range(64)))]
+    mixed = [*many, torch.zeros(64 * routing.FUSED_MIN_NUMEL)]
+    assert routing.route(group, PLAIN, mixed, mixed, [None] * 65) == [
+        (cpu_compiled.cpu_compiled_adan, [64]), (foreach.multi_tensor_adan, list(range(64)))]
 
 
 def test_recompile_limit_is_never_reached():

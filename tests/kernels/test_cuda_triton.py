@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 import torch
 from codes import check_kernel_step
-from conftest import assert_matches_reference, run_pair
+from conftest import assert_matches_reference, route_cpu_to_triton, run_pair
 from reference import ReferenceAdan, RefGroup
 
-import adan.optimizer
 from adan import Adan
-from adan.kernels import select
 
 triton = pytest.importorskip("triton")
 from adan.kernels import cuda_triton  # noqa: E402  (needs Triton)
@@ -38,12 +36,7 @@ BLOCK = cuda_triton.BLOCK
 @pytest.fixture(params=DEVICES)
 def device(request, monkeypatch):
     """The device to test on; every group takes the Triton kernel there (CPU tensors too)."""
-    def triton_route(group, fmt, params, grads, states):
-        plain = fmt == "plain" and not group["stochastic_param_rounding"]
-        fallback = select.multi_tensor_adan if plain else select.compact_adan
-        return select._fused("triton", fallback, True, params, grads, states, fmt, group)
-
-    monkeypatch.setattr(adan.optimizer, "route", triton_route)
+    route_cpu_to_triton(monkeypatch)
     return request.param
 
 
@@ -415,7 +408,7 @@ def test_code_choice_is_exact_at_every_code_boundary(device, signed):
     correction) picks the code adan.quant picks, bit for bit, where an estimate is most likely
     off: at every code value, one float32 step either side of it, and at 0, 1 and tiny t,
     with the smallest, a random and the largest rounding noise."""
-    from adan.quant import code_below, code_levels, code_value
+    from adan.numeric.codes import code_below, code_levels, code_value
     levels, _ = code_levels(signed)
     c = code_value(torch.arange(levels + 1, dtype=torch.float32), signed)
     t = torch.cat([c, torch.nextafter(c, torch.zeros(())), torch.nextafter(c, torch.ones(())),
@@ -488,7 +481,7 @@ def test_misaligned_tensors_launch_apart(device):
     params[0].grad = flat[: BLOCK + 4]
     params[1].grad = flat[BLOCK + 5:]  # 4 * (BLOCK + 5) bytes in: not 16-byte aligned
     opt.step()
-    plan = opt._plans[0].calls[0].cache["plan"]
+    plan = opt._stepper.plans[(0, None)].calls[0].cache["plan"]
     assert sorted(part.signature[-1] for part in plan.parts) == [False, True]
     assert all(torch.all(p == -0.01) for p in params)  # step 1: p = -lr * sign(g)
 

@@ -1,27 +1,30 @@
-"""What every update kernel shares: the step's settings, real views, accurate bias corrections.
+"""What every update kernel shares: its signature, the step's settings, skipping a step.
 
-Every kernel has one signature, ``kernel(params, grads, states, args)``: the parameters of one
-param group that have gradients, their gradients, their state dicts (``step``, ``exp_avg``,
-``exp_avg_diff``, ``exp_avg_sq``, ``prev_grad`` and, for 8-bit state, ``<buffer>_meta``) and a
-:class:`StepArgs`. It applies one step in place and counts it in ``state["step"]``.
-``prev_grad`` is read only when the step count is at least 1: the first difference is zero.
+Every kernel is ``kernel(params, grads, states, args, cache=None)``: the parameters of one
+param group that have gradients, their gradients, their state dicts (``step``, the four
+buffers and, for 8-bit state, ``<buffer>_meta``), a :class:`StepArgs` and a dict the kernel
+may keep data in between steps of the same plan (the Triton kernel's address tables). It
+applies one step in place and counts it in ``state["step"]``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
 
-Scalar = float | Tensor
+from adan.numeric.scalars import Scalar
+from adan.state.formats import PLAIN, StateFormat
 
-# (state key, signed code?) of the four buffers, in the order every kernel uses them.
-BUFFERS = (("exp_avg", True), ("exp_avg_diff", True), ("exp_avg_sq", False), ("prev_grad", True))
-BUFFER_KEYS = tuple(key for key, _ in BUFFERS)
+
+class Kernel(Protocol):
+    """The one signature of every update kernel."""
+
+    def __call__(self, params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+                 args: StepArgs, cache: dict[Any, Any] | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -29,13 +32,8 @@ class StepArgs:
     """One param group's settings for one step.
 
     ``grad_factor`` (a 0-d tensor or None for 1) multiplies every gradient: AMP's unscale times
-    the clipping factor. ``fmt`` is the storage format of the states: ``"plain"`` (buffers in
-    the parameter's dtype), ``"fp32"`` (float32 buffers for a parameter of another dtype),
-    ``"bf16"`` (bfloat16, stochastic rounding) or ``"int8"`` (blockwise codes).
-    ``stochastic_param`` writes bfloat16 parameters with stochastic rounding. ``cache`` is a
-    dict a kernel may keep data in from one step of the group to the next (the Triton kernel
-    keeps its address tables there); the optimizer gives a new one whenever it re-plans the
-    group (other parameters, formats, dtypes or state).
+    the clipping factor. ``fmt`` is the states' storage format; ``stochastic_param`` writes
+    bfloat16 parameters with stochastic rounding.
     """
 
     lr: Scalar
@@ -48,20 +46,19 @@ class StepArgs:
     maximize: bool = False
     capturable: bool = False
     grad_factor: Tensor | None = None
-    fmt: str = "plain"
+    fmt: StateFormat = PLAIN
     stochastic_param: bool = False
-    cache: dict[Any, Any] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def of_group(cls, group: dict[str, Any], fmt: str, grad_factor: Tensor | None,
-                 cache: dict[Any, Any]) -> StepArgs:
+    def of_group(cls, group: dict[str, Any], fmt: StateFormat,
+                 grad_factor: Tensor | None) -> StepArgs:
         """The settings of param group ``group`` (an optimizer's dict) for a call in ``fmt``."""
         beta1, beta2, beta3 = group["betas"]
         return cls(lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
                    weight_decay=group["weight_decay"], no_prox=group["no_prox"],
                    maximize=group["maximize"], capturable=group["capturable"],
                    grad_factor=grad_factor, fmt=fmt,
-                   stochastic_param=group["stochastic_param_rounding"], cache=cache)
+                   stochastic_param=group["stochastic_param_rounding"])
 
     @property
     def betas(self) -> tuple[float, float, float]:
@@ -121,44 +118,3 @@ def scalars_and_lr(lr: Scalar, tensor_scalars: bool) -> Scalar:
     if isinstance(lr, Tensor) and not tensor_scalars:
         return lr.item()
     return lr
-
-
-def real_view(t: Tensor) -> Tensor:
-    """A complex tensor as its real view (``(..., 2)``); any other tensor unchanged."""
-    return torch.view_as_real(t) if torch.is_complex(t) else t
-
-
-def step_as(step: Tensor, like: Tensor) -> Tensor:
-    """The step count on ``like``'s device, in at least float32 and as precise as ``like``."""
-    return step.to(device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
-
-
-def log_beta(beta: float) -> float:
-    """``log(beta)``, with ``-inf`` for 0 (so that ``beta ** k = exp(k * log(beta)) = 0``)."""
-    return math.log(beta) if beta > 0 else -math.inf
-
-
-def wide_dtype(device: torch.device) -> torch.dtype:
-    """The dtype step-dependent scalars are computed in: float64 (float32 on MPS, which has
-    no float64)."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def bias_correction(beta: float, step: Scalar) -> Scalar:
-    """``1 - beta**step``, accurate for betas near 1: ``-expm1(step * log(beta))`` in float64.
-
-    (``1 - beta**k`` in float32 is 0.7 % off at ``beta = 1 - 1e-6`` and 0 at ``1 - 1e-8``.)
-    A tensor step gives a float64 tensor (:func:`wide_dtype`), to be rounded once by the
-    caller after the rest of its scalar arithmetic.
-    """
-    if isinstance(step, Tensor):
-        return -torch.expm1(step.to(wide_dtype(step.device)) * log_beta(beta))
-    return -math.expm1(step * log_beta(beta))
-
-
-def bias_corrections(step: Scalar, beta1: float, beta2: float, beta3: float
-                     ) -> tuple[Scalar, Scalar, Scalar]:
-    """Return ``(1 - b1**k, 1 - b2**k, sqrt(1 - b3**k))`` for a step count ``k``."""
-    bc3 = bias_correction(beta3, step)
-    return (bias_correction(beta1, step), bias_correction(beta2, step),
-            bc3.sqrt() if isinstance(bc3, Tensor) else math.sqrt(bc3))

@@ -1,15 +1,8 @@
 """Single-tensor Adan over any storage format: decode the state, update, encode it again.
 
-The reference for state stored in another dtype than the parameter's (``"fp32"`` for bf16,
-fp16 or fp64 parameters, ``"bf16"``, ``"int8"``; see :mod:`adan.state`), and the math that the
-CPU compiled kernel compiles for every format. The update itself uses the freshly computed
-full-precision moments; rounding only affects what is carried to the next step. Compact
-formats re-encode with stochastic rounding: Adan's averages move by 1-8 % of their value per
-step, less than a bf16 or 8-bit step, so round-to-nearest would freeze them, while stochastic
-rounding keeps every average unbiased at no memory cost.
-
-Every step-dependent scalar travels in one small tensor (:func:`scalar_vector`), so a
-compiled version of :func:`tensor_step` never bakes a hyperparameter into its code.
+The eager path of every format but plain, and the math the CPU compiled kernel compiles.
+Every step-dependent scalar travels in one small tensor (:func:`scalar_vector`), so that a
+compiled :func:`tensor_step` never bakes a hyperparameter into its code.
 """
 
 from __future__ import annotations
@@ -20,28 +13,22 @@ import torch
 from torch import Tensor
 
 from adan.kernels.common import (
-    BUFFER_KEYS,
-    BUFFERS,
-    Scalar,
     StepArgs,
-    bias_corrections,
     count_step,
-    real_view,
     scalars_and_lr,
-    step_as,
     step_decision,
     use_tensor_scalars,
+)
+from adan.numeric.codes import GOLDEN, M32, mix32, round_to_bf16
+from adan.numeric.scalars import (
+    Scalar,
+    bias_corrections,
+    decay_factors,
+    real_view,
+    step_as,
     wide_dtype,
 )
-from adan.quant import (
-    GOLDEN,
-    M32,
-    dequantize_blockwise,
-    mix32,
-    quantize_blockwise_flat,
-    round_to_bf16,
-)
-from adan.state import work_dtype
+from adan.state.formats import BUFFER_KEYS, BUFFERS, StateFormat, work_dtype
 
 # Positions in the scalar vector.
 (FACTOR, B1, OMB1, B2, OMB2, B3, OMB3, IBC1, B2BC2, IBC3, EPS, KEEP, LR, FIRST, STEP) = range(15)
@@ -57,11 +44,7 @@ def scalar_vector(step: Scalar, lr: Scalar, args: StepArgs, dtype: torch.dtype,
     bc1, bc2, bc3_sqrt = bias_corrections(step, beta1, beta2, beta3)
     if isinstance(lr, Tensor):
         lr = lr.to(device=device, dtype=wide_dtype(device))
-    if args.no_prox:
-        keep, scale = 1 - lr * args.weight_decay, lr
-    else:
-        keep = 1 / (1 + lr * args.weight_decay)
-        scale = lr * keep
+    keep, scale = decay_factors(lr, args.weight_decay, args.no_prox)
     values: list[Any] = [-1.0 if args.maximize else 1.0, beta1, 1 - beta1, beta2, 1 - beta2,
                          beta3, 1 - beta3, 1 / bc1, beta2 / bc2, 1 / bc3_sqrt, args.eps, keep,
                          scale, step == 1, step]
@@ -115,27 +98,8 @@ def noise_word(like: Tensor, seed: Tensor, step: Tensor, word: int,
     return mix32((index + mix32((key + word * GOLDEN) & M32)) & M32)
 
 
-def _store(buffer: Tensor, meta: Tensor | None, x: Tensor, fmt: str, signed: bool,
-           noise: Tensor | None, go: Tensor | None) -> None:
-    """Encode ``x`` into ``buffer`` (and its block ``meta``) in format ``fmt``; ``noise``
-    (16 random bits per element) rounds stochastically; where ``go`` is false the old
-    contents are kept."""
-    if meta is not None:
-        uniform = None if noise is None else (noise.to(x.dtype) + 0.5) * (1 / 65536)
-        codes, new_meta = quantize_blockwise_flat(x, signed=signed, noise=uniform)
-        codes = codes.view(buffer.shape)
-        if go is not None:
-            codes, new_meta = torch.where(go, codes, buffer), torch.where(go, new_meta, meta)
-        buffer.copy_(codes)
-        meta.copy_(new_meta)
-        return
-    new = round_to_bf16(x, noise) if fmt == "bf16" else x
-    new = new.view(buffer.shape)
-    buffer.copy_(new if go is None else torch.where(go, new.to(buffer.dtype), buffer))
-
-
 def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None],
-                s: Tensor, seed: Tensor, fmt: str, stochastic_param: bool,
+                s: Tensor, seed: Tensor, fmt: StateFormat, stochastic_param: bool,
                 may_skip: bool, first: Tensor | None = None) -> None:
     """One step of one parameter in place: ``p`` and ``g`` real views, the four buffers (real
     views) with their flat 8-bit block data or None, ``s`` from :func:`scalar_vector`,
@@ -143,22 +107,18 @@ def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor 
     non-finite gradient factor leaves everything as it was, decided on the device. ``first``:
     the index of the first element where these are a chunk (whole blocks) of the tensor."""
     work = s.dtype
-    decoded = [
-        dequantize_blockwise(b, meta, p.shape, signed=signed, dtype=work) if meta is not None
-        else b.to(work).view(p.shape)
-        for b, meta, (_, signed) in zip(buffers, metas, BUFFERS, strict=True)
-    ]
+    decoded = [fmt.load(b, meta, p.shape, signed, work)
+               for b, meta, (_, signed) in zip(buffers, metas, BUFFERS, strict=True)]
     m, v, n, prev = decoded
     new, *moments = adan_update(p.to(work), g.to(work), m, v, n, prev, s)
     go = torch.isfinite(s[FACTOR]) if may_skip else None
-    compact = fmt in ("bf16", "int8")
-    words = [noise_word(p, seed, s[STEP], w, first) for w in range(2)] if compact else []
+    words = [noise_word(p, seed, s[STEP], w, first) for w in range(2)] if fmt.rounds else []
     for i, (b, meta, x, (_, signed)) in enumerate(zip(buffers, metas, moments, BUFFERS,
                                                       strict=True)):
         bits = None
-        if compact:
+        if fmt.rounds:
             bits = (words[i // 2] >> 16 if i % 2 else words[i // 2] & 0xFFFF).to(torch.int32)
-        _store(b, meta, x, fmt, signed, bits, go)
+        fmt.store(b, meta, x, signed, bits, go)
     if stochastic_param and p.dtype == torch.bfloat16:
         noise = noise_word(p, seed, s[STEP], 2, first)
         new = round_to_bf16(new, (noise & 0xFFFF).to(torch.int32))
@@ -190,7 +150,8 @@ def tensor_views(param: Tensor, grad: Tensor, state: dict[str, Any]
 
 
 def compact_adan(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs,
+    cache: dict[Any, Any] | None = None,
 ) -> None:
     """Apply one step to every parameter in place, one eager :func:`tensor_step` each."""
     go = step_decision(args)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adan.kernels.common import Scalar, StepArgs, count_step, step_decision
+from adan.kernels.common import StepArgs, count_step, step_decision
 from adan.kernels.compact import (
     scalar_vector,
     seed_of,
@@ -31,8 +31,9 @@ from adan.kernels.compact import (
     tensor_step,
     tensor_views,
 )
-from adan.quant import BLOCK, META
-from adan.state import work_dtype
+from adan.numeric.codes import BLOCK, META
+from adan.numeric.scalars import Scalar
+from adan.state.formats import PLAIN, work_dtype
 
 __all__ = ["cpu_compiled_adan", "cpu_compiler_missing"]
 
@@ -65,7 +66,7 @@ def _compiled(signature: tuple[Any, ...], serial: bool) -> Callable[..., None]:
     code = tensor_step.__code__.replace(co_name=name)
     fn = types.FunctionType(code, tensor_step.__globals__, name)
     options: dict[str, Any] = {"cpp.threads": 1} if serial else {}
-    if signature[0] == "int8":
+    if signature[0].quantized:
         from torch._inductor import config  # imported by torch.compile anyway
 
         # Older torch may lack some of these settings (an unknown one would be an error).
@@ -88,7 +89,7 @@ def _run(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None]
     signature = (*options, *(t.dtype for t in flat), s.dtype)
     fn = _compiled(signature, p.numel() < SERIAL_MAX)
     numel = p.numel()
-    starts = range(0, numel - 1, CHUNK) if args.fmt == "int8" else range(1)
+    starts = range(0, numel - 1, CHUNK) if args.fmt.quantized else range(1)
     for start, stop in zip(starts, [*starts[1:], numel], strict=True):
         # A chunk's meta rows: its blocks' and, as for any size, one more, which inside the
         # tensor is the next chunk's first row, restored after the call.
@@ -137,7 +138,8 @@ def _warn_once(message: str) -> None:
 
 
 def cpu_compiled_adan(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs,
+    cache: dict[Any, Any] | None = None,
 ) -> None:
     """Apply one Adan step to every tensor in place, reading and writing each element once."""
     go = step_decision(args)
@@ -163,7 +165,7 @@ def cpu_compiled_adan(
         dense = all(t.is_contiguous() for t in (p, g, *buffers))
         # Packed tensors share one call: not for parameters rounded stochastically, whose
         # noise follows their own seed and element indices.
-        if (args.fmt == "plain" and not tensor_scalars and not args.rounds_param(param.dtype)
+        if (args.fmt is PLAIN and not tensor_scalars and not args.rounds_param(param.dtype)
                 and (p.numel() < PACK_MAX or not dense)):
             key = (p.dtype, g.dtype, state["step"].item())
             packs.setdefault(key, []).append(i)

@@ -8,7 +8,7 @@ and the four state buffers, in any storage format (the parameter's dtype, float3
 with stochastic rounding, or 8-bit blockwise codes whose blocks are tiles' rows, each in one
 warp, so each program owns its blocks and their meta rows). It computes
 the same expressions, in the same order, as :func:`adan.kernels.compact.adan_update` and
-:mod:`adan.quant`, with the same scalars (step-dependent ones in float64, rounded once) and
+:mod:`adan.numeric.codes`, with the same scalars (step-dependent ones in float64, rounded once) and
 the same rounding noise, so that under Triton's interpreter it agrees with the CPU paths bit
 for bit (on a GPU, fused multiply-adds and the hardware's division differ in the last bit).
 
@@ -44,7 +44,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from adan.kernels.common import BUFFER_KEYS, StepArgs, log_beta, real_view
+from adan.kernels.common import StepArgs
+from adan.numeric.scalars import decay_factors, log_beta, real_view
+from adan.state.formats import BUFFER_KEYS
 
 __all__ = ["BLOCK", "triton_adan", "triton_unsupported"]
 
@@ -86,7 +88,6 @@ def register_cap(fmt: int, masked: bool) -> int | None:
 # aligned.
 NCOL = 12
 
-_FORMATS = {"plain": 0, "fp32": 0, "bf16": 1, "int8": 2}
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
               torch.float64: tl.float64}
 _ALIGN = 16
@@ -129,7 +130,7 @@ def _expm1(x):
 
 @triton.jit
 def _mix32(x):
-    """The 32-bit integer hash of :func:`adan.quant.mix32`, on uint32 (whose
+    """The 32-bit integer hash of :func:`adan.numeric.codes.mix32`, on uint32 (whose
     products wrap as that function's masks do)."""
     mul = tl.full((), 0x45D9F3B, tl.uint32)
     x = ((x >> 16) ^ x) * mul
@@ -146,7 +147,7 @@ def _noise_word(index, key, WORD: tl.constexpr):
 
 @triton.jit
 def _code_value(k, SIGNED: tl.constexpr):
-    """Code ``k``'s value relative to its block's scale (:func:`adan.quant.code_value`)."""
+    """Code ``k``'s value relative to its block's scale (:func:`adan.numeric.codes.code_value`)."""
     if SIGNED:
         u = k * (1.0 / 127)
         return u * u * u
@@ -256,8 +257,8 @@ def _cube_root(t):
 
 @triton.jit
 def _pick_code(t, uniform, SIGNED: tl.constexpr):
-    """The code of ``t`` (in ``[0, 1]``) rounded stochastically, as :mod:`adan.quant`: the
-    bracket ``[c(k), c(k+1)]`` of :func:`adan.quant.code_below`, then up with probability
+    """The code of ``t`` (in ``[0, 1]``) rounded stochastically, as :mod:`adan.numeric.codes`: the
+    bracket ``[c(k), c(k+1)]`` of :func:`adan.numeric.codes.code_below`, then up with probability
     ``(t - c(k)) / (c(k+1) - c(k))``. A root estimate lowered by 1/64 of a code (far above its
     error, at most a few units in the last place) is the bracket or one below it, so one
     comparison finds it exactly; the code value compared and one more bound the bracket."""
@@ -281,7 +282,7 @@ def _pick_code(t, uniform, SIGNED: tl.constexpr):
 def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, qmask, cols,
            noise16, S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr,
            VEC: tl.constexpr, MASKED: tl.constexpr, QBLOCK: tl.constexpr):
-    """Encode a float32 tile into one state buffer (see :mod:`adan.quant` for the codes)."""
+    """Encode a float32 tile into one state buffer (see :mod:`adan.numeric.codes` for the codes)."""
     if FMT == 2:
         inf = float("inf")
         mag = tl.where(x != x, inf, tl.abs(x))  # a NaN ranks with the largest
@@ -599,17 +600,18 @@ def _build(params: list[Tensor], grads: list[Tensor], grad_ptrs: list[int],
 
 
 def triton_adan(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs,
+    cache: dict[Any, Any] | None = None,
 ) -> None:
     """Apply one step to every tensor in place: one launch per part (dtypes, alignment and
     tile kind).
 
     Every tensor must pass :func:`triton_unsupported`; the selector routes others elsewhere.
-    ``args.cache`` keeps the plan: its owner empties it when the tensors' dtypes, shapes or
+    ``cache`` keeps the plan: its owner empties it when the tensors' dtypes, shapes or
     state change; the parameters' addresses and the gradients' alignment are checked here,
     and the gradients' addresses are sent at every step.
     """
-    cache = args.cache if args.cache is not None else {}
+    cache = {} if cache is None else cache
     grad_ptrs = list(map(Tensor.data_ptr, grads))
     plan: _Plan | None = cache.get("plan")
     if (plan is None or plan.params != list(map(Tensor.data_ptr, params))
@@ -622,16 +624,14 @@ def triton_adan(
     if lr_on_device:
         keep = scale = 0.0
     else:
-        lr = float(args.lr)
-        keep = 1 - lr * args.weight_decay if args.no_prox else 1 / (1 + lr * args.weight_decay)
-        scale = lr if args.no_prox else lr * keep
+        keep, scale = map(float, decay_factors(float(args.lr), args.weight_decay, args.no_prox))
     factor = None if args.grad_factor is None else args.grad_factor.to(device, non_blocking=True)
-    fmt = _FORMATS[args.fmt]
+    fmt = args.fmt.triton_code
     for part in plan.parts:
         p_dtype, g_dtype, s_dtype, step_dtype, aligned = part.signature
         addresses = part.grads.put(grad_ptrs if len(part.members) == len(params)
                                    else [grad_ptrs[i] for i in part.members])
-        state_dtype = s_dtype if args.fmt != "int8" else torch.float32
+        state_dtype = s_dtype if not args.fmt.quantized else torch.float32
         lr_tensor = args.lr if lr_on_device else part.counters
         for masked, tiles in part.tiles:
             _adan_kernel[(tiles.shape[0] // 2,)](

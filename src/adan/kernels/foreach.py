@@ -15,17 +15,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adan.kernels.common import (
-    BUFFER_KEYS,
-    Scalar,
     StepArgs,
-    bias_corrections,
     keep_if_skipped,
-    real_view,
     scalars_and_lr,
-    step_as,
     step_decision,
     use_tensor_scalars,
 )
+from adan.numeric.scalars import Scalar, bias_corrections, real_view, step_as
+from adan.state.formats import BUFFER_KEYS
 
 
 def _uniform(values: Sequence[float]) -> float | list[float]:
@@ -34,7 +31,8 @@ def _uniform(values: Sequence[float]) -> float | list[float]:
 
 
 def multi_tensor_adan(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs,
+    cache: dict[Any, Any] | None = None,
 ) -> None:
     """Apply one Adan step to every tensor in place, one foreach op per pass."""
     go = step_decision(args) if params else False

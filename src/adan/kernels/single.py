@@ -12,20 +12,19 @@ import torch
 from torch import Tensor
 
 from adan.kernels.common import (
-    BUFFER_KEYS,
     StepArgs,
-    bias_corrections,
     keep_if_skipped,
-    real_view,
     scalars_and_lr,
-    step_as,
     step_decision,
     use_tensor_scalars,
 )
+from adan.numeric.scalars import bias_corrections, real_view, step_as
+from adan.state.formats import BUFFER_KEYS
 
 
 def single_tensor_adan(
-    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs,
+    cache: dict[Any, Any] | None = None,
 ) -> None:
     """Apply one Adan step to each tensor in place.
 

@@ -33,7 +33,6 @@ __all__ = [
     "BLOCK",
     "META",
     "dequantize_blockwise",
-    "legacy_meta",
     "num_blocks",
     "quantize_blockwise",
     "round_to_bf16",
@@ -155,12 +154,6 @@ def dequantize_blockwise(
     column = torch.arange(BLOCK, device=codes.device)
     values = torch.where(column == meta[:, 2:3], meta[:, 1:2], values * meta[:, 0:1])
     return values.reshape(-1)[: codes.numel()].view(shape)
-
-
-def legacy_meta(scale: Tensor) -> Tensor:
-    """The meta rows of a checkpoint saved before tops existed (scales only): no top."""
-    scale = scale.float().reshape(-1, 1)
-    return torch.cat([scale, torch.zeros_like(scale), torch.full_like(scale, -1.0)], dim=1)
 
 
 M32 = 0xFFFFFFFF

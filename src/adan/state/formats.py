@@ -1,0 +1,231 @@
+"""Storage formats of Adan's four state buffers: one type per format (docs/lowmem.md).
+
+A format knows its buffers' dtypes and shapes, how to create them, how a kernel decodes and
+encodes them, how to convert state from another format, and its code in the Triton kernel.
+Adding a format is one subclass here and its branch in the kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from adan.numeric.codes import (
+    META,
+    dequantize_blockwise,
+    num_blocks,
+    quantize_blockwise_flat,
+    round_to_bf16,
+)
+from adan.numeric.scalars import real_view
+from adan.state.dtensor import local
+
+__all__ = ["BF16", "BUFFERS", "BUFFER_KEYS", "FORMATS", "FP32", "INT8", "PLAIN", "StateFormat",
+           "decode", "normalize_state_dtype", "storage_format", "work_dtype"]
+
+BUFFERS = (("exp_avg", True), ("exp_avg_diff", True), ("exp_avg_sq", False), ("prev_grad", True))
+"""(state key, signed code?) of the four buffers, in the order every kernel uses them."""
+BUFFER_KEYS = tuple(key for key, _ in BUFFERS)
+
+
+class StateFormat:
+    """How the four buffers of one parameter's state are stored (the float formats)."""
+
+    name: ClassVar[str]
+    triton_code: ClassVar[int] = 0
+    """The Triton kernel's ``FMT``: 0 float buffers, 1 bfloat16 rounded stochastically,
+    2 8-bit codes."""
+    rounds: ClassVar[bool] = False
+    """Re-encoded with stochastic rounding after every step (the compact formats)."""
+    quantized: ClassVar[bool] = False
+    """Buffers are codes with a ``<buffer>_meta`` tensor of block data beside each."""
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def buffer_dtype(self, param: Tensor, signed: bool) -> torch.dtype:
+        raise NotImplementedError
+
+    def buffer_shape(self, param: Tensor) -> tuple[int, ...]:
+        """Buffers are shaped like the parameter's real view."""
+        return tuple(real_view(param).shape)
+
+    def new_buffers(self, param: Tensor) -> dict[str, Tensor]:
+        """The four buffers (and their block data), zeroed, on the parameter's device."""
+        return {key: torch.zeros(self.buffer_shape(param), dtype=self.buffer_dtype(param, signed),
+                                 device=param.device) for key, signed in BUFFERS}
+
+    def matches(self, state: dict[str, Any], param: Tensor) -> bool:
+        """Whether ``state``'s buffers are all stored as this format stores them for ``param``
+        (8-bit codes are checked on the local shard of a DTensor parameter)."""
+        if self.quantized:
+            param = local(param)
+        for key, signed in BUFFERS:
+            buffer = state.get(key)
+            if (not isinstance(buffer, Tensor) or self.quantized != (key + "_meta" in state)
+                    or buffer.dtype != self.buffer_dtype(param, signed)
+                    or tuple(buffer.shape) != self.buffer_shape(param)):
+                return False
+        return True
+
+    def encode(self, value: Tensor, param: Tensor, signed: bool) -> dict[str, Tensor]:
+        """A buffer's entries holding ``value`` (shaped like the real view), rounded to
+        nearest: what conversion into this format stores."""
+        return {"": value.to(self.buffer_dtype(param, signed)).reshape(self.buffer_shape(param))}
+
+    def load(self, buffer: Tensor, meta: Tensor | None, shape: torch.Size, signed: bool,
+             dtype: torch.dtype) -> Tensor:
+        """A kernel's decoded ``dtype`` view of one buffer (a real view)."""
+        return buffer.to(dtype).view(shape)
+
+    def store(self, buffer: Tensor, meta: Tensor | None, x: Tensor, signed: bool,
+              noise: Tensor | None, go: Tensor | None) -> None:
+        """Encode a step's ``x`` into ``buffer`` (``noise``: 16 random bits per element for
+        stochastic rounding); where ``go`` is false the old contents are kept."""
+        new = x.view(buffer.shape)
+        buffer.copy_(new if go is None else torch.where(go, new.to(buffer.dtype), buffer))
+
+
+class _Plain(StateFormat):
+    """The parameter's own dtype and layout (complex parameters keep complex buffers)."""
+
+    name = "plain"
+
+    def buffer_dtype(self, param: Tensor, signed: bool) -> torch.dtype:
+        return param.dtype
+
+    def buffer_shape(self, param: Tensor) -> tuple[int, ...]:
+        return tuple(param.shape)
+
+    def new_buffers(self, param: Tensor) -> dict[str, Tensor]:
+        return {key: torch.zeros_like(param, memory_format=torch.preserve_format)
+                for key in BUFFER_KEYS}
+
+    def encode(self, value: Tensor, param: Tensor, signed: bool) -> dict[str, Tensor]:
+        if torch.is_complex(param):
+            return {"": torch.view_as_complex(value.to(real_view(param).dtype).contiguous())}
+        return super().encode(value, param, signed)
+
+
+class _Float32(StateFormat):
+    """float32 buffers for a parameter of another dtype (bf16, fp16 or fp64)."""
+
+    name = "fp32"
+
+    def buffer_dtype(self, param: Tensor, signed: bool) -> torch.dtype:
+        return torch.float32
+
+
+class _BFloat16(StateFormat):
+    """bfloat16 buffers, re-encoded with stochastic rounding after every step."""
+
+    name = "bf16"
+    triton_code = 1
+    rounds = True
+
+    def buffer_dtype(self, param: Tensor, signed: bool) -> torch.dtype:
+        return torch.bfloat16
+
+    def store(self, buffer: Tensor, meta: Tensor | None, x: Tensor, signed: bool,
+              noise: Tensor | None, go: Tensor | None) -> None:
+        super().store(buffer, meta, round_to_bf16(x, noise), signed, noise, go)
+
+
+class _Int8(StateFormat):
+    """Blockwise 8-bit codes (:mod:`adan.numeric.codes`) shaped like the real view, with a
+    flat float32 ``<buffer>_meta`` of :data:`META` numbers per block."""
+
+    name = "int8"
+    triton_code = 2
+    rounds = True
+    quantized = True
+
+    def buffer_dtype(self, param: Tensor, signed: bool) -> torch.dtype:
+        return torch.int8 if signed else torch.uint8
+
+    def new_buffers(self, param: Tensor) -> dict[str, Tensor]:
+        state = super().new_buffers(param)
+        rows = num_blocks(real_view(param).numel()) * META
+        for key in BUFFER_KEYS:
+            state[key + "_meta"] = torch.zeros(rows, device=param.device)
+        return state
+
+    def encode(self, value: Tensor, param: Tensor, signed: bool) -> dict[str, Tensor]:
+        codes, meta = quantize_blockwise_flat(value.float(), signed=signed)
+        return {"": codes.view(value.shape), "_meta": meta}
+
+    def load(self, buffer: Tensor, meta: Tensor | None, shape: torch.Size, signed: bool,
+             dtype: torch.dtype) -> Tensor:
+        assert meta is not None
+        return dequantize_blockwise(buffer, meta, shape, signed=signed, dtype=dtype)
+
+    def store(self, buffer: Tensor, meta: Tensor | None, x: Tensor, signed: bool,
+              noise: Tensor | None, go: Tensor | None) -> None:
+        assert meta is not None
+        uniform = None if noise is None else (noise.to(x.dtype) + 0.5) * (1 / 65536)
+        codes, new_meta = quantize_blockwise_flat(x, signed=signed, noise=uniform)
+        codes = codes.view(buffer.shape)
+        if go is not None:
+            codes, new_meta = torch.where(go, codes, buffer), torch.where(go, new_meta, meta)
+        buffer.copy_(codes)
+        meta.copy_(new_meta)
+
+
+PLAIN, FP32, BF16, INT8 = _Plain(), _Float32(), _BFloat16(), _Int8()
+FORMATS = {fmt.name: fmt for fmt in (PLAIN, FP32, BF16, INT8)}
+"""Every format by its name."""
+
+_ALIASES: dict[Any, str | None] = {
+    None: None,
+    "fp32": "fp32", "float32": "fp32", torch.float32: "fp32",
+    "bf16": "bf16", "bfloat16": "bf16", torch.bfloat16: "bf16",
+    "int8": "int8", torch.int8: "int8",
+}
+_STATE_DTYPE_HELP = (
+    "allowed: None (as the parameter; float32 for float16 parameters), 'fp32', 'bf16', 'int8' "
+    "(or torch.float32, torch.bfloat16, torch.int8)"
+)
+
+
+def normalize_state_dtype(value: Any, where: str = "") -> str | None:
+    """Map a user's ``state_dtype`` to None, ``"fp32"``, ``"bf16"`` or ``"int8"``, or raise
+    (``where``, e.g. " in param group 1", is added to the message)."""
+    try:
+        return _ALIASES[value]
+    except (KeyError, TypeError):
+        hint = ""
+        if value in ("fp16", "float16", torch.float16):
+            hint = ("; float16 cannot hold Adan's second moment (it underflows for gradients "
+                    "near 1e-3), so it is not offered")
+        raise ValueError(f"Invalid state_dtype{where}: {value!r} ({_STATE_DTYPE_HELP}){hint}"
+                         ) from None
+
+
+def storage_format(param: Tensor, state_dtype: str | None) -> StateFormat:
+    """The format of ``param``'s state for a group's (normalised) ``state_dtype``: None keeps
+    the parameter's dtype, except float16, whose state is float32 (float16 cannot hold ``n``:
+    squares of small gradients underflow, and so does ``eps``)."""
+    dtype = real_view(param).dtype
+    if state_dtype is None:
+        return FP32 if dtype == torch.float16 else PLAIN
+    if state_dtype == "fp32":
+        return PLAIN if dtype == torch.float32 else FP32
+    return BF16 if state_dtype == "bf16" else INT8
+
+
+def work_dtype(param: Tensor) -> torch.dtype:
+    """The dtype updates are computed in: float32, or float64 for float64 parameters."""
+    return torch.promote_types(real_view(param).dtype, torch.float32)
+
+
+def decode(state: dict[str, Any], key: str, signed: bool, param: Tensor,
+           dtype: torch.dtype) -> Tensor:
+    """Buffer ``key`` of ``state``, in whatever format it is stored, as a ``dtype`` tensor
+    shaped like ``param``'s real view."""
+    shape = real_view(param).shape
+    meta = state.get(key + "_meta")
+    if meta is not None:
+        return INT8.load(state[key], meta, shape, signed, dtype)
+    return real_view(state[key]).to(dtype).reshape(shape)
