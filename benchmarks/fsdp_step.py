@@ -14,11 +14,13 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from adan import Adan
 
@@ -28,7 +30,8 @@ def make_model(width: int, depth: int) -> nn.Module:
     model = nn.Sequential(*(nn.Linear(width, width) for _ in range(depth)))
     for layer in model:
         fully_shard(layer)
-    return fully_shard(model)
+    fully_shard(model)  # in place: the model's parameters become DTensors
+    return model
 
 
 def main() -> None:
@@ -56,9 +59,9 @@ def main() -> None:
                           }.items():
         model = make_model(args.width, args.depth)
         model(torch.randn(4, args.width)).sum().backward()
-        plain = [nn.Parameter(p.to_local().clone()) for p in model.parameters()]
+        plain = [nn.Parameter(cast(DTensor, p).to_local().clone()) for p in model.parameters()]
         for p, q in zip(plain, model.parameters(), strict=True):
-            p.grad = q.grad.to_local().clone()
+            p.grad = cast(DTensor, q.grad).to_local().clone()
         setups[name] = factory(plain)
         setups[name].step()
     times: dict[str, list[float]] = {name: [] for name in setups}

@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 
 from adan import Adan
 from adan.kernels import select
 
-PATHS = {"default": {}, "fused": {"fused": True}, "foreach": {"foreach": True}}
+PATHS: dict[str, dict[str, Any]] = {
+    "default": {}, "fused": {"fused": True}, "foreach": {"foreach": True}}
 
 
 def time_steps(opt: Adan, params: list[torch.Tensor], steps: int) -> float:
@@ -28,6 +30,7 @@ def time_steps(opt: Adan, params: list[torch.Tensor], steps: int) -> float:
     times = []
     for i in range(steps + 3):
         for p in params:
+            assert p.grad is not None
             p.grad.normal_()
         start = time.perf_counter()
         opt.step()

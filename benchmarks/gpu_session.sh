@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # One GPU session in one call of the device tool (no network there; at most 10 minutes):
 #
-#   bash benchmarks/gpu_session.sh [PYTEST_ARGS] [adan bench speed arguments...]
+#   bash benchmarks/gpu_session.sh [PYTEST_ARGS] [python -m benchmarks speed arguments...]
 #
 # PYTEST_ARGS is one string, split on spaces (default: the CUDA-relevant tests, $CUDA_TESTS;
 # "skip" runs no tests); it can also come from the environment. Further arguments go to
-# `adan bench speed --device cuda` (default: --steps 10 --warmup 2).
+# `python -m benchmarks speed --device cuda` (default: --steps 10 --warmup 2).
 # Expects the peers in .peers/ (a git-ignored copy of ../shared/peers, sent with carry
 # [".peers"]) and carries on without them. Everything lands in $OUT (9 files, no folders):
 #   env.txt        GPU, driver, python, torch, triton, the checkout's commit
 #   setup.log      installing the peer wheels into /tmp/site
 #   build.log      building sail-sg's CUDA extension in .peers/sail-sg-adan
 #   tests.log      pytest
-#   lowmem.md      adan bench lowmem training --device cuda: peak memory and time per
+#   lowmem.md      python -m benchmarks lowmem training --device cuda: peak memory and time per
 #                  iteration with and without gradient release (GPT-2 small's depth and width)
 #   lowmem.log     its progress lines
 #   speed.md       the benchmark's markdown tables (stdout)
@@ -88,15 +88,15 @@ if [ -n "$BUILD_PID" ]; then
     say "sail-sg build failed (its fused rows will be skipped):"; tail -n 15 "$OUT/build.log"; fi
 fi
 
-say "adan bench lowmem training --device cuda (stops at ${LOWMEM_UNTIL} s; lowmem.md)"
-timeout -s INT -k 10 "$(left "$LOWMEM_UNTIL")" python3 -m adan bench lowmem training \
+say "python -m benchmarks lowmem training --device cuda (stops at ${LOWMEM_UNTIL} s; lowmem.md)"
+timeout -s INT -k 10 "$(left "$LOWMEM_UNTIL")" python3 -m benchmarks lowmem training \
   --device cuda --layers 12 --embd 768 --batch 8 --block 256 --repeats 21 \
   > "$OUT/lowmem.md" 2> "$OUT/lowmem.log"
 say "memory benchmark exit status $?"
 cat "$OUT/lowmem.md"
 
-say "adan bench speed --device cuda $* (interrupted at ${BENCH_UNTIL} s)"
-timeout -s INT -k 20 "$(left "$BENCH_UNTIL")" python3 -m adan bench speed --device cuda \
+say "python -m benchmarks speed --device cuda $* (interrupted at ${BENCH_UNTIL} s)"
+timeout -s INT -k 20 "$(left "$BENCH_UNTIL")" python3 -m benchmarks speed --device cuda \
   --json "$OUT/speed.json" "$@" 2> "$OUT/speed.log" | tee "$OUT/speed.md"
 STATUS=$?
 say "benchmark exit status $STATUS; last lines of speed.log:"

@@ -1,14 +1,14 @@
 """Host time of ``Adan.step`` on the CUDA path, measured on CPU with the Triton launch stubbed.
 
-    python benchmarks/host_time.py [--clip 1.0] [--steps 300] [--set-to-none]
+    python -m benchmarks.host_time [--clip 1.0] [--steps 300] [--set-to-none]
 
 What a step costs the host besides launching the kernel: the plan check, the gradient factor
 and the address-table check of :mod:`adan.kernels.cuda_triton`, over GPT-2's 148 tensors
 (shapes scaled down: sizes do not matter to the host). The kernel is routed to for every
 tensor and its launch replaced by a no-op, so the figure excludes Triton's own launch cost
-(measured on a GPU by ``adan bench speed --device cuda``, column ``host ms``). On a CPU the
-clipping norm also computes, so ``--clip`` overstates its host cost. ``--set-to-none`` gives
-every parameter a new gradient tensor before each step, as ``zero_grad(set_to_none=True)``
+(measured on a GPU by ``python -m benchmarks speed --device cuda``, column ``host ms``). On a
+CPU the clipping norm also computes, so ``--clip`` overstates its host cost. ``--set-to-none``
+gives every parameter a new gradient tensor before each step, as ``zero_grad(set_to_none=True)``
 and backward do (only ``opt.step()`` is timed).
 """
 
@@ -23,8 +23,8 @@ import torch
 
 import adan.optimizer
 from adan import Adan
-from adan.bench.speed import gpt2_shapes
 from adan.kernels import cuda_triton
+from benchmarks.speed import gpt2_shapes
 
 
 class _NoLaunch:

@@ -1,6 +1,6 @@
 """One run of the study's charlm at batch 192 (same tokens as batch 12) at a chosen lr.
 
-Usage: ``python benchmarks/largebatch_check.py OPTIMIZER LR`` (e.g. ``Adan 0.02``): a check of
+Usage: ``python -m benchmarks.largebatch_check OPTIMIZER LR`` (e.g. ``Adan 0.02``): a check of
 the large-batch result without the square-root rule; prints the final validation loss.
 """
 
@@ -8,9 +8,9 @@ import sys
 
 import torch
 
-from adan.bench import contenders
-from adan.bench.charlm import CharData, CharLMConfig, find_data, train_charlm
-from adan.bench.train import scaled_config
+from adan.demo.charlm import CharData, CharLMConfig, find_data, train_charlm
+from benchmarks import contenders
+from benchmarks.train import scaled_config
 
 torch.set_num_threads(1)
 name, lr = sys.argv[1], float(sys.argv[2])

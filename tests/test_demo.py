@@ -15,8 +15,8 @@ import torch
 
 import adan.__main__ as cli
 from adan import demo
-from adan.bench.charlm import CharLMConfig
 from adan.demo import DEMO_ITERS, demo_config, run_demo
+from adan.demo.charlm import CharLMConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,15 +140,6 @@ def test_cli_missing_data_is_a_clear_error(tmp_path: Path,
     assert cli.main(["demo", "--data", str(missing)]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "--data PATH" in err
-
-
-def test_cli_bench_dispatches_to_the_benchmark(capsys):
-    """`adan bench NAME ARGS` runs adan.bench.NAME.main(ARGS) and returns its status."""
-    from adan.__main__ import main
-
-    assert main(["bench", "lowmem", "memory"]) == 0
-    out = capsys.readouterr().out
-    assert "int8" in out and "16.0000" in out
 
 
 def test_plain_install_imports_without_warnings() -> None:

@@ -1,4 +1,5 @@
-"""Static checks run with the tests, so CI enforces them: ruff on everything, mypy on src/."""
+"""Static checks run with the tests, so CI enforces them: ruff on everything, mypy on the
+package and the benchmarks."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_clean():
-    result = _run("ruff", "check", "src", "tests")
+    result = _run("ruff", "check", "src", "tests", "benchmarks")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy_clean():
-    result = _run("mypy", "src")
+    result = _run("mypy", "src", "benchmarks")
     assert result.returncode == 0, result.stdout + result.stderr

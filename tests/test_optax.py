@@ -384,7 +384,7 @@ def test_optax_adan_default_eps_root_shrinks_small_gradients():
 
 
 def test_jax_step_benchmark_runs(capsys):
-    from adan.bench import jax_step
+    from benchmarks import jax_step
 
     assert jax_step.main(["--scale", "0.02", "--layers", "0", "--repeats", "1"]) == 0
     out = capsys.readouterr().out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -47,35 +46,10 @@ def _positive(text: str) -> int:
     return value
 
 
-# ``adan bench NAME ARGS...`` hands ARGS to ``adan.bench.NAME.main``.
-BENCHMARKS = {
-    "speed": "optimizer-step speed against the memory floor and the peers",
-    "lowmem": "bytes, speed and convergence of the low-memory state settings",
-    "train": "convergence study: Adan against tuned baselines on four small tasks",
-}
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    """Import the chosen benchmark module only now: it may need the bench extra."""
-    module = importlib.import_module(f"adan.bench.{args.bench}")
-    return int(module.main(args.args) or 0)
-
-
-def add_bench(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``bench``: run one of the benchmarks in :mod:`adan.bench`."""
-    parser = subparsers.add_parser(
-        "bench", help="run a benchmark: " + ", ".join(BENCHMARKS),
-        description="Run a benchmark; arguments after its name go to it (try `-h` after it). "
-        + " ".join(f"{name}: {text}." for name, text in BENCHMARKS.items()),
-    )
-    parser.add_argument("bench", choices=sorted(BENCHMARKS))
-    parser.add_argument("args", nargs=argparse.REMAINDER)
-    parser.set_defaults(handler=_run_bench)
-
-
 # Each entry adds one subcommand and sets its ``handler`` (args -> exit status); a new command
-# (e.g. ``bench``) is one more ``add_*`` function in this list.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_bench]
+# is one more ``add_*`` function in this list. The benchmarks live outside the package, in the
+# repository's benchmarks/ (``python -m benchmarks``).
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

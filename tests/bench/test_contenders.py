@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adan import Adan
-from adan.bench import contenders
+from benchmarks import contenders
 
 
 @pytest.mark.parametrize("family", ["lm", "cnn"])

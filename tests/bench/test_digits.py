@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adan.bench.digits import N_TRAIN, Digits, DigitsResNet, augment
+from benchmarks.digits import N_TRAIN, Digits, DigitsResNet, augment
 
 
 def test_split_is_fixed_and_disjoint() -> None:

@@ -1,5 +1,6 @@
-"""``adan bench lowmem`` memory and speed modes: --device before or after the mode, CPU runs,
-a clear error for CUDA without CUDA, and a CUDA run where a GPU exists. No timing asserted."""
+"""``python -m benchmarks lowmem`` memory and speed modes: --device before or after the mode,
+CPU runs, a clear error for CUDA without CUDA, and a CUDA run where a GPU exists. No timing
+asserted."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 import adan.release
-from adan.__main__ import main as adan_main
-from adan.bench import lowmem
+from benchmarks import lowmem
+from benchmarks.__main__ import main as benchmarks_main
 
 
 @pytest.mark.parametrize("argv", [["memory", "--numel", "1000", "--device", "cpu"],
@@ -29,7 +30,7 @@ def test_speed_mode_runs_on_cpu(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_cuda_without_cuda_is_a_clear_error(capsys):
-    assert adan_main(["bench", "lowmem", "memory", "--device", "cuda"]) == 2
+    assert benchmarks_main(["lowmem", "memory", "--device", "cuda"]) == 2
     assert lowmem.main(["memory", "--device", "nonsense"]) == 2
     err = capsys.readouterr().err
     assert "CUDA is not available" in err and "bad --device 'nonsense'" in err
@@ -47,8 +48,8 @@ def test_cuda_memory_reports_state_and_step_peak():
 
 def test_help_names_the_command_as_typed(capsys):
     with pytest.raises(SystemExit):
-        adan_main(["bench", "lowmem", "--help"])
-    assert capsys.readouterr().out.startswith("usage: adan bench lowmem")
+        benchmarks_main(["lowmem", "--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m benchmarks lowmem")
 
 
 def test_report_plots_curves_and_differences_from_fp32(tmp_path, capsys):

@@ -13,9 +13,9 @@ import torch
 
 import adan
 from adan import Adan
-from adan.__main__ import main as adan_main
-from adan.bench import speed
-from adan.bench.peers import find_peers_dir, load_sail_sg_adan
+from benchmarks import speed
+from benchmarks.__main__ import main as benchmarks_main
+from benchmarks.peers import find_peers_dir, load_sail_sg_adan
 
 # A stand-in for sail-sg's adan.py (same constructor flags, four state buffers), so that the
 # loader and the sail-sg rows are exercised without the real copy or its CUDA extension.
@@ -162,7 +162,7 @@ def test_json_holds_the_run_and_every_column(cpu_run):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_cuda_without_cuda_is_a_clear_error(capsys):
-    assert adan_main(["bench", "speed", "--device", "cuda"]) == 2
+    assert benchmarks_main(["speed", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "error: --device cuda, but CUDA is not available" in err
     assert "Traceback" not in err
@@ -257,5 +257,5 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         speed.main(["--help"])
     out = capsys.readouterr().out
-    assert out.startswith("usage: adan bench speed")
+    assert out.startswith("usage: python -m benchmarks speed")
     assert "(default: 10000000)" in out and "(default: 20)" in out

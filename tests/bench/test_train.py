@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import tiny_text
 
-from adan.__main__ import BENCHMARKS
-from adan.bench import train
-from adan.bench.charlm import CharLMConfig
-from adan.bench.charlstm import CharLSTMConfig
-from adan.bench.digits import DigitsConfig
-from adan.bench.train import Task, format_tables, run_study, scaled_config, scaled_lr, summarize
+from adan.demo.charlm import CharLMConfig
+from benchmarks import train
+from benchmarks.__main__ import BENCHMARKS
+from benchmarks.charlstm import CharLSTMConfig
+from benchmarks.digits import DigitsConfig
+from benchmarks.train import Task, format_tables, run_study, scaled_config, scaled_lr, summarize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

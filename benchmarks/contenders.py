@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from adan.bench.peers import PEERS
 from adan.optimizer import Adan
+from benchmarks.peers import PEERS
 
 __all__ = ["BASELINES", "CONTROL", "OURS", "PEER_NAMES", "available_peers", "build", "settings"]
 

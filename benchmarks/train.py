@@ -1,4 +1,5 @@
-"""Convergence study: Adan against tuned baselines on small real tasks, ``adan bench train``.
+"""Convergence study: Adan against tuned baselines on small real tasks:
+``python -m benchmarks train``.
 
 For every task and optimizer a log-spaced learning-rate grid is run at seed 0; the best
 setting by final validation loss is then re-run on more seeds. Peers' Adans run at our best
@@ -30,11 +31,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from adan.bench import contenders
-from adan.bench.charlm import CharData, CharLMConfig, find_data, train_charlm
-from adan.bench.charlstm import CharLSTMConfig, train_charlstm
-from adan.bench.digits import Digits, DigitsConfig, train_digits
-from adan.bench.loop import available_cores
+from adan.demo.charlm import CharData, CharLMConfig, find_data, train_charlm
+from adan.demo.loop import available_cores
+from benchmarks import contenders
+from benchmarks.charlstm import CharLSTMConfig, train_charlstm
+from benchmarks.digits import Digits, DigitsConfig, train_digits
 
 __all__ = [
     "TASKS",
@@ -714,9 +715,9 @@ def plot(results: dict[str, Any], out: str | Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``adan bench train``: run or resume the study, print the tables."""
+    """``python -m benchmarks train``: run or resume the study, print the tables."""
     parser = argparse.ArgumentParser(
-        prog="adan bench train",
+        prog="python -m benchmarks train",
         description="Tune Adan and the baselines per task (lr grid at seed 0, more seeds at "
         "the best lr), then write results.json, results.md and one PNG per task. "
         "Re-running the same command resumes an interrupted study.",

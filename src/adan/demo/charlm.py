@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adan.bench.loop import Schedule, cap_threads, fit
+from adan.demo.loop import Schedule, cap_threads, fit
 
 __all__ = [
     "DEFAULT_DATA",
@@ -291,7 +291,7 @@ def train_charlm(
     ``make_optimizer`` receives the param groups and returns the optimizer; the peak learning
     rate of each group is the ``lr`` it has after that call. ``progress(iter, train_loss,
     val_loss)`` is called at every evaluation, ``on_step(done)`` after every step. Returns
-    what :func:`adan.bench.loop.fit` does: loss curves, final losses, the parameter count and
+    what :func:`adan.demo.loop.fit` does: loss curves, final losses, the parameter count and
     the wall time of training and evaluation (model and optimizer construction, which may
     import things once, not counted), with the time inside ``optimizer.step()``.
     """

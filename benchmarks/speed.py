@@ -1,4 +1,4 @@
-"""Optimizer-step speed against the memory floor and the peers: ``python -m adan bench speed``.
+"""Optimizer-step speed against the memory floor and the peers: ``python -m benchmarks speed``.
 
 A step is memory-bound, so each row is compared with its floor: the bytes the step must move
 (twice the parameters, the gradients once, twice the persistent state: 44 per element for fp32
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from adan import Adan
-from adan.bench.peers import PEERS, find_peers_dir, load_peer, load_sail_sg_adan
+from benchmarks.peers import PEERS, find_peers_dir, load_peer, load_sail_sg_adan
 
 __all__ = ["ADAMW_BYTES", "ADAN_BYTES", "Row", "Workload", "bandwidth", "cache_bytes",
            "gpt2_shapes",
@@ -479,13 +479,13 @@ def table(results: list[dict[str, Any]]) -> list[str]:
 
 
 def _error(message: str) -> int:
-    print(f"adan bench speed: error: {message}", file=sys.stderr)
+    print(f"python -m benchmarks speed: error: {message}", file=sys.stderr)
     return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print one markdown table per workload."""
-    parser = argparse.ArgumentParser(prog="adan bench speed", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")

@@ -1,11 +1,11 @@
 """Benchmarks of Adan's low-memory state: bytes per parameter, step time, convergence.
 
-``python -m adan.bench.lowmem memory|speed [--device cuda]`` prints a table (on CUDA with each
+``python -m benchmarks lowmem memory|speed [--device cuda]`` prints a table (on CUDA with each
 step's transient peak per parameter, and CUDA-event timing); ``training`` trains a GPT-2-shaped
 model a few steps with AdamW, Adan, 8-bit Adan and 8-bit Adan with gradient release and
 reports each training step's peak memory (params, gradients, state and activations) per
 parameter, and the median time per iteration; ``convergence`` trains the
-character-level GPT of :mod:`adan.bench.charlm` for each state setting and seed, writes the
+character-level GPT of :mod:`adan.demo.charlm` for each state setting and seed, writes the
 curves to JSON and, with ``--plot``, draws the mean validation curves (needs matplotlib);
 ``report`` summarises and plots a saved JSON without training.
 """
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from adan import Adan
-from adan.bench.speed import step_peak
 from adan.progress import Progress
 from adan.state import state_bytes
+from benchmarks.speed import step_peak
 
 # The settings compared: float32 moments (as the parameter, here), bfloat16 and 8-bit.
 STATE_FORMATS = ("fp32", "bf16", "int8")
@@ -203,7 +203,7 @@ def training(layers: int, embd: int, vocab: int, block: int, batch: int, steps: 
     ``max_memory_allocated``), and over ``repeats`` more (unprofiled; the settings take turns,
     one iteration each) the medians of the seconds per iteration, of the optimizer's work in it
     and of the process's page faults in it (memory the allocator had returned to the system)."""
-    from adan.bench.charlm import CharGPT
+    from adan.demo.charlm import CharGPT
 
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
@@ -281,7 +281,7 @@ def convergence(
     eval_interval: int = 250,
 ) -> dict[str, Any]:
     """Train the char-level GPT per (setting, seed); save and return the curves."""
-    from adan.bench.charlm import CharData, CharLMConfig, find_data, train_charlm
+    from adan.demo.charlm import CharData, CharLMConfig, find_data, train_charlm
 
     data = CharData.from_file(find_data(data_path))
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
@@ -366,7 +366,7 @@ def plot(results: dict[str, Any], path: Path, lr: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="adan bench lowmem", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks lowmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     parser.add_argument("--device", default=None,
                         help="cpu or cuda for memory and speed (default: cpu)")
@@ -408,11 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = torch.device(args.device or "cpu")
     except RuntimeError as exc:
-        print(f"adan bench lowmem: error: bad --device {args.device!r}: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: bad --device {args.device!r}: {exc}", file=sys.stderr)
         return 2
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"adan bench lowmem: error: --device {args.device}, but CUDA is not available "
-              "here", file=sys.stderr)
+        print(f"{parser.prog}: error: --device {args.device}, but CUDA is not available here",
+              file=sys.stderr)
         return 2
 
     if args.command == "memory":

@@ -1,4 +1,7 @@
-"""The main job: train one small character-level GPT with Adan and with AdamW, side by side."""
+"""The main job: train one small character-level GPT with Adan and with AdamW, side by side.
+
+The model and its data are in :mod:`adan.demo.charlm`, the training loop in
+:mod:`adan.demo.loop`; the repository's benchmarks reuse both."""
 
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ from typing import Any, TextIO
 
 import torch
 
-from adan.bench.charlm import CharData, CharLMConfig, find_data, train_charlm
-from adan.bench.loop import available_cores
+from adan.demo.charlm import CharData, CharLMConfig, find_data, train_charlm
+from adan.demo.loop import available_cores
 from adan.optimizer import Adan
 from adan.progress import Progress
 
@@ -23,7 +26,7 @@ DEMO_ITERS = 2000
 # Seconds between progress lines when stderr is not a terminal (a log file or a pipe).
 PROGRESS_LOG_EVERY = 30.0
 
-# Learning rates tuned for this recipe by the convergence study (`python -m adan bench train`,
+# Learning rates tuned for this recipe by the convergence study (`python -m benchmarks train`,
 # docs/results.md: a 2x-spaced grid per optimizer, best by final validation loss). The other
 # settings are the study's: Adan's paper betas and weight decay 0.02, nanoGPT's AdamW betas
 # and weight decay 0.1.
@@ -132,7 +135,7 @@ def run_demo(
     say(_format_table(results))
     say("ms/step: one training step (forward, backward, clipping, optimizer), evaluations "
         "excluded; opt ms: optimizer.step() alone")
-    say("Adan, AdamW: learning rates tuned by `python -m adan bench train` (docs/results.md); "
+    say("Adan, AdamW: learning rates tuned by `python -m benchmarks train` (docs/results.md); "
         "AdamW-nanoGPT: nanoGPT's published settings")
     if cfg.max_iters != DEMO_ITERS:
         say(f"The learning rates were tuned for {DEMO_ITERS} iterations: at {cfg.max_iters} "

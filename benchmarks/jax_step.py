@@ -1,6 +1,6 @@
 """One jitted optimizer step in JAX over GPT-2-small-shaped params (148 arrays, 124.4M),
 ``adan.optax.adan`` beside ``optax.adamw`` and ``optax.adan`` in one run:
-``python -m adan.bench.jax_step [--scale S] [--layers L] [--repeats N]``.
+``python -m benchmarks.jax_step [--scale S] [--layers L] [--repeats N]``.
 
 Each contender steps its own copy of the same float32 params, with the same gradients and its
 weight decay on; params and state are donated to the step (updated in place, as a training
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adan.bench.speed import gpt2_shapes
 from adan.optax import adan
+from benchmarks.speed import gpt2_shapes
 
 LR, WEIGHT_DECAY = 1e-3, 0.02
 

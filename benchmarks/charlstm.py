@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adan.bench.charlm import CharData, train_char_model
+from adan.demo.charlm import CharData, train_char_model
 
 __all__ = ["CharLSTM", "CharLSTMConfig", "train_charlstm"]
 
@@ -58,7 +58,7 @@ def train_charlstm(
     data: CharData,
     progress: Callable[[int, float, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Train a fresh, seed-initialised CharLSTM; returns :func:`adan.bench.loop.fit`'s record."""
+    """Train a fresh, seed-initialised CharLSTM; returns :func:`adan.demo.loop.fit`'s record."""
     return train_char_model(
         lambda: CharLSTM(data.vocab_size, cfg.n_embd, cfg.hidden, cfg.n_layer),
         make_optimizer, cfg, data, progress)

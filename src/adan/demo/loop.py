@@ -1,5 +1,5 @@
-"""The training loop every benchmark task shares: warm-up plus cosine schedule, clipping,
-periodic evaluation, and an early stop when the loss is no longer finite."""
+"""The demo's training loop, shared by the benchmarks' tasks: warm-up plus cosine schedule,
+clipping, periodic evaluation, and an early stop when the loss is no longer finite."""
 
 from __future__ import annotations
 

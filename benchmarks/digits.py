@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adan.bench.charlm import param_groups
-from adan.bench.loop import cap_threads, fit
+from adan.demo.charlm import param_groups
+from adan.demo.loop import cap_threads, fit
 
 __all__ = ["Digits", "DigitsConfig", "DigitsResNet", "train_digits"]
 
@@ -126,7 +126,7 @@ def train_digits(
     data: Digits,
     progress: Callable[[int, float, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Train a fresh, seed-initialised DigitsResNet; returns :func:`adan.bench.loop.fit`'s
+    """Train a fresh, seed-initialised DigitsResNet; returns :func:`adan.demo.loop.fit`'s
     record plus ``final_val_acc``. Train loss is measured on the un-augmented training
     images so it is comparable with the validation loss."""
     cap_threads()

@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_text
 
 from adan import Adan
-from adan.bench import charlm
-from adan.bench.charlm import CharData, CharGPT, CharLMConfig, find_data, param_groups, train_charlm
+from adan.demo import charlm
+from adan.demo.charlm import CharData, CharGPT, CharLMConfig, find_data, param_groups, train_charlm
 
 TINY = CharLMConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=16, max_iters=60,
                     warmup_iters=5, eval_interval=20, eval_iters=4, seed=3)
