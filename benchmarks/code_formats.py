@@ -1,4 +1,4 @@
-"""Rounding error of 8-bit block codes: the power codes of ``adan.quant`` against minifloats.
+"""Rounding error of 8-bit block codes: the power codes (``adan.numeric.codes``) vs minifloats.
 
     python benchmarks/code_formats.py [--blocks 4096] [--seed 0]
 

@@ -1,4 +1,4 @@
-"""Step time of the CPU paths on both sides of ``FUSED_MIN_MEAN_NUMEL``, to choose the cut-off.
+"""Step time of the CPU paths on both sides of ``FUSED_MIN_NUMEL``, to choose the cut-off.
 
     PYTHONPATH=src python benchmarks/fused_cutoff.py [--threads 1] [--steps 20] [--pieces 1,16]
         [--log2 16:22] [--per-octave 2]
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from adan import Adan
-from adan.kernels import select
+from adan.kernels import routing
 
 PATHS: dict[str, dict[str, Any]] = {
     "default": {}, "fused": {"fused": True}, "foreach": {"foreach": True}}
@@ -50,7 +50,7 @@ def main() -> None:
     opts = parser.parse_args()
     first, last = (int(x) for x in opts.log2.split(":"))
     torch.set_num_threads(opts.threads)
-    print(f"threads {opts.threads}, FUSED_MIN_MEAN_NUMEL {select.FUSED_MIN_MEAN_NUMEL}, "
+    print(f"threads {opts.threads}, FUSED_MIN_NUMEL {routing.FUSED_MIN_NUMEL}, "
           f"cpu {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}")
     pieces_list = [int(k) for k in opts.pieces.split(",")]
     print(f"{'log2 n':>6} {'tensors':>7} " + " ".join(f"{k + ' ms':>11}" for k in PATHS)

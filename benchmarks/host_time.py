@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-import adan.optimizer
+import adan.stepping
 from adan import Adan
 from adan.kernels import cuda_triton
 from benchmarks.speed import gpt2_shapes
@@ -43,7 +43,7 @@ def main() -> None:
     opts = parser.parse_args()
 
     cuda_triton._adan_kernel = _NoLaunch()  # type: ignore[assignment]
-    adan.optimizer.route = lambda group, fmt, params, grads, states: [  # type: ignore[assignment]
+    adan.stepping.route = lambda group, fmt, params, grads, states: [  # type: ignore[assignment]
         (cuda_triton.triton_adan, list(range(len(params))))]
     params = [torch.nn.Parameter(torch.zeros(min(numel, 512))) for numel in
               (torch.Size(shape).numel() for shape in gpt2_shapes())]

@@ -174,17 +174,16 @@ class _OptClock:
         self.start = 0.0
         opt.register_step_pre_hook(self._begin)
         opt.register_step_post_hook(self._end)
-        release = getattr(opt, "_release", None)
-        if release is not None:
-            inner = release.step_params
+        stepper = getattr(opt, "_stepper", None)  # Adan's seam: release steps through it
+        if stepper is not None:
+            inner = stepper.step_part
 
-            def timed(*args: Any) -> Any:
+            def timed(*args: Any) -> None:
                 start = time.perf_counter()
-                plan = inner(*args)
+                inner(*args)
                 self.seconds += time.perf_counter() - start
-                return plan
 
-            release.step_params = timed
+            stepper.step_part = timed
 
     def _begin(self, *_: Any) -> None:
         self.start = time.perf_counter()
