@@ -1,13 +1,8 @@
 """Adan for JAX as optax transformations whose updates are exactly those of :class:`adan.Adan`.
 
-``optax.adan`` computes another update: it weights the Nesterov terms by ``1 - b2`` where the
-paper and sail-sg/Adan use ``b2``, adds ``eps_root=1e-8`` inside the square root, and has only
-the AdamW form of weight decay (see docs/jax.md). Needs ``pip install 'adan[jax]'``.
-
-``adan(...)`` is ``scale_by_adan`` (the direction ``u``), then ``add_weight_decay`` and
-``optax.scale_by_learning_rate``, wrapped in ``clipped`` when ``max_grad_norm`` is set. Each
-transformation computes in float32 (float64 for float64 inputs) and returns updates in the
-gradients' dtype.
+``optax.adan`` computes another update (docs/jax.md). ``adan(...)`` is ``scale_by_adan``, then
+``add_weight_decay`` and ``optax.scale_by_learning_rate``, wrapped in ``clipped`` when
+``max_grad_norm`` is set. Needs ``pip install 'adan[jax]'``.
 """
 
 from __future__ import annotations
@@ -38,10 +33,8 @@ class ScaleByAdanState(NamedTuple):
 
 
 def _check(name: str, value: Any, allowed: str, ok: Callable[[float], bool]) -> None:
-    """Raise naming ``name`` unless ``value`` is a finite real number satisfying ``ok``.
-
-    Traced values are not checked: ``optax.inject_hyperparams`` passes them under ``jit``
-    (after passing concrete ones at ``init``, which are)."""
+    """Raise naming ``name`` unless ``value`` is a finite real number satisfying ``ok`` (traced
+    values, which ``optax.inject_hyperparams`` passes under ``jit``, are checked at init)."""
     if isinstance(value, jax.core.Tracer):
         return
     try:

@@ -142,10 +142,9 @@ class Adan(Optimizer):
 
     @property
     def _step_supports_amp_scaling(self) -> bool:  # read by GradScaler
-        """As torch's optimizers, only ``fused=True`` claims to unscale inside the step
-        (GradScaler then hands over grad_scale/found_inf; otherwise it unscales ``.grad``
-        itself, which keeps clipping after ``scaler.unscale_`` available); releasing
-        optimizers claim it too, so that ``step()`` can refuse the scaler."""
+        """Only ``fused=True`` claims to unscale inside the step, as in torch (else GradScaler
+        unscales ``.grad`` itself, which keeps clipping after ``scaler.unscale_`` working);
+        releasing optimizers claim it too, so that ``step()`` can refuse the scaler."""
         return bool(self.defaults["fused"]) or self._release.active
 
     def pause_gradient_release(self) -> contextlib.AbstractContextManager[None]:

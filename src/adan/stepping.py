@@ -188,11 +188,9 @@ class Stepper:
 
     def _key(self, group: dict[str, Any], version: list[int], params: list[Tensor] | None = None
              ) -> tuple[list[Any] | None, list[Tensor]]:
-        """What a plan depends on besides the state map, read cheaply (C-level maps): the
-        settings that pick kernels and formats, which parameters have gradients, and their
-        gradients' dtypes, shapes and contiguity (a parameter's cannot change without its
-        gradient's). With the gradients read, in the plan's order; None where no plan is kept
-        (a step traced by Dynamo)."""
+        """What a plan depends on besides the state map (settings that pick kernels, which
+        parameters have gradients, their dtypes, shapes and layouts), read with C-level maps;
+        with the gradients, in the plan's order. None where no plan is kept (Dynamo)."""
         params = group["params"] if params is None else params
         if torch.compiler.is_compiling():
             return None, [p.grad for p in params if p.grad is not None]
@@ -212,10 +210,9 @@ class Stepper:
 
     @staticmethod
     def _version(state: States) -> list[int]:
-        """The state map's change count; where someone put a plain dict into it, the
-        identities of every parameter with state, its state dict and every tensor in it (a
-        replaced state, buffer or step count renews the plans: no kernel goes on writing an
-        orphaned one)."""
+        """The state map's change count, or, where someone put a plain dict into it, the
+        identities of every state and tensor in it: a replaced one renews the plans, so that
+        no kernel goes on writing an orphaned buffer."""
         if type(state) is StateMap and not state.untracked:
             return [state.changes[0]]
         states = list(state.values())

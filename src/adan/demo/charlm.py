@@ -83,10 +83,6 @@ class CharData:
         """Read a UTF-8 text file."""
         return cls(Path(path).read_text(encoding="utf-8"))
 
-    def decode(self, ids: Tensor | list[int]) -> str:
-        """Turn token ids back into text."""
-        return "".join(self.chars[int(i)] for i in ids)
-
     def get_batch(
         self, split: str, batch_size: int, block_size: int, generator: torch.Generator
     ) -> tuple[Tensor, Tensor]:

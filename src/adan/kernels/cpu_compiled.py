@@ -1,12 +1,8 @@
 """CPU Adan compiled by ``torch.compile`` (Inductor's C++/OpenMP backend): one pass per element.
 
-:func:`adan.kernels.compact.tensor_step` is compiled with dynamic sizes and every
-hyperparameter in a small tensor, so lr schedules, step counts and new sizes never recompile.
-Each signature (storage format, dtypes, stochastic parameter rounding, threading) gets a
-compiled callable of its own, built on a code object of its own: Dynamo keeps its graph
-cache, and its limit of 8 graphs, per code object, so a process that meets many dtypes and
-options never runs into that limit. Plain-state tensors of fewer than :data:`PACK_MAX`
-elements are packed into one call per step, so that hundreds of biases cost one call.
+:func:`adan.kernels.compact.tensor_step` compiled with dynamic sizes and the hyperparameters in
+a tensor (nothing recompiles for a new lr, step or size), one code object per signature (each
+has its own Dynamo cache and graph limit); small plain-state tensors are packed into one call.
 """
 
 from __future__ import annotations
@@ -53,8 +49,7 @@ _SCALARS_MAX = 64
 
 # Inductor settings for the 8-bit format: keep intermediate values in memory once they are
 # read by a block reduction or more than once, instead of recomputing the whole update inside
-# each of the encoding's chained reductions (its default made the 8-bit step 6-8x slower).
-# The general (not CPU-specific) names, known to older torch too: this code runs on CPU only.
+# each of the encoding's chained reductions (docs/lowmem.md, "Speed").
 _INT8_OPTIONS = {"realize_reads_threshold": 1, "realize_acc_reads_threshold": 1,
                  "realize_opcount_threshold": 4}
 

@@ -1,24 +1,8 @@
-"""Compact number codes for optimizer state: blockwise 8-bit codes and bfloat16 rounding.
+"""Compact number codes for optimizer state: blockwise 8-bit power codes and bf16 rounding.
 
-8-bit codes are *power codes* over blocks of ``BLOCK`` consecutive elements. Each block keeps
-three float32 numbers (its *meta* row; optimizer state keeps the rows flat): a scale, and the
-value and position of its largest-magnitude element, the *top*, which is stored exactly and
-not coded. Every other element keeps an integer ``k`` with ``value = scale * c(k)``, ``scale``
-being the largest magnitude among them:
-
-* signed (for m, v and the previous gradient): ``c(k) = (k / 127) ** 3``, ``k`` in
-  ``[-127, 127]`` (int8). Steps are fine near the block maximum (2.4 % of it at the top) and
-  the code still resolves ``6e-8`` of the maximum, so small entries are not flushed to zero.
-* unsigned (for n, which is never negative): ``c(k) = (k / 255) ** 4``, ``k`` in ``[0, 255]``
-  (uint8); that is ``sqrt(n)`` on a square-law grid, the quantity the update divides by.
-
-Keeping the top exact means one outlier (a spike, an inf or a NaN in the gradient) is carried
-as a float32 state would carry it and does not set the scale of its 255 neighbours, whose codes
-would otherwise all round to zero. Non-finite values other than the top are coded as zero.
-
-Rounding picks the lower or upper neighbour on the value grid: the nearer one, or, with
-``noise`` (uniform in ``[0, 1)``), the upper one with probability proportional to the distance
-from the lower, so the expected decoded value equals the input (stochastic rounding).
+Blocks of :data:`BLOCK` elements keep a meta row (scale, top value, top position); every other
+element a code ``k`` with ``value = scale * c(k)``: ``(k/127)**3`` signed, ``(k/255)**4``
+unsigned. Rounding is to nearest or, given noise, stochastic (docs/lowmem.md, "8-bit codes").
 """
 
 from __future__ import annotations
@@ -61,9 +45,8 @@ def num_blocks(numel: int) -> int:
 
 def _blocks(flat: Tensor) -> Tensor:
     """``flat`` zero-padded to ``num_blocks`` full blocks plus one, as a ``(blocks + 1, BLOCK)``
-    view. The extra row (dropped by the callers) keeps the row count above 1 for every size,
-    so that a compiled kernel does not need one graph for tensors of under 256 elements and
-    another for larger ones."""
+    view: the extra row (dropped by the callers) keeps the row count above 1 for every size,
+    so that a compiled kernel needs one graph for small and large tensors."""
     rows = num_blocks(flat.numel()) + 1
     return F.pad(flat, (0, rows * BLOCK - flat.numel())).view(rows, BLOCK)
 
@@ -75,21 +58,9 @@ def _power(u: Tensor, power: int) -> Tensor:
 def quantize_blockwise(
     x: Tensor, *, signed: bool, noise: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Encode ``x`` as ``(codes, meta)``: one code per element (flat) and one meta row per block.
-
-    ``noise`` of ``x``'s size, uniform in ``[0, 1)``, selects stochastic rounding; without it
-    values round to the nearest code. ``meta`` is float32 ``(num_blocks, META)``.
-    """
-    codes, meta = quantize_blockwise_flat(x, signed=signed, noise=noise)
-    return codes, meta.view(-1, META)
-
-
-def quantize_blockwise_flat(
-    x: Tensor, *, signed: bool, noise: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """:func:`quantize_blockwise` with the meta rows flattened. Written with row reductions and
-    elementwise ops only (no argmax or gather) and with no shape that is 1 for small tensors,
-    so that ``torch.compile`` fuses it and needs one graph for every size."""
+    """Encode ``x`` as ``(codes, meta)``: a code per element (flat) and the blocks' meta rows,
+    flat float32; ``noise`` (uniform in ``[0, 1)``) rounds stochastically, else to nearest.
+    Row reductions and elementwise ops only, so ``torch.compile`` fuses it for every size."""
     levels, power = code_levels(signed)
     numel = x.numel()
     blocks = _blocks(x.reshape(-1))

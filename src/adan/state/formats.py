@@ -16,7 +16,7 @@ from adan.numeric.codes import (
     META,
     dequantize_blockwise,
     num_blocks,
-    quantize_blockwise_flat,
+    quantize_blockwise,
     round_to_bf16,
 )
 from adan.numeric.scalars import real_view
@@ -153,7 +153,7 @@ class _Int8(StateFormat):
         return state
 
     def encode(self, value: Tensor, param: Tensor, signed: bool) -> dict[str, Tensor]:
-        codes, meta = quantize_blockwise_flat(value.float(), signed=signed)
+        codes, meta = quantize_blockwise(value.float(), signed=signed)
         return {"": codes.view(value.shape), "_meta": meta}
 
     def load(self, buffer: Tensor, meta: Tensor | None, shape: torch.Size, signed: bool,
@@ -165,7 +165,7 @@ class _Int8(StateFormat):
               noise: Tensor | None, go: Tensor | None) -> None:
         assert meta is not None
         uniform = None if noise is None else (noise.to(x.dtype) + 0.5) * (1 / 65536)
-        codes, new_meta = quantize_blockwise_flat(x, signed=signed, noise=uniform)
+        codes, new_meta = quantize_blockwise(x, signed=signed, noise=uniform)
         codes = codes.view(buffer.shape)
         if go is not None:
             codes, new_meta = torch.where(go, codes, buffer), torch.where(go, new_meta, meta)
