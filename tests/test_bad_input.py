@@ -210,6 +210,58 @@ def test_bad_state_dict_raises_one_clear_error_and_changes_nothing(fmt, kind, ma
 # --- 4. groups are validated; a format changed between steps is converted --------------------
 
 
+@pytest.mark.parametrize("saved, release, match", [
+    ([1.0, 1.0], True, "max_grad_norm.*gradient_release"),
+    ([1.0, 0.0], False, r"max_grad_norm in param group 1: 0\.0 \(allowed: 1\.0"),
+])
+def test_loaded_groups_are_checked_as_the_constructor_checks_them(saved, release, match):
+    """A dict saved with clipping loaded into a releasing optimizer, or groups that disagree
+    on max_grad_norm, are refused before anything changes (the constructor and
+    add_param_group refuse both), and the optimizer keeps working."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    groups = [{"params": model[0].parameters()}, {"params": model[1].parameters()}]
+    opt = Adan(groups, lr=0.01, gradient_release=release)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    for group, clip in zip(sd["param_groups"], saved, strict=True):
+        group["max_grad_norm"] = clip
+        group["lr"] = 0.5
+    snap = snapshot(opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, snap, list(model.parameters()), before)
+    opt.zero_grad()
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()  # still usable
+
+
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_clipping_under_a_huge_grad_scale_does_not_overflow(fmt):
+    """fused=True takes GradScaler's scale and unscales inside the step: the clipping norm of
+    the scaled gradients must not overflow where the unscaled ones' is finite (a scale of
+    2**64, which a long run's growth reaches, made every step a skipped one)."""
+    finals = []
+    for scale in (None, 2.0**64):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = Adan(model.parameters(), lr=0.01, max_grad_norm=0.5, fused=True, state_dtype=fmt)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale or 1.0, enabled=scale is not None,
+                                      growth_interval=10**6)
+        for k in range(3):
+            opt.zero_grad()
+            loss = model(torch.full((2, 8), float(k + 1))).square().sum()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        assert opt.skipped_steps == 0
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for plain, scaled in zip(*finals, strict=True):
+        torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("state_dtype", "fp16", "state_dtype"), ("betas", (0.9, float("nan"), 0.9), r"betas\[1\]"),
     ("betas", (0.9, 0.99), "betas"), ("lr", -1.0, "lr"), ("lr", float("inf"), "lr"),

@@ -373,6 +373,29 @@ def test_differentiable_step_gradcheck():
     assert torch.autograd.gradcheck(updated, args)
 
 
+@pytest.mark.parametrize("no_prox", [False, True])
+def test_differentiable_hypergradient_through_a_tensor_lr(no_prox):
+    """d(params)/d(lr) for a tensor lr that requires grad (learned lr, meta-learning), over
+    three steps, as torch's AdamW gives it (gradcheck against finite differences)."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(4, dtype=torch.float64, generator=gen)
+    grads = [torch.randn(4, dtype=torch.float64, generator=gen) for _ in range(3)]
+
+    def updated(lr):
+        p = start.clone()
+        opt = Adan([p], lr=lr, weight_decay=0.1, no_prox=no_prox, differentiable=True,
+                   foreach=False)
+        for g in grads:
+            p.grad = g
+            opt.step()
+        return p
+
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    updated(lr).sum().backward()
+    assert lr.grad is not None and lr.grad != 0
+    assert torch.autograd.gradcheck(updated, (lr,))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 def test_torch_compile_training_step(device):

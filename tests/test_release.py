@@ -208,6 +208,76 @@ def test_pause_accumulates_as_a_normal_accumulation_step():
     assert_same(plain, released)
 
 
+def test_accumulation_leaves_no_stepped_gradient_behind():
+    """A parameter with no gradient in the last micro-batch (a conditional branch, an MoE
+    expert) is stepped by opt.step() with what the paused backward accumulated; the README's
+    loop (no zero_grad) must not add that gradient to the next iteration's."""
+    models = [mlp(), mlp()]
+    opts = [make(models[0], False), make(models[1], True)]
+    head = [list(m.parameters())[-2:] for m in models]  # the last layer's weight and bias
+
+    def micro_loss(model: nn.Module, step: int, last: bool) -> torch.Tensor:
+        if not last:
+            return loss_of(model, step)
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+        return model[:2](x).square().mean()  # misses the last layer
+
+    for k in range(3):
+        opts[0].zero_grad()
+        for micro in range(2):
+            micro_loss(models[0], 2 * k + micro, micro == 1).backward()
+        opts[0].step()
+        with opts[1].pause_gradient_release():
+            micro_loss(models[1], 2 * k, False).backward()
+        micro_loss(models[1], 2 * k + 1, True).backward()
+        assert all(p.grad is not None for p in head[1])  # the branch the last pass missed
+        opts[1].step()
+        assert all(p.grad is None for p in models[1].parameters())
+    assert_same(*models)
+
+
+@pytest.mark.parametrize("drop", ["del", "kept"])
+def test_a_new_release_optimizer_takes_over_from_the_old_one(drop):
+    """A new phase creates a new optimizer for the same model: the old one, deleted or still
+    referenced (by a scheduler, say), steps nothing more, and the new one steps every
+    parameter, as with AdamW."""
+    plain, released = mlp(), mlp()
+    train(plain, make(plain, False), range(2))
+    opt_a = make(plain, False, betas=(0.9, 0.9, 0.9))
+    train(plain, opt_a, range(2, 4))
+    old = make(released, True)
+    for k in range(2):
+        loss_of(released, k).backward()
+        old.step()
+    old_steps = [old.state[p]["step"].item() for p in released.parameters()]
+    kept = old if drop == "kept" else None
+    del old
+    new = make(released, True, betas=(0.9, 0.9, 0.9))
+    for k in range(2, 4):
+        loss_of(released, k).backward()  # no "second backward" error
+        new.step()
+    assert_same(plain, released)
+    assert all(new.state[p]["step"].item() == 2 for p in released.parameters())
+    if kept is not None:
+        assert [kept.state[p]["step"].item() for p in released.parameters()] == old_steps
+
+
+def test_hooks_do_not_keep_a_deleted_optimizer_alive():
+    import gc
+    import weakref
+
+    model = mlp()
+    opt = make(model, True)
+    loss_of(model, 0).backward()
+    opt.step()
+    ref = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None
+    loss_of(model, 1).backward()  # the hooks stand aside: gradients stay, as with AdamW
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_scheduler_lr_is_used_from_the_next_backward():
     plain, released = mlp(), mlp()
     runs = []

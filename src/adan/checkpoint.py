@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adan.checks import check_group
+from adan.checks import check_group, check_release, check_same_max_grad_norm
 from adan.numeric.codes import META, num_blocks
 from adan.numeric.scalars import real_view
 from adan.state.dtensor import is_dtensor
@@ -45,7 +45,7 @@ def prepare_load(state_dict: dict[str, Any], current: list[dict[str, Any]],
     if len(saved_groups) != len(current):
         raise ValueError(f"Cannot load the optimizer state: it has {len(saved_groups)} "
                          f"param groups, this optimizer {len(current)}")
-    groups = []
+    groups: list[dict[str, Any]] = []
     for index, (group, saved) in enumerate(zip(current, saved_groups, strict=True)):
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"Cannot load the optimizer state: its param group {index} has "
@@ -58,6 +58,9 @@ def prepare_load(state_dict: dict[str, Any], current: list[dict[str, Any]],
         new["state_dtype"] = group["state_dtype"]
         new["gradient_release"] = group.get("gradient_release", False)
         check_group(new, index)
+        check_release(new, new["params"], index)
+        if groups:
+            check_same_max_grad_norm(new["max_grad_norm"], groups[0]["max_grad_norm"], index)
         groups.append(new)
     state: defaultdict[Tensor, Any] = defaultdict(dict)
     saved_ids = [(pid, gi) for gi, g in enumerate(saved_groups) for pid in g["params"]]

@@ -111,7 +111,9 @@ def grad_factor(groups: list[dict[str, Any]], norm_group: ProcessGroup | None,
     grads = [real_view(p.grad) for g in groups for p in g["params"]
              if p.grad is not None] if max_norm > 0 else []
     if grads or (max_norm > 0 and norm_group is not None):
-        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        # Scaled gradients' squares overflow float32 once scale x norm passes ~1.8e19.
+        wide = factor is not None or any(g.dtype == torch.float64 for g in grads)
+        acc = torch.float64 if wide else torch.float32
         params = (p for group in groups for p in group["params"])
         device = grads[0].device if grads else next(params, torch.empty(0)).device
         norm = global_grad_norm(grads, acc, device, norm_group)

@@ -251,6 +251,7 @@ class Adan(Optimizer):
         self._release.before_step(getattr(self, "grad_scale", None) is not None
                                   or getattr(self, "found_inf", None) is not None)
         self._stepper.step(self.param_groups, self.state, self._grad_factor)
+        self._release.free_stepped()
         return loss
 
     def _grad_factor(self) -> Tensor | None:

@@ -30,6 +30,11 @@ __all__ = ["GradientRelease"]
 SMALL_NUMEL = 1 << 16
 
 
+# Which release steps each parameter (by id, with weak references to both): a parameter
+# registered by a second optimizer is handed over to it, so that no two optimizers step it.
+_OWNERS: dict[int, tuple[weakref.ref[Tensor], weakref.ref[GradientRelease]]] = {}
+
+
 class Owner(Protocol):
     """What release reads of its optimizer: torch's public attributes."""
 
@@ -98,12 +103,25 @@ class GradientRelease:
                 entry.group = index
 
     def _register(self, param: Tensor, index: int) -> _Entry:
+        owner = _OWNERS.get(id(param))
+        other = owner[1]() if owner is not None and owner[0]() is param else None
+        if other is not None and other is not self:
+            other._hand_over(param)
+        _OWNERS[id(param)] = (weakref.ref(param), weakref.ref(self))
         handle = param.register_post_accumulate_grad_hook(self.hook)
         return _Entry(param, index, handle, reduced=id(param) in self.ddp_params)
 
-    @staticmethod
-    def _remove(entry: _Entry) -> None:
+    def _hand_over(self, param: Tensor) -> None:
+        """Another optimizer now releases ``param``: stop stepping it."""
+        entry = self.entries.pop(id(param), None)
+        if entry is not None:
+            entry.handle.remove()
+
+    def _remove(self, entry: _Entry) -> None:
         entry.handle.remove()
+        owner = _OWNERS.get(id(entry.param))
+        if owner is not None and owner[1]() is self:
+            del _OWNERS[id(entry.param)]
 
     def register_ddp(self, model: torch.nn.Module) -> None:
         """Step ``model``'s (a ``DistributedDataParallel``) released parameters in its
@@ -175,6 +193,13 @@ class GradientRelease:
                 "stepped inside backward with the scaled gradients (use bf16 autocast, which "
                 "needs no scaler, or turn gradient release off)")
         self.new_iteration()
+
+    def free_stepped(self) -> None:
+        """After ``Adan.step()``: free the gradients it stepped of released parameters (left by
+        a paused backward), so that the next backward does not add to them."""
+        for entry in self.entries.values():
+            if entry.param.grad is not None:
+                entry.param.grad = None
 
     def new_iteration(self) -> None:
         """``step()`` or ``zero_grad()`` was called: the next backward may release again (and

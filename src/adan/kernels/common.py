@@ -114,7 +114,8 @@ def use_tensor_scalars(capturable: bool, steps: list[Tensor]) -> bool:
 
 
 def scalars_and_lr(lr: Scalar, tensor_scalars: bool) -> Scalar:
-    """``lr`` read to a Python float where tensors are not needed (a CPU read, no sync)."""
-    if isinstance(lr, Tensor) and not tensor_scalars:
+    """``lr`` read to a Python float where tensors are not needed (a CPU read, no sync); kept a
+    tensor where autograd flows into it (a hypergradient under ``differentiable=True``)."""
+    if isinstance(lr, Tensor) and not tensor_scalars and not lr.requires_grad:
         return lr.item()
     return lr
