@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter that imports this checkout's ``adan``."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env},
-                          timeout=120, check=False)
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env}, check=False)
 
 
 def test_import_adan_does_not_import_jax():

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import site
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -35,13 +37,48 @@ SCRIPT = Path(__file__).with_name("triton_build.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
-def _build(python: str) -> dict:
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as Triton 3.9 defaults, quietly
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
-    out = subprocess.run([python, str(SCRIPT)], env=env, capture_output=True, text=True,
-                         timeout=600, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return env
+
+
+def _run(*args: str) -> str:
+    """Run a command, failing with its stderr (not just its exit status); return its stdout."""
+    out = subprocess.run(args, env=_env(), capture_output=True, text=True, check=False)
+    assert out.returncode == 0, f"{args} exited {out.returncode}:\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def _build(python: str) -> dict:
+    return json.loads(_run(python, str(SCRIPT)).strip().splitlines()[-1])
+
+
+def _site_dirs() -> list[str]:
+    """The directories this interpreter imports installed packages from (a virtual
+    environment's, or the system's and the user's outside one)."""
+    paths = sysconfig.get_paths()
+    user = [site.getusersitepackages()] if site.ENABLE_USER_SITE else []
+    dirs = [*user, *site.getsitepackages(), paths["purelib"], paths["platlib"]]
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def _venv_with_triton(root: Path, version: str) -> str:
+    """A virtual environment with its own Triton ``version`` that also sees this interpreter's
+    packages (torch...); its python. (``--system-site-packages`` would not do: from inside a
+    virtual environment it sees the base interpreter's packages, not the environment's.)"""
+    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
+    python = str(root / "bin" / "python")
+    pip = subprocess.run([python, "-m", "pip", "install", "-q", f"triton=={version}"],
+                         capture_output=True, text=True)
+    if pip.returncode != 0:
+        pytest.skip(f"pip cannot install triton=={version}: {pip.stderr.strip()[-300:]}")
+    # Written after the install, so that pip saw only the environment's own packages. A .pth
+    # file's directories go after the site-packages that holds it: its own Triton comes first.
+    own = _run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    Path(own.strip(), "outer-site-packages.pth").write_text("\n".join(_site_dirs()) + "\n")
+    return python
 
 
 @pytest.fixture(scope="module", params=["installed", GPU_TRITON])
@@ -54,14 +91,9 @@ def built(request, tmp_path_factory):
         return _build(sys.executable)
     if triton.__version__ == request.param:
         pytest.skip(f"Triton {request.param} is the installed one")
-    venv = tmp_path_factory.mktemp("triton") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                   check=True, timeout=120)
-    python = str(venv / "bin" / "python")
-    pip = subprocess.run([python, "-m", "pip", "install", "-q", f"triton=={request.param}"],
-                         capture_output=True, text=True, timeout=300)
-    if pip.returncode != 0:
-        pytest.skip(f"pip cannot install triton=={request.param}: {pip.stderr.strip()[-300:]}")
+    python = _venv_with_triton(tmp_path_factory.mktemp("triton") / "venv", request.param)
+    imported = _run(python, "-c", "import torch, triton; print(triton.__version__)")
+    assert imported.strip() == request.param
     return _build(python)
 
 
