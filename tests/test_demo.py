@@ -154,3 +154,14 @@ def test_plain_install_imports_without_warnings() -> None:
                           capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert done.returncode == 0 and done.stderr == ""
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    """CI calls the test command README.md shows a newcomer, verbatim, in a fresh venv."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split("Run the tests:", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    command = block.strip()
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert command in ci
+    assert any(line.startswith("python -m venv") for line in ci)

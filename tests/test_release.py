@@ -278,6 +278,49 @@ def test_hooks_do_not_keep_a_deleted_optimizer_alive():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_a_backward_that_is_not_the_optimizers_can_be_discarded():
+    """A GAN's generator loss reaches the discriminator: inside
+    ``pause_gradient_release(discard=True)`` its backward steps nothing of the discriminator
+    and leaves it no gradient, as AdamW's loop discards it with the next zero_grad."""
+    def gan() -> tuple[nn.Module, nn.Module]:
+        torch.manual_seed(0)
+        return nn.Linear(3, 6), nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    runs = []
+    for release in (False, True):
+        gen, disc = gan()
+        opt_g = Adan(gen.parameters(), lr=0.01)
+        opt_d = Adan(disc.parameters(), lr=0.02, gradient_release=release)
+        for k in range(3):
+            z = torch.randn(5, 3, generator=torch.Generator().manual_seed(k))
+            real = torch.randn(5, 6, generator=torch.Generator().manual_seed(50 + k))
+            opt_d.zero_grad()
+            (disc(real).mean() - disc(gen(z).detach()).mean()).backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            with opt_d.pause_gradient_release(discard=True):
+                disc(gen(z)).mean().backward()
+            opt_g.step()
+            if release:
+                assert all(p.grad is None for p in disc.parameters())
+        assert all(opt_d.state[p]["step"].item() == 3 for p in disc.parameters())
+        runs.append((gen, disc))
+    for plain, released in zip(*runs, strict=True):
+        assert_same(plain, released)
+
+
+def test_a_sparse_gradient_is_refused_naming_the_parameter():
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(7, 4, sparse=True), nn.Linear(4, 2)
+    opt = Adan([{"params": head.parameters()}, {"params": embed.parameters()}],
+               lr=0.01, gradient_release=True)
+    with pytest.raises(RuntimeError, match=r"parameter 0 of param group 1 \(shape \(7, 4\)\)"
+                       r".*sparse"):
+        head(embed(torch.tensor([1, 2]))).sum().backward()
+    assert embed.weight.grad is not None and embed.weight.grad.is_sparse
+    assert not opt.state.get(embed.weight)
+
+
 def test_scheduler_lr_is_used_from_the_next_backward():
     plain, released = mlp(), mlp()
     runs = []

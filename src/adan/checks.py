@@ -85,7 +85,7 @@ def check_group(group: dict[str, Any], index: int | None = None, *,
     if group["differentiable"] and (group["foreach"] or group["fused"]):
         raise RuntimeError("differentiable=True is supported only by the single-tensor path "
                            "(foreach=False, fused=False)")
-    if group["differentiable"] and (group["state_dtype"] not in (None, "fp32")
+    if group["differentiable"] and (group["state_dtype"] not in (None, "param", "fp32")
                                     or group["stochastic_param_rounding"]):
         raise ValueError("differentiable=True is supported only with state in the "
                          "parameter's dtype (state_dtype=None) and "

@@ -147,11 +147,14 @@ class Adan(Optimizer):
         releasing optimizers claim it too, so that ``step()`` can refuse the scaler."""
         return bool(self.defaults["fused"]) or self._release.active
 
-    def pause_gradient_release(self) -> contextlib.AbstractContextManager[None]:
-        """A context in which backward passes leave released parameters' gradients to
-        accumulate in ``.grad``, for gradient accumulation: run every backward but the last
-        of a step inside it; the last one then steps with the accumulated gradients."""
-        return self._release.pause()
+    def pause_gradient_release(self, discard: bool = False
+                               ) -> contextlib.AbstractContextManager[None]:
+        """A context in which backward passes do not step released parameters: they leave
+        the gradients to accumulate in ``.grad`` (gradient accumulation: run every backward but
+        the last inside it), or with ``discard=True`` drop them, for a backward that reaches
+        these parameters but is not meant to step them (a GAN's generator loss reaching the
+        discriminator), as AdamW's next ``zero_grad`` would."""
+        return self._release.pause(discard)
 
     def remove_gradient_release(self) -> None:
         """Remove the gradient-release hooks and turn the setting off in every group: from now

@@ -61,6 +61,7 @@ class GradientRelease:
         self.stepper = stepper
         self.entries: dict[int, _Entry] = {}
         self.paused = 0
+        self.discarding = 0  # paused with discard=True
         self.fired = False  # a parameter was released since the last step() or zero_grad()
         self.in_backward = False
         self.layout: list[tuple[bool, int]] = []
@@ -210,13 +211,17 @@ class GradientRelease:
         self.check_layout()
 
     @contextlib.contextmanager
-    def pause(self) -> Iterator[None]:
-        """While active, the hooks leave gradients to accumulate in ``.grad``."""
+    def pause(self, discard: bool = False) -> Iterator[None]:
+        """While active, the hooks leave gradients to accumulate in ``.grad``, or with
+        ``discard`` free them (a backward that is not this optimizer's, e.g. a GAN's generator
+        loss reaching the discriminator)."""
         self.paused += 1
+        self.discarding += discard
         try:
             yield
         finally:
             self.paused -= 1
+            self.discarding -= discard
 
     def _begin_backward(self) -> None:
         """At the first release of a backward pass: refuse a second backward without a step."""
@@ -241,6 +246,9 @@ class GradientRelease:
             self.remove_hooks()
             return
         entry = self.entries.get(id(param))
+        if entry is not None and self.discarding:
+            param.grad = None
+            return
         if self.paused or entry is None or entry.reduced:
             return
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -267,6 +275,13 @@ class GradientRelease:
         group = self.opt.param_groups[entry.group]
         if not group.get("gradient_release", False):  # turned off since the last sync
             return
+        if param.grad.is_sparse:
+            index = next(i for i, p in enumerate(group["params"]) if p is param)
+            raise RuntimeError(
+                f"gradient release: parameter {index} of param group {entry.group} (shape "
+                f"{tuple(param.shape)}) has a sparse gradient, which Adan cannot step (e.g. "
+                "nn.Embedding(sparse=True)); give it a group with gradient_release=False and "
+                "a dense gradient. Its gradient is left in .grad")
         self._begin_backward()
         self.fired = True
         if param.numel() < SMALL_NUMEL:

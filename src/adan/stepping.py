@@ -171,7 +171,8 @@ class Stepper:
             if group["differentiable"] and fmt is not PLAIN:
                 raise ValueError(f"differentiable=True needs state in the parameter's dtype, "
                                  f"but a {p.dtype} parameter in param group {index} keeps "
-                                 f"{fmt} state")
+                                 f"{fmt} state (state_dtype='param' keeps bfloat16 state "
+                                 "rounded to nearest)")
             entry = state.get(p)
             if entry:
                 problem = shape_mismatch(entry, p)

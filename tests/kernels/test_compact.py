@@ -221,3 +221,25 @@ def test_float16_parameters_keep_float32_state_by_default(path):
     assert torch.isfinite(p).all()
     # float16 rounds each step's parameter write: a few ulps (2**-9 at 2-4) after 5 steps
     np.testing.assert_allclose(p.double().numpy(), ref.groups[0].params[0], rtol=4e-3, atol=1e-3)
+
+
+def test_bf16_parameters_default_state_keeps_slow_averages_moving():
+    """bf16 parameters with state_dtype=None: n with b3 = 0.999 must reach 1 - 0.999**k (bf16
+    rounded to nearest froze it at 0.50 / 0.25 of that after 3000 steps, differently on the
+    eager and fused paths); stochastic rounding keeps it unbiased, every path the same bits.
+    state_dtype='param' keeps the old rounding."""
+    steps, finals = 3000, {}
+    for name, path in (("eager", dict(foreach=False)), ("fused", dict(fused=True)),
+                       ("param", dict(foreach=False, state_dtype="param"))):
+        p = torch.zeros(512, dtype=torch.bfloat16)
+        torch.manual_seed(0)  # the rounding seed
+        opt = adan.Adan([p], lr=0.0, betas=(0.98, 0.92, 0.999), **path)
+        p.grad = torch.ones_like(p)
+        for _ in range(steps):
+            opt.step()
+        finals[name] = opt.state[p]["exp_avg_sq"].float()
+    exact = 1 - 0.999**steps
+    for name in ("eager", "fused"):
+        assert abs(finals[name].mean().item() / exact - 1) < 0.01, name
+    assert torch.equal(finals["eager"], finals["fused"])
+    assert finals["param"].mean().item() < 0.6 * exact  # the old default, still reachable

@@ -178,20 +178,21 @@ FORMATS = {fmt.name: fmt for fmt in (PLAIN, FP32, BF16, INT8)}
 """Every format by its name."""
 
 _ALIASES: dict[Any, str | None] = {
-    None: None,
+    None: None, "param": "param",
     "fp32": "fp32", "float32": "fp32", torch.float32: "fp32",
     "bf16": "bf16", "bfloat16": "bf16", torch.bfloat16: "bf16",
     "int8": "int8", torch.int8: "int8",
 }
 _STATE_DTYPE_HELP = (
-    "allowed: None (as the parameter; float32 for float16 parameters), 'fp32', 'bf16', 'int8' "
-    "(or torch.float32, torch.bfloat16, torch.int8)"
+    "allowed: None (the parameter's dtype; bf16 rounded stochastically for bf16 parameters, "
+    "float32 for float16 ones), 'param' (the parameter's dtype rounded to nearest), 'fp32', "
+    "'bf16', 'int8' (or torch.float32, torch.bfloat16, torch.int8)"
 )
 
 
 def normalize_state_dtype(value: Any, where: str = "") -> str | None:
-    """Map a user's ``state_dtype`` to None, ``"fp32"``, ``"bf16"`` or ``"int8"``, or raise
-    (``where``, e.g. " in param group 1", is added to the message)."""
+    """Map a user's ``state_dtype`` to None, ``"param"``, ``"fp32"``, ``"bf16"`` or ``"int8"``,
+    or raise (``where``, e.g. " in param group 1", is added to the message)."""
     try:
         return _ALIASES[value]
     except (KeyError, TypeError):
@@ -204,12 +205,15 @@ def normalize_state_dtype(value: Any, where: str = "") -> str | None:
 
 
 def storage_format(param: Tensor, state_dtype: str | None) -> StateFormat:
-    """The format of ``param``'s state for a group's (normalised) ``state_dtype``: None keeps
-    the parameter's dtype, except float16, whose state is float32 (float16 cannot hold ``n``:
-    squares of small gradients underflow, and so does ``eps``)."""
+    """The format of ``param``'s state for a group's (normalised) ``state_dtype``. None keeps
+    the parameter's dtype, rounding bfloat16 stochastically (rounded to nearest, Adan's slow
+    averages stop moving) and float16 as float32 (it cannot hold ``n``: squares of small
+    gradients underflow, and so does ``eps``); ``"param"`` rounds bfloat16 to nearest."""
     dtype = real_view(param).dtype
-    if state_dtype is None:
-        return FP32 if dtype == torch.float16 else PLAIN
+    if state_dtype in (None, "param"):
+        if dtype == torch.float16:
+            return FP32
+        return BF16 if dtype == torch.bfloat16 and state_dtype is None else PLAIN
     if state_dtype == "fp32":
         return PLAIN if dtype == torch.float32 else FP32
     return BF16 if state_dtype == "bf16" else INT8
