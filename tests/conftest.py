@@ -138,8 +138,13 @@ def allow_grad_dtype(p: torch.Tensor) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _deterministic() -> None:
+def _deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded, and fused kernels built when first routed to (tests of the background build
+    turn it on), so that a test knows which kernel steps."""
+    from adan.kernels import routing
+
     torch.manual_seed(0)
+    monkeypatch.setattr(routing, "BACKGROUND", False)
 
 
 def tiny_text(length: int = 4000) -> str:

@@ -227,6 +227,15 @@ class Adan(Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def warm_up(self) -> None:
+        """Build the fused kernels the parameters will step with now, and wait for them.
+
+        Without it the first step starts their build in the background and the eager path
+        steps, with the same results, until they are ready; a process that needs steady
+        timing from its first step (a benchmark) or a CUDA graph capture calls this first.
+        """
+        self._stepper.warm_up(self.param_groups, self.state)
+
     @torch.no_grad()
     def restart(self) -> None:
         """Reset every moment and step count, as Algorithm 1 of the paper does on restart.

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from adan.checks import check_group, check_same_max_grad_norm
 from adan.kernels.common import Kernel, StepArgs
-from adan.kernels.routing import route
+from adan.kernels.routing import builds_finished, route
 from adan.state.dtensor import is_dtensor
 from adan.state.formats import PLAIN, StateFormat, storage_format
 from adan.state.lifecycle import (
@@ -199,8 +199,9 @@ class Stepper:
         if not all(map(is_not, grads, repeat(None))):
             params = [p for p, g in zip(params, grads, strict=True) if g is not None]
             grads = [g for g in grads if g is not None]
-        return [group["state_dtype"], group["foreach"], group["fused"], group["differentiable"],
-                group["stochastic_param_rounding"], group["capturable"], *map(id, params),
+        return [builds_finished(), group["state_dtype"], group["foreach"], group["fused"],
+                group["differentiable"], group["stochastic_param_rounding"],
+                group["capturable"], *map(id, params),
                 *map(_dtype, grads), *map(_shape, grads), *map(Tensor.is_contiguous, grads)
                 ], grads
 
@@ -229,12 +230,20 @@ class Stepper:
             if plan.version == before or plan.version is _NEW:
                 plan.version = after
 
+    def warm_up(self, groups: list[dict[str, Any]], state: States) -> None:
+        """Build, and wait for, the fused kernels the groups' parameters will step with
+        (gradients taken to be of the parameters' dtypes where there are none yet)."""
+        for group in groups:
+            self._route(group, state, [(p, p if p.grad is None else p.grad,
+                                        storage_format(p, group["state_dtype"]))
+                                       for p in group["params"]], wait=True)
+
     def _route(self, group: dict[str, Any], state: States,
-               checked: list[tuple[Tensor, Tensor, StateFormat]]
+               checked: list[tuple[Tensor, Tensor, StateFormat]], wait: bool = False
                ) -> list[tuple[Kernel, StateFormat, list[int]]]:
         """The kernel calls of checked parameters, one per storage format, device and kernel,
         with their positions (a fused kernel that cannot be built raises or falls back here,
-        before anything is written)."""
+        before anything is written; one still being built is stepped around)."""
         parts: dict[tuple[StateFormat, torch.device], list[int]] = {}
         for i, (param, _, fmt) in enumerate(checked):
             device = param.to_local().device if is_dtensor(param) else param.device
@@ -244,7 +253,8 @@ class Stepper:
             views = [local_views(checked[i][0], checked[i][1], state.get(checked[i][0]) or {})
                      for i in members]
             for kernel, positions in route(group, fmt, [v[0] for v in views],
-                                           [v[1] for v in views], [v[2] or None for v in views]):
+                                           [v[1] for v in views], [v[2] or None for v in views],
+                                           wait):
                 calls.append((kernel, fmt, [members[k] for k in positions]))
         return calls
 

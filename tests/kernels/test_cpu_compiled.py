@@ -155,7 +155,7 @@ def test_grad_scaler_skips_inf_steps_and_unscales(path):
 
 
 def _no_backend(monkeypatch):
-    monkeypatch.setattr(routing, "_built", {})
+    monkeypatch.setattr(routing, "_builds", {})
     monkeypatch.setattr(routing, "cpu_compiler_missing", lambda: "no compiler (test)")
 
 

@@ -58,7 +58,7 @@ def test_eager_choices_run_no_compiled_code(options, state_dtype, monkeypatch):
         raise AssertionError("a compiled kernel was built")
 
     monkeypatch.setattr(cpu_compiled, "_compiled", no_compile)
-    monkeypatch.setattr(routing, "_built", {})
+    monkeypatch.setattr(routing, "_builds", {})
     p = torch.zeros(1 << 17, dtype=torch.bfloat16 if state_dtype == "fp32" else torch.float32)
     p.grad = torch.ones_like(p)
     opt = Adan([p], lr=0.01, state_dtype=state_dtype, **options)

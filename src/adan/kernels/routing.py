@@ -4,13 +4,16 @@ The choice reads the group's flags as torch's optimizers do: ``fused=True`` the 
 kernel or an error, ``fused=False`` never a fused kernel, ``foreach=True`` the multi-tensor
 eager path (compact state, which has none, takes its own eager path), ``foreach=False`` the
 single-tensor path, neither set the fastest. A fused kernel is built and probed on scratch
-tensors before its first use; where that fails the default falls back to the eager path with
-one warning and ``fused=True`` raises, before anything is written (docs/architecture.md).
+tensors in a background thread while the eager path steps (``fused=True`` waits for it); a
+failed build falls back with one warning, or raises under ``fused=True`` (docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +21,7 @@ from torch import Tensor
 
 from adan.kernels.common import Kernel, StepArgs
 from adan.kernels.compact import compact_adan
-from adan.kernels.cpu_compiled import cpu_compiled_adan, cpu_compiler_missing
+from adan.kernels.cpu_compiled import SERIAL_MAX, cpu_compiled_adan, cpu_compiler_missing
 from adan.kernels.foreach import multi_tensor_adan
 from adan.kernels.single import single_tensor_adan
 from adan.numeric.scalars import real_view
@@ -58,9 +61,30 @@ _EAGER: dict[str, Kernel] = {"foreach": multi_tensor_adan, "compact": compact_ad
                              "single": single_tensor_adan}
 _FUSED_KIND = {"triton": "triton", "cpu-compiled": "cpu", "cpu-default": "cpu"}
 
-# Outcome of building a fused kernel per (kind, device type, format, dtypes, options): None
-# once it ran, else the exception that stopped it.
-_built: dict[tuple[Any, ...], BaseException | None] = {}
+BACKGROUND = True
+"""Build fused kernels off the critical path (tests may turn it off)."""
+WAIT_NOTICE_S = 1.0
+"""A wait for a build longer than this says so on stderr."""
+
+
+@dataclass
+class _Build:
+    """One fused kernel variant's build and probe: done once it ran or failed."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+# Builds per (kind, device type, format, dtypes, options), started or finished; and a count
+# of the background builds finished, which the plans' keys read (a plan routed around a build
+# is re-made once it is done).
+_builds: dict[tuple[Any, ...], _Build] = {}
+_finished = [0]
+
+
+def builds_finished() -> int:
+    """How many background builds have finished (plans made before may route otherwise)."""
+    return _finished[0]
 
 
 def choice(group: dict[str, Any]) -> str:
@@ -93,9 +117,13 @@ def _fused_kernel(kind: str) -> Kernel:
 
 def _probe(kind: str, device: torch.device, fmt: StateFormat, dtype: torch.dtype,
            grad_dtype: torch.dtype, options: dict[str, Any]) -> None:
-    """Build and run a fused kernel on scratch tensors (no user tensor is touched): on CUDA
-    the variants a group with these options steps with (full and partial tiles)."""
-    sizes = [300, 2] if kind == "cpu" else [_triton_module().BLOCK + 5]
+    """Build and run on scratch tensors (no user tensor is touched) the variants a group with
+    these options steps with: on CPU the serial and the threaded one as its sizes need, on
+    CUDA full and partial tiles."""
+    if kind == "cpu":
+        sizes = [300] * options["serial"] + [SERIAL_MAX] * options["parallel"]
+    else:
+        sizes = [_triton_module().BLOCK + 5]
     params = [torch.zeros(k, device=device, dtype=dtype) for k in sizes]
     grads = [torch.ones(k, device=device, dtype=grad_dtype) for k in sizes]
     states = [{**init_state(p, fmt), "seed": torch.zeros((), dtype=torch.int64, device=device)}
@@ -121,48 +149,91 @@ def _unavailable(kind: str) -> str | None:
     return None
 
 
-def _options(kind: str, group: dict[str, Any]) -> dict[str, Any]:
-    """What selects a Triton variant besides dtypes and format (the CPU kernel has one)."""
+def _options(kind: str, group: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
+    """What selects the variants these tensors step with, besides dtypes and format."""
+    common = dict(factor=group["max_grad_norm"] > 0,
+                  stochastic_param=group["stochastic_param_rounding"])
     if kind == "cpu":
-        return {}
-    return dict(no_prox=group["no_prox"], maximize=group["maximize"],
-                factor=group["max_grad_norm"] > 0, tensor_lr=isinstance(group["lr"], Tensor),
-                stochastic_param=group["stochastic_param_rounding"])
+        serial = [real_view(p).numel() < SERIAL_MAX for p in params]
+        return dict(common, serial=any(serial), parallel=not all(serial))
+    return dict(common, no_prox=group["no_prox"], maximize=group["maximize"],
+                tensor_lr=isinstance(group["lr"], Tensor))
+
+
+def _run_build(build: _Build, kind: str, device: torch.device, fmt: StateFormat,
+               dtypes: tuple[torch.dtype, torch.dtype], options: dict[str, Any],
+               background: bool, threads: int) -> None:
+    """Build and probe; in a thread of its own, under the step's grad mode and thread count,
+    which compiled code is specialised for."""
+    try:
+        reason = _unavailable(kind)
+        if reason is not None:
+            raise RuntimeError(reason)
+        if background:
+            torch.set_num_threads(threads)
+        with torch.no_grad():
+            _probe(kind, device, fmt, *dtypes, options)
+    except Exception as exc:  # noqa: BLE001 - any build failure means "cannot fuse"
+        build.error = exc
+    finally:
+        if background:
+            _finished[0] += 1
+        build.done.set()
+
+
+PENDING = RuntimeError("the fused kernel is still being built")
+"""What :func:`build_error` returns for a build not finished yet."""
 
 
 def build_error(kind: str, device: torch.device, fmt: StateFormat, params: list[Tensor],
-                grads: list[Tensor], options: dict[str, Any] | None = None
+                grads: list[Tensor], options: dict[str, Any], wait: bool = True
                 ) -> BaseException | None:
     """Build fused kernel ``kind`` ("cpu" or "triton") for these tensors and a group's
-    options; the error, if any (kept: a kernel is built once per process)."""
-    options = options or {}
-    for p, g in zip(params, grads, strict=True):
-        p_dtype, g_dtype = real_view(p).dtype, real_view(g).dtype
-        key = (kind, device.type, fmt, p_dtype, g_dtype, *sorted(options.items()))
-        if key not in _built:
-            try:
-                reason = _unavailable(kind)
-                if reason is not None:
-                    raise RuntimeError(reason)
-                _probe(kind, device, fmt, p_dtype, g_dtype, options)
-                _built[key] = None
-            except Exception as exc:  # noqa: BLE001 - any build failure means "cannot fuse"
-                _built[key] = exc
-        if _built[key] is not None:
-            return _built[key]
-    return None
+    options, once per process: None when it runs, the error that stopped it, or, without
+    ``wait``, :data:`PENDING` while a build started in the background is not done."""
+    pending = False
+    for dtypes in dict.fromkeys((real_view(p).dtype, real_view(g).dtype)
+                                for p, g in zip(params, grads, strict=True)):
+        key = (kind, device.type, fmt, *dtypes, *sorted(options.items()))
+        build = _builds.get(key)
+        if build is None:
+            build = _builds[key] = _Build()
+            args = (build, kind, device, fmt, dtypes, options, BACKGROUND,
+                    torch.get_num_threads())
+            if BACKGROUND:
+                threading.Thread(target=_run_build, args=args, name="adan-build",
+                                 daemon=True).start()
+            else:
+                _run_build(*args)
+        if not build.done.is_set():
+            if not wait:
+                pending = True
+                continue
+            if not build.done.wait(WAIT_NOTICE_S):
+                print(f"adan: waiting for the fused kernel ({kind}, {fmt}, {dtypes[0]}) to "
+                      "be built", file=sys.stderr, flush=True)
+                build.done.wait()
+        if build.error is not None:
+            return build.error
+    return PENDING if pending else None
 
 
-def _fused(kind: str, fallback: Kernel, must: bool, taken: list[int], everything: list[int],
-           params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any] | None],
-           fmt: StateFormat, group: dict[str, Any]) -> Route:
-    """Fused kernel ``kind`` for the positions ``taken`` (after its build check), ``fallback``
-    for the others, or for all where it cannot be built."""
+def _fused(kind: str, fallback: Kernel, must: bool, wait: bool, taken: list[int],
+           everything: list[int], params: list[Tensor], grads: list[Tensor],
+           states: list[dict[str, Any] | None], fmt: StateFormat, group: dict[str, Any]
+           ) -> Route:
+    """Fused kernel ``kind`` for the positions ``taken`` once it is built, ``fallback`` for
+    the others, or for all while it is being built or where it cannot be."""
     if kind == "triton":
         unsupported = _triton_module().triton_unsupported
         taken = [i for i in taken if unsupported(params[i], grads[i], states[i]) is None]
-    error = build_error(kind, params[0].device, fmt, [params[i] for i in taken],
-                        [grads[i] for i in taken], _options(kind, group)) if taken else None
+    wait = wait or must or (kind == "triton" and group["capturable"])  # graphs need it ready
+    chosen = [params[i] for i in taken]
+    error = build_error(kind, params[0].device, fmt, chosen, [grads[i] for i in taken],
+                        _options(kind, group, chosen), wait) if taken else None
+    rest = [i for i in everything if i not in set(taken)]
+    if error is PENDING:  # meanwhile the eager twin of the fused kernels: the same bits
+        return [(compact_adan, taken)] + ([(fallback, rest)] if rest else [])
     if error is not None:
         if must:
             raise RuntimeError(f"fused=True cannot run here: {error}") from error
@@ -171,16 +242,16 @@ def _fused(kind: str, fallback: Kernel, must: bool, taken: list[int], everything
             warnings.warn(f"adan: the fused kernel is unavailable ({error}); using the "
                           "eager implementation instead", RuntimeWarning, stacklevel=6)
         return [(fallback, everything)]
-    rest = [i for i in everything if i not in set(taken)]
     return ([(_fused_kernel(kind), taken)] if taken else []) + (
         [(fallback, rest)] if rest else [])
 
 
 def route(group: dict[str, Any], fmt: StateFormat, params: list[Tensor], grads: list[Tensor],
-          states: list[dict[str, Any] | None]) -> Route:
+          states: list[dict[str, Any] | None], wait: bool = False) -> Route:
     """The kernels for one device's parameters of one storage format in one param group, each
     with the positions of the parameters it updates. Each tensor's route depends on it alone,
-    so a part of a group (gradient release) is routed as the whole group would route it."""
+    so a part of a group (gradient release) is routed as the whole group would route it.
+    ``wait``: for a fused kernel still being built (else the eager path steps meanwhile)."""
     everything = list(range(len(params)))
     compact = fmt is not PLAIN or bool(group["stochastic_param_rounding"])
     if group["differentiable"] or torch.jit.is_scripting():
@@ -205,5 +276,5 @@ def route(group: dict[str, Any], fmt: StateFormat, params: list[Tensor], grads: 
                  if real_view(params[i]).numel() >= FUSED_MIN_NUMEL]
         if not taken:
             return [(fallback, everything)]
-    return _fused(_FUSED_KIND[name], fallback, how == "fused", taken, everything, params,
+    return _fused(_FUSED_KIND[name], fallback, how == "fused", wait, taken, everything, params,
                   grads, states, fmt, group)
