@@ -15,10 +15,14 @@ from conftest import assert_matches_reference, route_cpu_to_triton, run_pair
 from reference import ReferenceAdan, RefGroup
 
 from adan import Adan
+from adan.state.formats import BF16, FP32, INT8, PLAIN
 
 triton = pytest.importorskip("triton")
 from adan.kernels.triton import (  # noqa: E402  (needs Triton)
     BLOCK,
+    FMT_BF16,
+    FMT_FLOAT,
+    FMT_INT8,
     codes,
     launch,
     triton_adan,
@@ -42,6 +46,13 @@ def device(request, monkeypatch):
     """The device to test on; every group takes the Triton kernel there (CPU tensors too)."""
     route_cpu_to_triton(monkeypatch)
     return request.param
+
+
+def test_format_codes_are_the_state_formats_codes():
+    """The kernel's FMT_* are the codes the state formats hand it (plain and float32 buffers
+    are both plain floats)."""
+    codes_of = [fmt.triton_code for fmt in (PLAIN, FP32, BF16, INT8)]
+    assert codes_of == [FMT_FLOAT.value, FMT_FLOAT.value, FMT_BF16.value, FMT_INT8.value]
 
 
 @pytest.mark.parametrize("no_prox,max_grad_norm,maximize",
