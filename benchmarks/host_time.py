@@ -3,7 +3,7 @@
     python -m benchmarks.host_time [--clip 1.0] [--steps 300] [--set-to-none]
 
 What a step costs the host besides launching the kernel: the plan check, the gradient factor
-and the address-table check of :mod:`adan.kernels.cuda_triton`, over GPT-2's 148 tensors
+and the address-table check of :mod:`adan.kernels.triton`, over GPT-2's 148 tensors
 (shapes scaled down: sizes do not matter to the host). The kernel is routed to for every
 tensor and its launch replaced by a no-op, so the figure excludes Triton's own launch cost
 (measured on a GPU by ``python -m benchmarks speed --device cuda``, column ``host ms``). On a
@@ -23,7 +23,7 @@ import torch
 
 import adan.stepping
 from adan import Adan
-from adan.kernels import cuda_triton
+from adan.kernels.triton import launch
 from benchmarks.speed import gpt2_shapes
 
 
@@ -42,9 +42,9 @@ def main() -> None:
                         help="new gradient tensors before every step")
     opts = parser.parse_args()
 
-    cuda_triton._adan_kernel = _NoLaunch()  # type: ignore[assignment]
+    launch._adan_kernel = _NoLaunch()  # type: ignore[assignment]
     adan.stepping.route = lambda group, fmt, params, grads, states: [  # type: ignore[assignment]
-        (cuda_triton.triton_adan, list(range(len(params))))]
+        (launch.triton_adan, list(range(len(params))))]
     params = [torch.nn.Parameter(torch.zeros(min(numel, 512))) for numel in
               (torch.Size(shape).numel() for shape in gpt2_shapes())]
     for p in params:

@@ -433,7 +433,7 @@ def test_triton_kernel_per_tensor_with_its_own_cached_table(monkeypatch, fmt):
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    from adan.kernels import cuda_triton
+    from adan.kernels.triton import triton_adan
 
     route_cpu_to_triton(monkeypatch)
     monkeypatch.setattr(adan.release, "SMALL_NUMEL", 0)
@@ -448,7 +448,7 @@ def test_triton_kernel_per_tensor_with_its_own_cached_table(monkeypatch, fmt):
         loss_of(released, k).backward()
         plans = [opt._stepper.plans[(e.group, (id(e.param),))]
                  for e in opt._release.entries.values()]
-        assert all(plan.calls[0].kernel is cuda_triton.triton_adan for plan in plans)
+        assert all(plan.calls[0].kernel is triton_adan for plan in plans)
         caches.append([id(plan.calls[0].cache) for plan in plans])
         opt.step()
     # Plans made in the first backward are renewed once (states of later parameters are

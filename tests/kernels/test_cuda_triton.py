@@ -15,9 +15,18 @@ from conftest import assert_matches_reference, route_cpu_to_triton, run_pair
 from reference import ReferenceAdan, RefGroup
 
 from adan import Adan
+from adan.state.formats import BF16, FP32, INT8, PLAIN
 
 triton = pytest.importorskip("triton")
-from adan.kernels import cuda_triton  # noqa: E402  (needs Triton)
+from adan.kernels.triton import (  # noqa: E402  (needs Triton)
+    BLOCK,
+    FMT_BF16,
+    FMT_FLOAT,
+    FMT_INT8,
+    codes,
+    launch,
+    triton_adan,
+)
 
 tl = triton.language
 
@@ -30,7 +39,6 @@ DEVICES = [
     pytest.param("cuda", marks=needs_cuda),
 ]
 F32 = dict(rtol=1e-5, atol=1e-6)
-BLOCK = cuda_triton.BLOCK
 
 
 @pytest.fixture(params=DEVICES)
@@ -38,6 +46,13 @@ def device(request, monkeypatch):
     """The device to test on; every group takes the Triton kernel there (CPU tensors too)."""
     route_cpu_to_triton(monkeypatch)
     return request.param
+
+
+def test_format_codes_are_the_state_formats_codes():
+    """The kernel's FMT_* are the codes the state formats hand it (plain and float32 buffers
+    are both plain floats)."""
+    codes_of = [fmt.triton_code for fmt in (PLAIN, FP32, BF16, INT8)]
+    assert codes_of == [FMT_FLOAT.value, FMT_FLOAT.value, FMT_BF16.value, FMT_INT8.value]
 
 
 @pytest.mark.parametrize("no_prox,max_grad_norm,maximize",
@@ -54,7 +69,7 @@ def test_matches_reference(device, no_prox, max_grad_norm, maximize):
                          [((1000,), False, None, False), ((7, 300), True, 0.5, True)])
 def test_compact_state_matches_reference_with_same_quantisation(device, fmt, shape, no_prox,
                                                                 factor, maximize):
-    check_kernel_step(cuda_triton.triton_adan, fmt, device, shape, no_prox, factor, maximize,
+    check_kernel_step(triton_adan, fmt, device, shape, no_prox, factor, maximize,
                       steps=3)
 
 
@@ -71,7 +86,7 @@ def _edge_blocks(rng, shape):
 
 @pytest.mark.parametrize("fmt", ["int8", "bf16"])
 def test_compact_state_block_edges(device, fmt):
-    check_kernel_step(cuda_triton.triton_adan, fmt, device, (1000,), False, None, False,
+    check_kernel_step(triton_adan, fmt, device, (1000,), False, None, False,
                       steps=3, gradient=_edge_blocks)
 
 
@@ -361,11 +376,11 @@ def test_same_bits_as_the_cpu_compact_path(device, fmt):
 @pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("fmt", ["int8", None])
 def test_the_other_tile_arrangement_gives_the_same_bits(device, fmt, monkeypatch):
-    """The tile arrangement this Triton does not take (cuda_triton.HALVES: Triton 3.6 takes
-    the other), interpreted: the same bits as the CPU path."""
+    """The tile arrangement this Triton does not take (codes.HALVES: Triton 3.6 takes the
+    other), interpreted: the same bits as the CPU path."""
     if device != "cpu":
         pytest.skip("interpreted only (a compiled kernel keeps the value it was built with)")
-    monkeypatch.setattr(cuda_triton, "HALVES", tl.constexpr(1 - cuda_triton.HALVES))
+    monkeypatch.setattr(codes, "HALVES", tl.constexpr(1 - codes.HALVES))
     _assert_same_bits_as_the_cpu_compact_path(device, fmt)
 
 
@@ -399,7 +414,7 @@ def _pick_code_kernel(t_ptr, u_ptr, out_ptr, n, SIGNED: tl.constexpr):
     mask = offs < n
     t = tl.load(t_ptr + offs, mask=mask, other=0.0)
     u = tl.load(u_ptr + offs, mask=mask, other=0.5)
-    tl.store(out_ptr + offs, cuda_triton._pick_code(t, u, SIGNED), mask=mask)
+    tl.store(out_ptr + offs, codes.pick_code(t, u, SIGNED), mask=mask)
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -460,8 +475,8 @@ def test_a_steady_loop_builds_its_table_once(device, monkeypatch):
     """zero_grad(set_to_none=True) gives new gradients at every step: only their addresses
     travel, the table is built once."""
     builds = []
-    build = cuda_triton._build
-    monkeypatch.setattr(cuda_triton, "_build", lambda *a: builds.append(1) or build(*a))
+    build = launch._build
+    monkeypatch.setattr(launch, "_build", lambda *a: builds.append(1) or build(*a))
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 2)).to(device)
     opt = Adan(model.parameters(), lr=0.01)
     x = torch.randn(4, 8, device=device)

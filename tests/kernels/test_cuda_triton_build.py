@@ -31,7 +31,8 @@ EXPECTED = {
 
 GPU_TRITON = "3.6.0"
 """The GPU machine's Triton (its image: torch 2.11, Triton 3.6), whose layouts differ from
-later versions' (see ``cuda_triton.HALVES``): built too, in a virtual environment of its own."""
+later versions' (see ``adan.kernels.triton.codes.HALVES``): built too, in a virtual
+environment of its own."""
 
 SCRIPT = Path(__file__).with_name("triton_build.py")
 SRC = Path(__file__).resolve().parents[2] / "src"

@@ -115,7 +115,7 @@ def test_triton_takes_what_it_supports_and_routes_the_rest(monkeypatch):
     pytest.importorskip("triton")
     from conftest import route_cpu_to_triton
 
-    from adan.kernels import cuda_triton
+    from adan.kernels.triton import triton_adan
 
     route_cpu_to_triton(monkeypatch)
     params = [torch.zeros(8), torch.zeros(8, dtype=torch.float64), torch.zeros(4, 3).t(),
@@ -123,4 +123,4 @@ def test_triton_takes_what_it_supports_and_routes_the_rest(monkeypatch):
     group = dict(no_prox=False, maximize=False, max_grad_norm=0.0, lr=0.01, fused=True,
                  foreach=None, differentiable=False, stochastic_param_rounding=False)
     got = routing.route(group, PLAIN, params, params, [None] * 4)
-    assert got == [(cuda_triton.triton_adan, [0, 3]), (foreach.multi_tensor_adan, [1, 2])]
+    assert got == [(triton_adan, [0, 3]), (foreach.multi_tensor_adan, [1, 2])]

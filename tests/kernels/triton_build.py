@@ -24,7 +24,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from adan.kernels import cuda_triton
+from adan.kernels.triton import BLOCK, NUM_WARPS, QBLOCK, TILE, register_cap
+from adan.kernels.triton.device import _adan_kernel
 
 ARGS = {"table": "*i64", "tiles": "*i32", "grads": "*i64", "counters": "*i32",
         "factor_ptr": "*fp32", "lr_ptr": "*fp32", "hyper": "*fp64", **{name: "fp32" for name in (
@@ -44,7 +45,7 @@ VARIANTS = {
 
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-THREADS = 32 * cuda_triton.NUM_WARPS
+THREADS = 32 * NUM_WARPS
 REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM = 65536, 228 * 1024, 64
 
 
@@ -66,7 +67,7 @@ def sass_figures(cubin: bytes) -> dict[str, float]:
                SHARED_PER_SM // shared if shared else 99)
     instructions = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([A-Z][A-Z0-9_.]*)", sass)
     return {"registers": regs, "shared": shared, "ctas_per_sm": ctas,
-            "instr_per_elem": round(len(instructions) / (cuda_triton.BLOCK / THREADS), 1),
+            "instr_per_elem": round(len(instructions) / (BLOCK / THREADS), 1),
             "barriers": sum(i.startswith("BAR") for i in instructions),
             "spills": sum(i.startswith(("LDL", "STL")) for i in instructions)}
 
@@ -76,19 +77,18 @@ def build(param: str, state: str, fmt: int, no_prox: bool, maximize: bool, facto
     constants = dict(P_DT=DTYPES[param], G_DT=DTYPES[param], S_DT=DTYPES[state],
                      STEP_DT=tl.float32, FMT=fmt, NO_PROX=no_prox, MAXIMIZE=maximize,
                      HAS_FACTOR=factor, LR_ON_DEVICE=tensor_lr, SR_PARAM=sr_param,
-                     ALIGNED=True, MASKED=masked, BLOCK=cuda_triton.BLOCK,
-                     TILE=cuda_triton.TILE, QBLOCK=cuda_triton.QBLOCK, NCOL=cuda_triton.NCOL)
+                     ALIGNED=True, MASKED=masked, BLOCK=BLOCK, TILE=TILE, QBLOCK=QBLOCK)
     signature = {**ARGS, **{name: "constexpr" for name in constants}}
     names = list(signature)
     source = ASTSource(
-        fn=cuda_triton._adan_kernel, signature=signature,
+        fn=_adan_kernel, signature=signature,
         constexprs={(names.index(k),): v for k, v in constants.items()},
         # as Triton specialises pointer arguments at launch (torch's allocations are aligned)
         attrs={(i,): [["tt.divisibility", 16]] for i, k in enumerate(ARGS)
                if ARGS[k].startswith("*")})
-    cap = cuda_triton.register_cap(fmt, masked)  # as the kernel is launched
+    cap = register_cap(fmt, masked)  # as the kernel is launched
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": cuda_triton.NUM_WARPS,
+                            options={"num_warps": NUM_WARPS,
                                      **({} if cap is None else {"maxnreg": cap})})
     ptx = kernel.asm["ptx"]
     return {"ld_v4": ptx.count("ld.global.v4"), "st_v4": ptx.count("st.global.v4"),

@@ -2,5 +2,5 @@
 
 ``single`` (reference, one tensor at a time), ``foreach`` (multi-tensor eager), ``compact``
 (one tensor at a time over any storage format), ``cpu_compiled`` (C++ by torch.compile),
-``cuda_triton`` (one Triton launch per group on CUDA); ``select`` chooses.
+``triton`` (one Triton launch per group on CUDA); ``select`` chooses.
 """

@@ -105,10 +105,10 @@ def kernel_name(device: str, compact: bool, how: str) -> str | None:
 
 
 def _triton_module() -> Any:
-    """:mod:`adan.kernels.cuda_triton`, imported on first use (it needs Triton)."""
-    from adan.kernels import cuda_triton
+    """:mod:`adan.kernels.triton`, imported on first use (it needs Triton)."""
+    from adan.kernels import triton
 
-    return cuda_triton
+    return triton
 
 
 def _fused_kernel(kind: str) -> Kernel:

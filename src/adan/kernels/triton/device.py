@@ -1,0 +1,268 @@
+"""The Triton kernel: Adan's step over one tile of one tensor per program, the tensor found in
+a table of addresses. The table's columns and the state format codes are named here, for the
+kernel and the host alike (how the kernel works: docs/triton.md)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from adan.kernels.triton.codes import (
+    block_columns,
+    block_max,
+    block_min,
+    block_sum,
+    cast,
+    code_value,
+    expm1,
+    mix32,
+    noise_word,
+    per_element,
+    pick_code,
+    round_bf16,
+)
+
+__all__ = ["COL_M", "COL_META_M", "COL_META_N", "COL_META_PREV", "COL_META_V", "COL_N",
+           "COL_NUMEL", "COL_PARAM", "COL_PREV", "COL_SEED", "COL_STEP", "COL_V", "FMT_BF16",
+           "FMT_FLOAT", "FMT_INT8", "NCOL"]
+
+# The state format (the kernel's FMT): :attr:`adan.state.formats.StateFormat.triton_code`.
+FMT_FLOAT: tl.constexpr = tl.constexpr(0)  # buffers in a float dtype (S_DT)
+FMT_BF16: tl.constexpr = tl.constexpr(1)  # bfloat16, rounded stochastically
+FMT_INT8: tl.constexpr = tl.constexpr(2)  # 8-bit codes with a meta row per block
+
+# The address table: one row of NCOL int64 per tensor. The addresses of the parameter and
+# the four state buffers, of the step count, the number of (real) elements, the addresses of
+# the buffers' 8-bit block data (0 if none) and of the seed. (The gradients' addresses live in
+# an array of their own.) 12 columns keep rows 16-byte aligned.
+COL_PARAM: tl.constexpr = tl.constexpr(0)
+COL_M: tl.constexpr = tl.constexpr(1)
+COL_V: tl.constexpr = tl.constexpr(2)
+COL_N: tl.constexpr = tl.constexpr(3)
+COL_PREV: tl.constexpr = tl.constexpr(4)
+COL_STEP: tl.constexpr = tl.constexpr(5)
+COL_NUMEL: tl.constexpr = tl.constexpr(6)
+COL_META_M: tl.constexpr = tl.constexpr(7)
+COL_META_V: tl.constexpr = tl.constexpr(8)
+COL_META_N: tl.constexpr = tl.constexpr(9)
+COL_META_PREV: tl.constexpr = tl.constexpr(10)
+COL_SEED: tl.constexpr = tl.constexpr(11)
+NCOL: tl.constexpr = tl.constexpr(12)
+
+
+@triton.jit
+def _ptr(base, addr, DT: tl.constexpr, VEC: tl.constexpr):
+    """The address ``addr`` as a pointer to ``DT``, formed as ``base`` (16-byte aligned) plus an
+    element offset promised to be a multiple of ``VEC`` (0: no promise), so that the compiler
+    can use vector accesses, which a pointer cast from the integer would not allow."""
+    SIZE: tl.constexpr = DT.primitive_bitwidth // 8
+    offset = addr - base.to(tl.int64, bitcast=True)
+    if SIZE > 1:  # (a division by 1 would be folded away with the hint below on it)
+        offset = offset // SIZE
+    if VEC > 0:
+        offset = tl.multiple_of(offset, min(VEC, 16 // SIZE))
+    return base.to(tl.pointer_type(DT), bitcast=True) + offset
+
+
+@triton.jit
+def _col(row, col: tl.constexpr, DT: tl.constexpr, VEC: tl.constexpr):
+    """The address in column ``col`` of a table row, as a pointer to ``DT``."""
+    return _ptr(row, tl.load(row + col), DT, VEC)
+
+
+@triton.jit
+def _ld(ptr, mask, MASKED: tl.constexpr):
+    """Load a tile: masked only for a tensor's last tile, so that full tiles load in wide,
+    unpredicated accesses (a mask against a bound read from memory stops vectorisation)."""
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0)
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
+def _st(ptr, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, x, mask=mask)
+    else:
+        tl.store(ptr, x)
+
+
+@triton.jit
+def _load(row, col: tl.constexpr, meta_col: tl.constexpr, offs, mask, qrow, qmask, cols,
+          S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr, VEC: tl.constexpr,
+          MASKED: tl.constexpr):
+    """Decode one state buffer's tile to float32 (masked elements read as 0)."""
+    if FMT == FMT_INT8:
+        if SIGNED:
+            codes = _ld(_col(row, col, tl.int8, VEC) + offs, mask, MASKED)
+        else:
+            codes = _ld(_col(row, col, tl.uint8, VEC) + offs, mask, MASKED)
+        value = code_value(codes.to(tl.float32), SIGNED)
+        meta = _col(row, meta_col, tl.float32, 0) + qrow * 3
+        scale = tl.load(meta, mask=qmask, other=0.0)
+        top = tl.load(meta + 1, mask=qmask, other=0.0)
+        pos = tl.load(meta + 2, mask=qmask, other=-1.0).to(tl.int32)
+        return tl.where(cols == per_element(pos), per_element(top),
+                        value * per_element(scale))
+    else:
+        return _ld(_col(row, col, S_DT, VEC) + offs, mask, MASKED).to(tl.float32)
+
+
+@triton.jit
+def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, qmask, cols,
+           noise16, S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr,
+           VEC: tl.constexpr, MASKED: tl.constexpr, QBLOCK: tl.constexpr):
+    """Encode a float32 tile into one state buffer (see :mod:`adan.numeric.codes` for the codes)."""
+    if FMT == FMT_INT8:
+        inf = float("inf")
+        mag = tl.where(x != x, inf, tl.abs(x))  # a NaN ranks with the largest
+        if MASKED:
+            mag = tl.where(mask, mag, -1.0)
+        top_mag = block_max(mag)
+        pos = block_min(tl.where(mag == per_element(top_mag), cols, QBLOCK))
+        is_top = cols == per_element(pos)
+        top = block_sum(tl.where(is_top, x, 0.0))
+        rest = tl.where(is_top | (mag == inf) | (mag < 0), 0.0, mag)
+        scale = block_max(rest)
+        t = tl.minimum(rest * per_element(1.0 / tl.where(scale > 0, scale, 1.0)), 1.0)
+        uniform = (noise16.to(tl.float32) + 0.5) * (1.0 / 65536)
+        k = pick_code(t, uniform, SIGNED)
+        if SIGNED:
+            _st(_col(row, col, tl.int8, VEC) + offs, tl.where(x < 0, -k, k).to(tl.int8),
+                mask, MASKED)
+        else:
+            _st(_col(row, col, tl.uint8, VEC) + offs, k.to(tl.uint8), mask, MASKED)
+        # The meta rows as one (ROWS, 4) store of 3 columns: one layout conversion, not three.
+        # (join stacks on a new last axis: [r, i, j] is the j-th argument's i-th)
+        rows = tl.reshape(tl.join(tl.join(scale, pos.to(tl.float32)), tl.join(top, scale)),
+                          (scale.shape[0], 4))
+        col4 = tl.arange(0, 4)[None, :]
+        meta = _col(row, meta_col, tl.float32, 0) + qrow[:, None] * 3 + col4
+        tl.store(meta, rows, mask=qmask[:, None] & (col4 < 3))
+    elif FMT == FMT_BF16:
+        _st(_col(row, col, tl.bfloat16, VEC) + offs, round_bf16(x, noise16), mask, MASKED)
+    else:
+        _st(_col(row, col, S_DT, VEC) + offs, cast(x, S_DT), mask, MASKED)
+
+
+@triton.jit
+def _adan_kernel(
+    table, tiles, grads, counters, factor_ptr, lr_ptr, hyper,
+    keep_value, scale_value, beta1, omb1, beta2, omb2, beta3, omb3, eps,
+    P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, STEP_DT: tl.constexpr,
+    FMT: tl.constexpr, NO_PROX: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_FACTOR: tl.constexpr, LR_ON_DEVICE: tl.constexpr, SR_PARAM: tl.constexpr,
+    ALIGNED: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
+    QBLOCK: tl.constexpr,
+):
+    """One tile of one tensor per program: load, Adan's step in float32, store. ``hyper``
+    holds float64 ``log(b1), log(b2), log(b3), b2, weight_decay``."""
+    # Vector accesses promised to the compiler, in elements: 16 bytes; with 8-bit codes 4
+    # elements, so that code tiles take the float32 tiles' layout (4 per thread) and a block
+    # stays in one warp rather than the compiler converting between layouts.
+    VEC: tl.constexpr = (4 if FMT == FMT_INT8 else 16) if ALIGNED else 0
+    pid = tl.program_id(0)
+    t = tl.load(tiles + 2 * pid).to(tl.int64)
+    tile = tl.load(tiles + 2 * pid + 1).to(tl.int64)
+    row = table + t * NCOL
+    numel = tl.load(row + COL_NUMEL)
+    step_ptr = tl.load(row + COL_STEP).to(tl.pointer_type(STEP_DT))
+    k_old = tl.load(step_ptr).to(tl.float32)
+    k = k_old + 1.0
+
+    factor = tl.full((), 1.0, tl.float32)
+    if HAS_FACTOR:
+        factor = tl.load(factor_ptr).to(tl.float32)
+    go = (factor - factor) == 0.0  # a non-finite factor skips the whole step
+    if MAXIMIZE:
+        factor = -factor
+
+    if go:
+        # The step's scalars, in float64 and rounded once (as adan.kernels.compact does).
+        k64 = k.to(tl.float64)
+        ibc1 = (1.0 / -expm1(k64 * tl.load(hyper))).to(tl.float32)
+        b2bc2 = (tl.load(hyper + 3) / -expm1(k64 * tl.load(hyper + 1))).to(tl.float32)
+        ibc3 = (1.0 / tl.sqrt(-expm1(k64 * tl.load(hyper + 2)))).to(tl.float32)
+        if LR_ON_DEVICE:
+            lr = tl.load(lr_ptr).to(tl.float64)
+            if NO_PROX:
+                keep = (1.0 - lr * tl.load(hyper + 4)).to(tl.float32)
+                scale = lr.to(tl.float32)
+            else:
+                keep64 = 1.0 / (1.0 + lr * tl.load(hyper + 4))
+                keep = keep64.to(tl.float32)
+                scale = (lr * keep64).to(tl.float32)
+        else:
+            keep = keep_value
+            scale = scale_value
+
+        SUBTILES: tl.constexpr = BLOCK // TILE
+        EXTRA_ROW: tl.constexpr = 1 if FMT == FMT_INT8 else 0
+        ROWS: tl.constexpr = TILE // QBLOCK
+        # A tile holds ROWS blocks of QBLOCK, each in one warp (see codes.HALVES): Triton lays
+        # the last axis (16-byte vectors) across a warp's threads and the rows across warps.
+        cols = block_columns(QBLOCK)
+        if FMT != FMT_FLOAT or SR_PARAM:  # the noise of adan.kernels.compact.noise_word
+            seed = tl.load(tl.load(row + COL_SEED).to(tl.pointer_type(tl.int64)))
+            key = seed.to(tl.uint32) ^ mix32(k.to(tl.uint32))
+        for sub in tl.static_range(SUBTILES):
+            first = (tile * SUBTILES + sub) * TILE
+            # A partial tile skips its sub-tiles past the tensor's end, but for the one that
+            # holds the extra meta row of 8-bit state.
+            if not MASKED or first < numel + EXTRA_ROW:
+                qrow = first // QBLOCK + tl.arange(0, ROWS)
+                offs = per_element(qrow) * QBLOCK + cols
+                mask = offs < numel
+                qmask = qrow <= numel // QBLOCK  # meta rows: one per started block, plus one
+                index = offs.to(tl.uint32)
+                p_ptr = _col(row, COL_PARAM, P_DT, VEC) + offs
+                p = _ld(p_ptr, mask, MASKED).to(tl.float32)
+                g_ptr = _ptr(grads, tl.load(grads + t), G_DT, VEC) + offs
+                g = _ld(g_ptr, mask, MASKED).to(tl.float32) * factor
+                m = _load(row, COL_M, COL_META_M, offs, mask, qrow, qmask, cols, S_DT, FMT,
+                          True, VEC, MASKED)
+                v = _load(row, COL_V, COL_META_V, offs, mask, qrow, qmask, cols, S_DT, FMT,
+                          True, VEC, MASKED)
+                n = _load(row, COL_N, COL_META_N, offs, mask, qrow, qmask, cols, S_DT, FMT,
+                          False, VEC, MASKED)
+                prev = _load(row, COL_PREV, COL_META_PREV, offs, mask, qrow, qmask, cols, S_DT,
+                             FMT, True, VEC, MASKED)
+                prev = tl.where(k == 1.0, g, prev)  # g_0 := g_1: the first difference is zero
+
+                diff = g - prev
+                m = m * beta1 + g * omb1
+                v = v * beta2 + diff * omb2
+                nesterov = g + diff * beta2
+                n = n * beta3 + nesterov * nesterov * omb3
+                denom = tl.sqrt_rn(n) * ibc3 + eps
+                update = (m * ibc1 + v * b2bc2) / denom
+                new = p * keep - update * scale
+
+                # 16 random bits per buffer (two words' halves), for the compact formats
+                noise = (0, 0, 0, 0)
+                if FMT != FMT_FLOAT:
+                    w0 = noise_word(index, key, 0)
+                    w1 = noise_word(index, key, 1)
+                    noise = ((w0 & 65535).to(tl.int32), (w0 >> 16).to(tl.int32),
+                             (w1 & 65535).to(tl.int32), (w1 >> 16).to(tl.int32))
+                _store(row, COL_M, COL_META_M, m, offs, mask, qrow, qmask, cols, noise[0],
+                       S_DT, FMT, True, VEC, MASKED, QBLOCK)
+                _store(row, COL_V, COL_META_V, v, offs, mask, qrow, qmask, cols, noise[1],
+                       S_DT, FMT, True, VEC, MASKED, QBLOCK)
+                _store(row, COL_N, COL_META_N, n, offs, mask, qrow, qmask, cols, noise[2],
+                       S_DT, FMT, False, VEC, MASKED, QBLOCK)
+                _store(row, COL_PREV, COL_META_PREV, g, offs, mask, qrow, qmask, cols,
+                       noise[3], S_DT, FMT, True, VEC, MASKED, QBLOCK)
+                if SR_PARAM:
+                    word = noise_word(index, key, 2)
+                    _st(p_ptr, round_bf16(new, (word & 65535).to(tl.int32)), mask, MASKED)
+                else:
+                    _st(p_ptr, cast(new, P_DT), mask, MASKED)
+
+        # The last program of this tensor to finish (in either launch) advances its step.
+        tiles_of_tensor = tl.maximum((numel + BLOCK - 1) // BLOCK, 1)
+        done = tl.atomic_add(counters + t, 1)
+        last = done == tiles_of_tensor - 1
+        tl.store(step_ptr, k.to(STEP_DT), mask=last)
+        tl.store(counters + t, 0, mask=last)
