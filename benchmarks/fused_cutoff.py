@@ -67,6 +67,7 @@ def main() -> None:
                 for p in params:
                     p.grad = torch.randn_like(p)
                 opt = Adan(params, lr=1e-3, weight_decay=0.02, **kwargs)
+                opt.warm_up()
                 cells[name] = time_steps(opt, params, opts.steps) * 1e3
             print(f"{log2:>6.3g} {pieces:>7} " + " ".join(f"{v:>11.3f}" for v in cells.values())
                   + f"  {cells['fused'] / cells['foreach']:>13.2f}", flush=True)

@@ -43,8 +43,10 @@ def main() -> None:
     opts = parser.parse_args()
 
     launch._adan_kernel = _NoLaunch()  # type: ignore[assignment]
-    adan.stepping.route = lambda group, fmt, params, grads, states: [  # type: ignore[assignment]
-        (launch.triton_adan, list(range(len(params))))]
+    def to_triton(group: Any, fmt: Any, params: list[torch.Tensor], *rest: Any) -> Any:
+        return [(launch.triton_adan, list(range(len(params))))]
+
+    adan.stepping.route = to_triton  # type: ignore[assignment]
     params = [torch.nn.Parameter(torch.zeros(min(numel, 512))) for numel in
               (torch.Size(shape).numel() for shape in gpt2_shapes())]
     for p in params:

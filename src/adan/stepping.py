@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from adan.checks import check_group, check_same_max_grad_norm
-from adan.kernels.common import Kernel, StepArgs
+from adan.kernels.common import Kernel, StepArgs, traced
 from adan.kernels.routing import builds_finished, route
 from adan.state.dtensor import is_dtensor
 from adan.state.formats import PLAIN, StateFormat, storage_format
@@ -193,7 +193,7 @@ class Stepper:
         parameters have gradients, their dtypes, shapes and layouts), read with C-level maps;
         with the gradients, in the plan's order. None where no plan is kept (Dynamo)."""
         params = group["params"] if params is None else params
-        if torch.compiler.is_compiling():
+        if traced():
             return None, [p.grad for p in params if p.grad is not None]
         grads = list(map(_grad, params))
         if not all(map(is_not, grads, repeat(None))):

@@ -123,31 +123,27 @@ def test_a_deleted_optimizer_is_not_kept_by_its_build(gated_builds):
 
 
 CHILD = r"""
-import atexit, sys, threading, torch
+import threading, torch
 from adan import Adan
-from adan.kernels import routing
 p = torch.zeros(1 << 18, dtype=torch.bfloat16)
 p.grad = torch.ones_like(p)
 opt = Adan([p], lr=0.01, state_dtype="int8")
 opt.step()
-builds = list(routing._builds.values())
-assert builds and all(t.daemon for t in threading.enumerate() if t.name == "adan-build")
-atexit.register(lambda: print("build done at exit:", all(b.done.is_set() for b in builds)))
+assert all(t.daemon for t in threading.enumerate() if t.name == "adan-build")
 """
 
 
-def test_a_process_exits_without_waiting_for_a_build_and_leaves_no_process(tmp_path):
-    """The build is still running when the interpreter exits (an 8-bit compile takes tens of
-    seconds): exit does not wait for it (the atexit hook, which runs after Python has joined
-    every non-daemon thread, sees it unfinished), and no process of the child's session
-    outlives it."""
+def test_a_process_that_exits_during_a_build_ends_cleanly(tmp_path):
+    """The build is still running when the script ends (an 8-bit compile takes tens of
+    seconds): the process lets it finish (a compile cut off by shutdown can abort it), says
+    so, exits with status 0, and no process of its session outlives it."""
     child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True,
-                             env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin",
-                                  "PYTHONPATH": ":".join(sys.path)})
-    out, err = child.communicate()
+                             env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path),
+                                  "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)})
+    _, err = child.communicate()
     assert child.returncode == 0, err
-    assert "build done at exit: False" in out
+    assert "finishing a fused kernel's build before exiting" in err
     left = subprocess.run(["ps", "-o", "pid=", "-s", str(child.pid)], capture_output=True,
                           text=True).stdout.split()
     assert left == []

@@ -19,6 +19,17 @@ from torch import Tensor
 from adan.numeric.scalars import Scalar
 from adan.state.formats import PLAIN, StateFormat
 
+BUILDING: set[int] = set()
+"""Threads building a fused kernel in the background (:mod:`.routing`)."""
+
+
+def traced() -> bool:
+    """Whether Dynamo is tracing this call. ``torch.compiler.is_compiling()`` is folded to True
+    in traced code, but in code that runs it reads a process-wide flag, which a background
+    build sets while it compiles (Dynamo compiles one thing at a time, so a build running
+    means this thread's code is running, not traced)."""
+    return torch.compiler.is_compiling() and not BUILDING
+
 
 class Kernel(Protocol):
     """The one signature of every update kernel."""
@@ -78,7 +89,7 @@ def step_decision(args: StepArgs) -> bool | Tensor:
     if factor is None:
         return True
     finite = torch.isfinite(factor)
-    if factor.is_cpu and not torch.compiler.is_compiling():
+    if factor.is_cpu and not traced():
         return bool(finite)
     return finite
 
@@ -109,7 +120,7 @@ def count_step(state: dict[str, Any], go: Literal[True] | Tensor) -> None:
 def use_tensor_scalars(capturable: bool, steps: list[Tensor]) -> bool:
     """Whether step-dependent scalars must stay tensors: CUDA graphs, ``torch.compile``, or
     step counts kept on an accelerator (reading them would synchronise with it)."""
-    return (capturable or torch.compiler.is_compiling()
+    return (capturable or traced()
             or any(not s.is_cpu for s in steps[:1]))
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adan.kernels.common import StepArgs, count_step, step_decision
+from adan.kernels.common import StepArgs, count_step, step_decision, traced
 from adan.kernels.compact import (
     scalar_vector,
     seed_of,
@@ -74,7 +74,7 @@ def _run(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None]
     """One :func:`tensor_step` call, compiled unless compiling already or too small; an
     8-bit tensor in chunks of :data:`CHUNK` elements (bit for bit the same update)."""
     options = (args.fmt, args.stochastic_param, may_skip)
-    if torch.compiler.is_compiling() or p.numel() <= 1:
+    if traced() or p.numel() <= 1:
         # Sizes 0 and 1 would specialise the compiled kernel; eager is as fast for them.
         tensor_step(p, g, buffers, metas, s, seed, *options)
         return

@@ -10,6 +10,7 @@ failed build falls back with one warning, or raises under ``fused=True`` (docs/a
 
 from __future__ import annotations
 
+import atexit
 import sys
 import threading
 import warnings
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adan.kernels.common import Kernel, StepArgs
+from adan.kernels.common import BUILDING, Kernel, StepArgs, traced
 from adan.kernels.compact import compact_adan
 from adan.kernels.cpu_compiled import SERIAL_MAX, cpu_compiled_adan, cpu_compiler_missing
 from adan.kernels.foreach import multi_tensor_adan
@@ -85,6 +86,18 @@ _finished = [0]
 def builds_finished() -> int:
     """How many background builds have finished (plans made before may route otherwise)."""
     return _finished[0]
+
+
+@atexit.register
+def _finish_builds() -> None:
+    """At exit, let a running build finish: a compile cut off by the interpreter's shutdown
+    can abort the process ("terminate called without an active exception")."""
+    running = [build for build in list(_builds.values()) if not build.done.is_set()]
+    if running:
+        print("adan: finishing a fused kernel's build before exiting", file=sys.stderr,
+              flush=True)
+    for build in running:
+        build.done.wait()
 
 
 def choice(group: dict[str, Any]) -> str:
@@ -165,6 +178,8 @@ def _run_build(build: _Build, kind: str, device: torch.device, fmt: StateFormat,
                background: bool, threads: int) -> None:
     """Build and probe; in a thread of its own, under the step's grad mode and thread count,
     which compiled code is specialised for."""
+    if background:
+        BUILDING.add(threading.get_ident())
     try:
         reason = _unavailable(kind)
         if reason is not None:
@@ -178,6 +193,7 @@ def _run_build(build: _Build, kind: str, device: torch.device, fmt: StateFormat,
     finally:
         if background:
             _finished[0] += 1
+            BUILDING.discard(threading.get_ident())
         build.done.set()
 
 
@@ -257,7 +273,7 @@ def route(group: dict[str, Any], fmt: StateFormat, params: list[Tensor], grads: 
     if group["differentiable"] or torch.jit.is_scripting():
         return [(single_tensor_adan, everything)]
     how = choice(group)
-    if torch.compiler.is_compiling():  # Dynamo traces the eager paths
+    if traced():  # Dynamo traces the eager paths
         how = "single" if how == "single" else "foreach"
     elif how in ("default", "eager") and not all(
             type(p) is Tensor or isinstance(p, torch.nn.Parameter) for p in params):
