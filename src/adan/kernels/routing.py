@@ -11,6 +11,9 @@ failed build falls back with one warning, or raises under ``fused=True`` (docs/a
 from __future__ import annotations
 
 import atexit
+import json
+import os
+import subprocess
 import sys
 import threading
 import warnings
@@ -64,6 +67,9 @@ _FUSED_KIND = {"triton": "triton", "cpu-compiled": "cpu", "cpu-default": "cpu"}
 
 BACKGROUND = True
 """Build fused kernels off the critical path (tests may turn it off)."""
+PREWARM = True
+"""Compile a CPU kernel in a subprocess first, which fills the on-disk compile cache without
+sharing this process's GIL; the build in this process then loads from that cache."""
 WAIT_NOTICE_S = 1.0
 """A wait for a build longer than this says so on stderr."""
 
@@ -74,6 +80,7 @@ class _Build:
 
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    compiling: bool = False  # in this process (an exit waits for that part)
 
 
 # Builds per (kind, device type, format, dtypes, options), started or finished; and a count
@@ -81,6 +88,22 @@ class _Build:
 # is re-made once it is done).
 _builds: dict[tuple[Any, ...], _Build] = {}
 _finished = [0]
+_exiting = [False]
+_lock = threading.Lock()
+_children: set[subprocess.Popen[bytes]] = set()
+
+_PREWARM = """
+import json, os, sys
+os.nice(19)  # compile on idle cores: the training process's threads go first
+import torch
+from adan.kernels import routing
+from adan.state.formats import FORMATS
+fmt, dtypes, options, threads = json.loads(sys.argv[1])
+torch.set_num_threads(threads)
+with torch.no_grad():
+    routing._probe("cpu", torch.device("cpu"), FORMATS[fmt],
+                   *(getattr(torch, d) for d in dtypes), options)
+"""
 
 
 def builds_finished() -> int:
@@ -90,9 +113,15 @@ def builds_finished() -> int:
 
 @atexit.register
 def _finish_builds() -> None:
-    """At exit, let a running build finish: a compile cut off by the interpreter's shutdown
-    can abort the process ("terminate called without an active exception")."""
-    running = [build for build in list(_builds.values()) if not build.done.is_set()]
+    """At exit, stop the subprocesses that fill the compile cache and let a build already
+    compiling in this process finish: a compile cut off by the interpreter's shutdown can
+    abort the process ("terminate called without an active exception")."""
+    with _lock:
+        _exiting[0] = True
+    for child in list(_children):
+        child.kill()
+        child.wait()
+    running = [b for b in list(_builds.values()) if b.compiling and not b.done.is_set()]
     if running:
         print("adan: finishing a fused kernel's build before exiting", file=sys.stderr,
               flush=True)
@@ -178,14 +207,21 @@ def _run_build(build: _Build, kind: str, device: torch.device, fmt: StateFormat,
                background: bool, threads: int) -> None:
     """Build and probe; in a thread of its own, under the step's grad mode and thread count,
     which compiled code is specialised for."""
-    if background:
-        BUILDING.add(threading.get_ident())
     try:
         reason = _unavailable(kind)
         if reason is not None:
             raise RuntimeError(reason)
+        if background and PREWARM and kind == "cpu":
+            _prewarm(fmt, dtypes, options, threads)
+        with _lock:
+            if _exiting[0]:
+                build.error = RuntimeError("the process is exiting")
+                return
+            build.compiling = True
         if background:
+            BUILDING.add(threading.get_ident())
             torch.set_num_threads(threads)
+            _lower_priority()
         with torch.no_grad():
             _probe(kind, device, fmt, *dtypes, options)
     except Exception as exc:  # noqa: BLE001 - any build failure means "cannot fuse"
@@ -195,6 +231,31 @@ def _run_build(build: _Build, kind: str, device: torch.device, fmt: StateFormat,
             _finished[0] += 1
             BUILDING.discard(threading.get_ident())
         build.done.set()
+
+
+def _lower_priority() -> None:
+    """Let this (build) thread, and the compile workers it starts, yield the cores to the
+    training threads (Linux: a thread's own nice value; elsewhere nothing)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
+def _prewarm(fmt: StateFormat, dtypes: tuple[torch.dtype, torch.dtype],
+             options: dict[str, Any], threads: int) -> None:
+    """Compile the CPU kernel's variants in a subprocess (the same code, thread count and
+    cache folder); its failure is left for the build in this process to report."""
+    spec = json.dumps([fmt.name, [str(d).removeprefix("torch.") for d in dtypes], options,
+                       threads])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", _PREWARM, spec], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _children.add(child)
+    try:
+        child.wait()
+    finally:
+        _children.discard(child)
 
 
 PENDING = RuntimeError("the fused kernel is still being built")
@@ -243,7 +304,8 @@ def _fused(kind: str, fallback: Kernel, must: bool, wait: bool, taken: list[int]
     if kind == "triton":
         unsupported = _triton_module().triton_unsupported
         taken = [i for i in taken if unsupported(params[i], grads[i], states[i]) is None]
-    wait = wait or must or (kind == "triton" and group["capturable"])  # graphs need it ready
+    wait = wait or must or (kind == "triton" and (  # a graph captures a kernel that is ready
+        group["capturable"] or torch.cuda.is_current_stream_capturing()))
     chosen = [params[i] for i in taken]
     error = build_error(kind, params[0].device, fmt, chosen, [grads[i] for i in taken],
                         _options(kind, group, chosen), wait) if taken else None
