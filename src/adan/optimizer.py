@@ -71,16 +71,18 @@ class Adan(Optimizer):
             CPU) and raises if it cannot run; it also tells ``GradScaler`` that the step
             unscales gradients and skips overflow steps itself, as torch's fused optimizers
             do. With both ``None`` the default is the fused kernel on CUDA, and on CPU for
-            tensors of 2^16 elements or more and compact state (docs/architecture.md).
-            ``fused=False`` never runs a fused kernel.
+            tensors of 2^16 elements or more and compact state (docs/architecture.md),
+            built in the background on first use while the eager path steps (``warm_up()``
+            waits for it). ``fused=False`` never runs a fused kernel.
         differentiable: let autograd flow through the step (single-tensor path only).
         capturable: keep every step-dependent scalar on the device, for CUDA graphs (the
             CUDA fused kernel always does).
         state_dtype: storage of the four state buffers: ``None`` (default) keeps the
-            parameter's dtype, except float32 for float16 parameters; ``"fp32"`` float32
-            (e.g. for bf16 parameters), ``"bf16"`` bfloat16 (8 B per parameter) or ``"int8"``
-            (blockwise 8-bit codes, 4.19 B). Compact state is re-encoded with stochastic
-            rounding after each step; state in another format is converted on
+            parameter's dtype (bf16 re-encoded with stochastic rounding, float32 for float16
+            parameters); ``"param"`` the parameter's dtype rounded to nearest; ``"fp32"``
+            float32 (e.g. for bf16 parameters), ``"bf16"`` bfloat16 (8 B per parameter) or
+            ``"int8"`` (blockwise 8-bit codes, 4.19 B). Compact state is re-encoded with
+            stochastic rounding after each step; state in another format is converted on
             ``load_state_dict`` and when a group's setting changes. See docs/lowmem.md.
         stochastic_param_rounding: write bfloat16 parameters with stochastic rounding so that
             updates smaller than their precision are not lost (no extra memory).
