@@ -3,6 +3,7 @@ done, with the same bits, and nothing waits for a build but ``fused=True`` and `
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -124,30 +125,34 @@ def test_a_deleted_optimizer_is_not_kept_by_its_build(gated_builds):
 
 
 CHILD = r"""
-import threading, torch
+import atexit, threading, time, torch
 from adan import Adan
+from adan.kernels import routing
 p = torch.zeros(1 << 18, dtype=torch.bfloat16)
 p.grad = torch.ones_like(p)
 opt = Adan([p], lr=0.01, state_dtype="int8")
 opt.step()
 assert all(t.daemon for t in threading.enumerate() if t.name == "adan-build")
+while not routing._children:  # the compile subprocess has started
+    time.sleep(0.05)
+atexit.register(lambda: print("groups", *(c.pid for c in routing._children)))
 """
 
 
 def test_a_process_that_exits_during_a_build_ends_cleanly(tmp_path):
     """The build is still compiling in its subprocess when the script ends (an 8-bit compile
-    takes tens of seconds): the process stops it instead of waiting, exits with status 0,
-    and no process of its session outlives it."""
-    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                             env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path),
-                                  "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)})
-    _, err = child.communicate()
-    assert child.returncode == 0, err
-    assert "finishing a fused kernel's build" not in err
-    left = subprocess.run(["ps", "-o", "pid=", "-s", str(child.pid)], capture_output=True,
-                          text=True).stdout.split()
-    assert left == []
+    takes tens of seconds): the process stops it and the compilers it started instead of
+    waiting, and exits with status 0, leaving no process behind."""
+    child = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
+                           env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path),
+                                "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)})
+    assert child.returncode == 0, child.stderr
+    assert "finishing a fused kernel's build" not in child.stderr
+    groups = [int(pid) for pid in child.stdout.split("groups", 1)[1].split()]
+    assert groups
+    for group in groups:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)
 
 
 def test_the_cpu_probe_builds_the_variants_the_tensors_need(monkeypatch):

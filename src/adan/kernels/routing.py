@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -119,7 +120,10 @@ def _finish_builds() -> None:
     with _lock:
         _exiting[0] = True
     for child in list(_children):
-        child.kill()
+        try:  # its process group: the compiler processes it started too
+            os.killpg(child.pid, signal.SIGKILL)
+        except (AttributeError, OSError):
+            child.kill()
         child.wait()
     running = [b for b in list(_builds.values()) if b.compiling and not b.done.is_set()]
     if running:
@@ -250,7 +254,8 @@ def _prewarm(fmt: StateFormat, dtypes: tuple[torch.dtype, torch.dtype],
                        threads])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     child = subprocess.Popen([sys.executable, "-c", _PREWARM, spec], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
     _children.add(child)
     try:
         child.wait()
