@@ -131,6 +131,14 @@ def assert_matches_reference(
                                            atol=atol, err_msg=key)
 
 
+def assert_same_runs(params_a, opt_a, params_b, opt_b) -> None:
+    """Two runs ended with the same bits: parameters and every entry of their states."""
+    for p, q in zip(params_a, params_b, strict=True):
+        assert torch.equal(p, q)
+        for key, value in opt_a.state[p].items():
+            assert torch.equal(value, opt_b.state[q][key]), key
+
+
 def allow_grad_dtype(p: torch.Tensor) -> None:
     """Let ``p`` take a gradient of another dtype (newer torch checks ``grad_dtype``)."""
     if hasattr(p, "grad_dtype"):

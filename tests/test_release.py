@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import route_cpu_to_triton
+from conftest import assert_same_runs, route_cpu_to_triton
 from reference import ReferenceAdan, RefGroup
 from torch import nn
 
@@ -508,7 +508,5 @@ def test_replaced_or_loaded_state_renews_the_kept_plans(path, release_mode):
         opt.state[first]["exp_avg"] = opt.state[first]["exp_avg"].clone()
         opt.state[last] = {k: v.clone() for k, v in opt.state[last].items()}
         train(model, opt, range(5, 7))
-    assert_same(*models)
-    for p, q in zip(*(model.parameters() for model in models), strict=True):
-        for key, value in opts[0].state[p].items():
-            assert torch.equal(value, opts[1].state[q][key]), key
+    assert_same_runs(list(models[0].parameters()), opts[0], list(models[1].parameters()),
+                     opts[1])

@@ -15,7 +15,7 @@ from torch import Tensor
 from adan.checks import check_group, check_release, check_same_max_grad_norm
 from adan.numeric.codes import META, num_blocks
 from adan.numeric.scalars import real_view
-from adan.state.dtensor import is_dtensor
+from adan.state.dtensor import local
 from adan.state.formats import BUFFER_KEYS, BUFFERS, storage_format
 from adan.state.lifecycle import convert_state, step_dtype
 from adan.state.sharded import check_loaded_sharding, dequantize_for_saving, localize
@@ -84,7 +84,7 @@ def _loaded_entry(saved: dict[str, Any], param: Tensor, group: dict[str, Any]
     """One parameter's loaded state on its device, converted to the group's format."""
     if not saved:
         return {}
-    device = param.to_local().device if is_dtensor(param) else param.device
+    device = local(param).device
     step = saved["step"]
     entry = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in saved.items()}
     entry["step"] = torch.as_tensor(step.item() if isinstance(step, Tensor) else step,

@@ -20,7 +20,7 @@ from torch import Tensor
 from adan.checks import check_group, check_same_max_grad_norm
 from adan.kernels.common import Kernel, StepArgs, traced
 from adan.kernels.routing import builds_finished, route
-from adan.state.dtensor import is_dtensor
+from adan.state.dtensor import is_dtensor, local
 from adan.state.formats import PLAIN, StateFormat, storage_format
 from adan.state.lifecycle import (
     convert_state,
@@ -96,7 +96,7 @@ class Stepper:
         is checked before anything is written; ``grad_factor`` is called after the checks."""
         self.check_groups(groups)
         version = self._version(state)
-        current = [self._key(group, version) for group in groups]
+        current = [self._key(group) for group in groups]
         stale = [i for i, (key, _) in enumerate(current)
                  if key is None or self._stale((i, None), key, version)]
         checked = {i: self._collect(groups[i], i, groups[i]["params"], state) for i in stale}
@@ -117,7 +117,7 @@ class Stepper:
         self.check_group(groups, index)
         group = groups[index]
         version = self._version(state)
-        key, grads = self._key(group, version, params)
+        key, grads = self._key(group, params)
         slot = (index, tuple(map(id, params)))
         if key is None or self._stale(slot, key, version):
             checked = self._collect(group, index, params, state)
@@ -187,7 +187,8 @@ class Stepper:
 
     # --- plans --------------------------------------------------------------------------------
 
-    def _key(self, group: dict[str, Any], version: list[int], params: list[Tensor] | None = None
+    @staticmethod
+    def _key(group: dict[str, Any], params: list[Tensor] | None = None
              ) -> tuple[list[Any] | None, list[Tensor]]:
         """What a plan depends on besides the state map (settings that pick kernels, which
         parameters have gradients, their dtypes, shapes and layouts), read with C-level maps;
@@ -246,7 +247,7 @@ class Stepper:
         before anything is written; one still being built is stepped around)."""
         parts: dict[tuple[StateFormat, torch.device], list[int]] = {}
         for i, (param, _, fmt) in enumerate(checked):
-            device = param.to_local().device if is_dtensor(param) else param.device
+            device = local(param).device
             parts.setdefault((fmt, device), []).append(i)
         calls = []
         for (fmt, _), members in parts.items():

@@ -11,6 +11,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import assert_same_runs
 
 from adan import Adan
 from adan.kernels import cpu_compiled, routing
@@ -68,11 +69,7 @@ def test_switching_to_the_fused_kernel_changes_no_bit(gated_builds, monkeypatch,
             opt.step()
             assert ("cpu_compiled_adan" in _kernels(opt)) == (k >= 3 or not background), k
         runs.append((params, opt))
-    (a, opt_a), (b, opt_b) = runs
-    for p, q in zip(a, b, strict=True):
-        assert torch.equal(p, q)
-        for key, value in opt_a.state[p].items():
-            assert torch.equal(value, opt_b.state[q][key]), key
+    assert_same_runs(*runs[0], *runs[1])
 
 
 def test_fused_true_waits_and_says_so(gated_builds, monkeypatch, capsys):

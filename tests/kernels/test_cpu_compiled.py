@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import allow_grad_dtype, assert_matches_reference, run_pair
+from conftest import allow_grad_dtype, assert_matches_reference, assert_same_runs, run_pair
 from reference import ReferenceAdan, RefGroup
 
 from adan import Adan
@@ -303,8 +303,4 @@ def test_8bit_tensors_stepped_in_chunks_equal_the_whole_step(monkeypatch, dtype)
                 p.grad = torch.randn_like(p)
             opt.step()
         runs.append((params, opt))
-    (whole, opt_w), (chunked, opt_c) = runs
-    for p, q in zip(whole, chunked, strict=True):
-        assert torch.equal(p, q)
-        for key, value in opt_w.state[p].items():
-            assert torch.equal(value, opt_c.state[q][key]), key
+    assert_same_runs(*runs[0], *runs[1])
