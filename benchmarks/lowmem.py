@@ -280,37 +280,58 @@ def _page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+TASK_LR = {"charlm": 3e-3, "digits": 1e-2}
+"""Adan's learning rate per convergence task: the char GPT's recipe, the digits CNN's best of
+the tuning study (docs/results.md)."""
+
+
 def convergence(
-    iters: int, seeds: list[int], out: Path, lr: float, data_path: str | None,
-    eval_interval: int = 250,
+    iters: int | None, seeds: list[int], out: Path, lr: float | None, data_path: str | None,
+    eval_interval: int | None = None, task: str = "charlm",
+    settings: tuple[str, ...] = STATE_FORMATS,
 ) -> dict[str, Any]:
-    """Train the char-level GPT per (setting, seed); save and return the curves."""
-    from adan.demo.charlm import CharData, CharLMConfig, find_data, train_charlm
-
-    data = CharData.from_file(find_data(data_path))
+    """Train the char-level GPT or the digits CNN per (setting, seed); save and return the
+    curves (runs already in ``out`` are kept, so a run can be resumed)."""
+    lr = TASK_LR[task] if lr is None else lr
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
-    for seed in seeds:
-        for fmt in STATE_FORMATS:
-            key = f"{fmt}/{seed}"
-            if key in results:
-                continue
-            cfg = CharLMConfig(max_iters=iters, seed=seed, eval_interval=eval_interval)
+    if task == "charlm":
+        from adan.demo.charlm import CharData, CharLMConfig, find_data, train_charlm
 
-            def make(groups: list[dict[str, Any]], fmt: str = fmt) -> Adan:
-                return Adan(groups, lr=lr, weight_decay=0.02, state_dtype=fmt)
+        data: Any = CharData.from_file(find_data(data_path))
 
-            result = train_charlm(make, cfg, data)
-            results[key] = {**result, "lr": lr}
-            print(f"{key}: final val {result['final_val_loss']:.4f} "
-                  f"({result['seconds']:.0f} s)", flush=True)
-            out.write_text(json.dumps(results))
+        def train(make: Any, seed: int) -> dict[str, Any]:
+            cfg = CharLMConfig(max_iters=iters or 2000, seed=seed,
+                               eval_interval=eval_interval or 250)
+            return train_charlm(make, cfg, data)
+    else:
+        from benchmarks.digits import Digits, DigitsConfig, train_digits
+
+        data = Digits.load()
+
+        def train(make: Any, seed: int) -> dict[str, Any]:
+            cfg = DigitsConfig(seed=seed, **({} if iters is None else {"max_iters": iters}),
+                               **({} if eval_interval is None
+                                  else {"eval_interval": eval_interval}))
+            return train_digits(make, cfg, data)
+
+    runs = [(seed, fmt) for seed in seeds for fmt in settings if f"{fmt}/{seed}" not in results]
+    for i, (seed, fmt) in enumerate(runs, 1):
+        def make(groups: list[dict[str, Any]], fmt: str = fmt) -> Adan:
+            return Adan(groups, lr=lr, weight_decay=0.02, state_dtype=fmt)
+
+        result = train(make, seed)
+        results[f"{fmt}/{seed}"] = {**result, "lr": lr, "task": task}
+        print(f"[{i}/{len(runs)}] {task} {fmt}/{seed}: final val {result['final_val_loss']:.4f}"
+              f" ({result['seconds']:.0f} s)", flush=True)
+        out.write_text(json.dumps(results))
     return results
 
 
 def _complete(results: dict[str, Any]) -> dict[str, Any]:
     """The runs of seeds that every setting has finished, so means compare like with like."""
     seeds = {key.split("/")[1] for key in results}
-    done = {s for s in seeds if all(f"{fmt}/{s}" in results for fmt in STATE_FORMATS)}
+    settings = {key.split("/")[0] for key in results}
+    done = {s for s in seeds if all(f"{fmt}/{s}" in results for fmt in settings)}
     return {k: v for k, v in results.items() if k.split("/")[1] in done}
 
 
@@ -395,10 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     spd.add_argument("--repeats", type=int, default=7)
     spd.add_argument("--steps", type=int, default=5)
     conv = sub.add_parser("convergence", help="char-level GPT, each setting and seed")
-    conv.add_argument("--iters", type=int, default=2000)
+    conv.add_argument("--task", choices=list(TASK_LR), default="charlm",
+                      help="the char-level GPT or the digits CNN (benchmarks/digits.py)")
+    conv.add_argument("--settings", nargs="+", choices=STATE_FORMATS, default=STATE_FORMATS)
+    conv.add_argument("--iters", type=int, default=None,
+                      help="iterations (default: 2000 for charlm, the CNN's schedule: 300)")
     conv.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
-    conv.add_argument("--lr", type=float, default=3e-3)
-    conv.add_argument("--eval-interval", type=int, default=250)
+    conv.add_argument("--lr", type=float, default=None,
+                      help="Adan's learning rate (default: 3e-3 charlm, 1e-2 digits)")
+    conv.add_argument("--eval-interval", type=int, default=None)
     conv.add_argument("--data", default=None)
     conv.add_argument("--out", type=Path, default=Path("lowmem_convergence.json"))
     conv.add_argument("--plot", type=Path, default=None)
@@ -456,11 +482,12 @@ def main(argv: list[str] | None = None) -> int:
             results = json.loads(args.out.read_text())
         else:
             results = convergence(args.iters, args.seeds, args.out, args.lr, args.data,
-                                  args.eval_interval)
+                                  args.eval_interval, args.task, tuple(args.settings))
         for fmt, mean, diff, n in summarize(results):
             print(f"  {fmt:5s} mean final val loss {mean:.4f} ({diff:+.4f} vs fp32, {n} seeds)")
         if args.plot is not None:
-            plot(results, args.plot, args.lr)
+            plot(results, args.plot, TASK_LR[getattr(args, "task", "charlm")]
+                 if args.lr is None else args.lr)
     return 0
 
 
