@@ -17,7 +17,7 @@ import torch
 from conftest import assert_same_runs, route_cpu_to_triton
 
 from adan import Adan
-from adan.kernels import cpu_compiled, routing, verify
+from adan.kernels import compact, cpu_compiled, foreach, routing, single, verify
 from adan.state.formats import BF16, BUFFERS, FORMATS, FP32, INT8, PLAIN
 
 triton = pytest.importorskip("triton")
@@ -47,8 +47,8 @@ def _default_to_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU groups take the Triton kernel by default (not ``fused=True``), as CUDA ones do: a
     failed check then falls back."""
     table = dict(routing.TABLE)
-    for compact in (False, True):
-        table[("cpu", compact, "default")] = "triton"
+    for compact_state in (False, True):
+        table[("cpu", compact_state, "default")] = "triton"
     monkeypatch.setattr(routing, "TABLE", table)
 
 
@@ -241,3 +241,16 @@ def test_the_variant_reads_well():
     assert str(variant) == ("triton kernel (state int8, parameters bfloat16, gradients "
                             "float32, factor=True, maximize=False)")
     assert variant.where() == "the CPU (Triton's interpreter)"
+
+
+@pytest.mark.parametrize("kernel, fmt, dtype", [
+    (compact.compact_adan, fmt, torch.float32) for fmt in (FP32, BF16, INT8)] + [
+    (kernel, PLAIN, dtype) for kernel in (single.single_tensor_adan, foreach.multi_tensor_adan,
+                                          compact.compact_adan)
+    for dtype in (torch.float32, torch.float64)], ids=str)
+def test_the_eager_kernels_pass_the_check(kernel, fmt, dtype):
+    """The check holds the reference paths to the same bound (float64 parameters, whose host
+    copies must not be the tensors themselves, included)."""
+    options = dict(factor=True, maximize=True, no_prox=True, tensor_lr=True)
+    variant = verify.Variant("eager", torch.device("cpu"), fmt, dtype, dtype, options)
+    verify.self_check(kernel, variant, [adan_triton.BLOCK + 5, 7], misaligned=[300])

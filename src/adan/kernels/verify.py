@@ -141,20 +141,20 @@ def _new_gradients(s: _Scratch, gen: torch.Generator) -> list[Tensor]:
         g *= 10.0 ** (torch.rand(k, generator=gen, dtype=torch.float64) * 6 - 4)
         g[k // 2] = OUTLIER
         grad.copy_(g)
-        out.append(grad.to(device="cpu", dtype=torch.float64))
+        out.append(grad.to(device="cpu", dtype=torch.float64, copy=True))
     return out
 
 
 def _decoded(s: _Scratch, v: Variant) -> list[dict[str, Tensor]]:
     """Each scratch tensor's parameter, buffers (decoded by the format) and step count, as
-    float64 on the host."""
+    float64 on the host (copies: a float64 CPU tensor would be returned as itself)."""
     out = []
     for p, state in zip(s.params, s.states, strict=True):
-        values = {"param": p.to(device="cpu", dtype=torch.float64),
-                  "step": state["step"].to(device="cpu", dtype=torch.float64)}
+        values = {"param": p.to(device="cpu", dtype=torch.float64, copy=True),
+                  "step": state["step"].to(device="cpu", dtype=torch.float64, copy=True)}
         for key, signed in BUFFERS:
             values[key] = v.fmt.load(state[key], state.get(key + "_meta"), p.shape, signed,
-                                     torch.float64).to("cpu").reshape(-1)
+                                     torch.float64).to("cpu", copy=True).reshape(-1)
         out.append(values)
     return out
 
