@@ -167,13 +167,12 @@ def _probe(kind: str, device: torch.device, fmt: StateFormat, dtype: torch.dtype
     """Build and self-check (:mod:`.verify`) on scratch tensors (no user tensor is touched)
     the variants a group with these options steps with: on CPU the serial and the threaded
     one as its sizes need; for Triton full and partial tiles, aligned and misaligned."""
-    variant = Variant(kind, device, fmt, dtype, grad_dtype, options)
     if kind == "cpu":
-        sizes = [300] * options["serial"] + [SERIAL_MAX] * options["parallel"]
-        self_check(cpu_compiled_adan, variant, sizes)
+        sizes, misaligned = [300] * options["serial"] + [SERIAL_MAX] * options["parallel"], []
     else:
-        self_check(_triton_module().triton_adan, variant, [_triton_module().BLOCK + 5, 7],
-                   misaligned=[300])
+        sizes, misaligned = [_triton_module().BLOCK + 5, 7], [300]
+    self_check(_fused_kernel(kind), Variant(kind, device, fmt, dtype, grad_dtype, options), sizes,
+               misaligned)
 
 
 def _unavailable(kind: str) -> str | None:

@@ -150,6 +150,9 @@ class _Int8(StateFormat):
     triton_code = 2
     rounds = True
     quantized = True
+    tolerance: ClassVar[float] = 1 / 32
+    """At least the largest gap between neighbouring code values (3/127 today), relative to a
+    block's scale: a bound on an element's coding error, rounded to nearest or stochastically."""
 
     def buffer_dtype(self, param: Tensor, signed: bool) -> torch.dtype:
         return torch.int8 if signed else torch.uint8
@@ -170,16 +173,12 @@ class _Int8(StateFormat):
         assert meta is not None
         return dequantize_blockwise(buffer, meta, shape, signed=signed, dtype=dtype)
 
-    tolerance: ClassVar[float] = 1 / 32
-    """The largest gap between neighbouring code values, relative to a block's scale (a
-    bound on the error of an element's code, rounded to nearest or stochastically)."""
-
     def store_error(self, x: Tensor, param: Tensor, signed: bool) -> Tensor:
         """:attr:`tolerance` times the block's scale (its second largest magnitude: the
         largest is kept exactly), plus float32 rounding."""
         mag = x.abs().reshape(-1)
         blocks = F.pad(mag, (0, -mag.numel() % BLOCK)).view(-1, BLOCK)
-        scale = blocks.topk(min(2, BLOCK), dim=1).values[:, -1:]
+        scale = blocks.topk(2, dim=1).values[:, -1:]
         bound = (scale * self.tolerance).expand_as(blocks).reshape(-1)[: mag.numel()]
         info = torch.finfo(torch.float32)
         return (bound + mag * info.eps + info.tiny).view(x.shape)
