@@ -4,8 +4,9 @@ The choice reads the group's flags as torch's optimizers do: ``fused=True`` the 
 kernel or an error, ``fused=False`` never a fused kernel, ``foreach=True`` the multi-tensor
 eager path (compact state, which has none, takes its own eager path), ``foreach=False`` the
 single-tensor path, neither set the fastest. A fused kernel is built and probed on scratch
-tensors in a background thread while the eager path steps (``fused=True`` waits for it); a
-failed build falls back with one warning, or raises under ``fused=True`` (docs/architecture.md).
+tensors, its results checked against float64 on the host (:mod:`.verify`), in a background
+thread while the eager path steps (``fused=True`` waits for it); a failed build or check falls
+back with one warning, or raises under ``fused=True`` (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adan.kernels.common import BUILDING, Kernel, StepArgs, traced
+from adan.kernels.common import BUILDING, Kernel, traced
 from adan.kernels.compact import compact_adan
 from adan.kernels.cpu_compiled import SERIAL_MAX, cpu_compiled_adan, cpu_compiler_missing
 from adan.kernels.foreach import multi_tensor_adan
 from adan.kernels.single import single_tensor_adan
+from adan.kernels.verify import Variant, capture_error, capturing, self_check
 from adan.numeric.scalars import real_view
 from adan.state.formats import PLAIN, StateFormat
-from adan.state.lifecycle import init_state
 
 __all__ = ["FUSED_MIN_NUMEL", "TABLE", "Route", "choice", "kernel_name", "route"]
 
@@ -163,26 +164,15 @@ def _fused_kernel(kind: str) -> Kernel:
 
 def _probe(kind: str, device: torch.device, fmt: StateFormat, dtype: torch.dtype,
            grad_dtype: torch.dtype, options: dict[str, Any]) -> None:
-    """Build and run on scratch tensors (no user tensor is touched) the variants a group with
-    these options steps with: on CPU the serial and the threaded one as its sizes need, on
-    CUDA full and partial tiles."""
+    """Build and self-check (:mod:`.verify`) on scratch tensors (no user tensor is touched)
+    the variants a group with these options steps with: on CPU the serial and the threaded
+    one as its sizes need; for Triton full and partial tiles, aligned and misaligned."""
     if kind == "cpu":
-        sizes = [300] * options["serial"] + [SERIAL_MAX] * options["parallel"]
+        sizes, misaligned = [300] * options["serial"] + [SERIAL_MAX] * options["parallel"], []
     else:
-        sizes = [_triton_module().BLOCK + 5]
-    params = [torch.zeros(k, device=device, dtype=dtype) for k in sizes]
-    grads = [torch.ones(k, device=device, dtype=grad_dtype) for k in sizes]
-    states = [{**init_state(p, fmt), "seed": torch.zeros((), dtype=torch.int64, device=device)}
-              for p in params]
-    settings: dict[str, Any] = dict(lr=0.0, beta1=0.9, beta2=0.9, beta3=0.9, eps=1e-8,
-                                    weight_decay=0.0, fmt=fmt)
-    if options.get("tensor_lr"):
-        settings["lr"] = torch.zeros((), device=device)
-    if options.get("factor"):
-        settings["grad_factor"] = torch.ones((), device=device)
-    settings.update({k: v for k, v in options.items() if k in ("no_prox", "maximize",
-                                                               "stochastic_param")})
-    _fused_kernel(kind)(params, grads, states, StepArgs(**settings))
+        sizes, misaligned = [_triton_module().BLOCK + 5, 7], [300]
+    self_check(_fused_kernel(kind), Variant(kind, device, fmt, dtype, grad_dtype, options), sizes,
+               misaligned)
 
 
 def _unavailable(kind: str) -> str | None:
@@ -278,6 +268,9 @@ def build_error(kind: str, device: torch.device, fmt: StateFormat, params: list[
                                 for p, g in zip(params, grads, strict=True)):
         key = (kind, device.type, fmt, *dtypes, *sorted(options.items()))
         build = _builds.get(key)
+        if build is None and (refused := capture_error(kind)) is not None:
+            _finished[0] += 1  # re-plan at the next step, which may build it
+            return refused
         if build is None:
             build = _builds[key] = _Build()
             args = (build, kind, device, fmt, dtypes, options, BACKGROUND,
@@ -310,7 +303,7 @@ def _fused(kind: str, fallback: Kernel, must: bool, wait: bool, taken: list[int]
         unsupported = _triton_module().triton_unsupported
         taken = [i for i in taken if unsupported(params[i], grads[i], states[i]) is None]
     wait = wait or must or (kind == "triton" and (  # a graph captures a kernel that is ready
-        group["capturable"] or torch.cuda.is_current_stream_capturing()))
+        group["capturable"] or capturing()))
     chosen = [params[i] for i in taken]
     error = build_error(kind, params[0].device, fmt, chosen, [grads[i] for i in taken],
                         _options(kind, group, chosen), wait) if taken else None

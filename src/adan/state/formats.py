@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from adan.numeric.codes import (
+    BLOCK,
     META,
     dequantize_blockwise,
     num_blocks,
@@ -87,6 +89,13 @@ class StateFormat:
         new = x.view(buffer.shape)
         buffer.copy_(new if go is None else torch.where(go, new.to(buffer.dtype), buffer))
 
+    def store_error(self, x: Tensor, param: Tensor, signed: bool) -> Tensor:
+        """A bound per element on how far a stored and decoded ``x`` (flat, float64) may be
+        from ``x``, rounded to nearest or stochastically: one unit in the last place of the
+        buffer's dtype (the first-use self-check, :mod:`adan.kernels.verify`, allows it)."""
+        info = torch.finfo(self.buffer_dtype(real_view(param), signed))
+        return x.abs() * info.eps + info.tiny
+
 
 class _Plain(StateFormat):
     """The parameter's own dtype and layout (complex parameters keep complex buffers)."""
@@ -141,6 +150,9 @@ class _Int8(StateFormat):
     triton_code = 2
     rounds = True
     quantized = True
+    tolerance: ClassVar[float] = 1 / 32
+    """At least the largest gap between neighbouring code values (3/127 today), relative to a
+    block's scale: a bound on an element's coding error, rounded to nearest or stochastically."""
 
     def buffer_dtype(self, param: Tensor, signed: bool) -> torch.dtype:
         return torch.int8 if signed else torch.uint8
@@ -160,6 +172,16 @@ class _Int8(StateFormat):
              dtype: torch.dtype) -> Tensor:
         assert meta is not None
         return dequantize_blockwise(buffer, meta, shape, signed=signed, dtype=dtype)
+
+    def store_error(self, x: Tensor, param: Tensor, signed: bool) -> Tensor:
+        """:attr:`tolerance` times the block's scale (its second largest magnitude: the
+        largest is kept exactly), plus float32 rounding."""
+        mag = x.abs().reshape(-1)
+        blocks = F.pad(mag, (0, -mag.numel() % BLOCK)).view(-1, BLOCK)
+        scale = blocks.topk(2, dim=1).values[:, -1:]
+        bound = (scale * self.tolerance).expand_as(blocks).reshape(-1)[: mag.numel()]
+        info = torch.finfo(torch.float32)
+        return (bound + mag * info.eps + info.tiny).view(x.shape)
 
     def store(self, buffer: Tensor, meta: Tensor | None, x: Tensor, signed: bool,
               noise: Tensor | None, go: Tensor | None) -> None:
