@@ -113,7 +113,7 @@ def build(param: str, state: str, fmt: int, no_prox: bool, maximize: bool, facto
         # as Triton specialises pointer arguments at launch (torch's allocations are aligned)
         attrs={(i,): [["tt.divisibility", 16]] for i, k in enumerate(ARGS)
                if ARGS[k].startswith("*")})
-    cap = register_cap(fmt, masked)  # as the kernel is launched
+    cap = register_cap(fmt, masked, aligned)  # as the kernel is launched
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": NUM_WARPS,
                                      **({} if cap is None else {"maxnreg": cap})})

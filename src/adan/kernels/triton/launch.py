@@ -53,10 +53,13 @@ REGISTER_CAP = 128
 take more (figures: docs/benchmarks.md, "What the compiled kernel predicts")."""
 
 
-def register_cap(fmt: int, masked: bool) -> int | None:
+def register_cap(fmt: int, masked: bool, aligned: bool = True) -> int | None:
     """The ``maxnreg`` launch option of a kernel variant: :data:`REGISTER_CAP` for the 8-bit
-    kernel and, with Triton before 3.8, for partial tiles; else None (the compiler's choice)."""
-    return REGISTER_CAP if fmt == FMT_INT8 or (masked and TRITON_BEFORE_3_8) else None
+    kernel and for partial tiles with Triton before 3.8 or of misaligned tensors (which
+    otherwise take up to 163 registers, or spill, with Triton 3.9); else None (the
+    compiler's choice)."""
+    return REGISTER_CAP if fmt == FMT_INT8 or (
+        masked and (TRITON_BEFORE_3_8 or not aligned)) else None
 
 
 # (state key, its column, its 8-bit block data's column) of the four buffers, in table order
@@ -345,5 +348,5 @@ def triton_adan(
                     HAS_FACTOR=factor is not None, LR_ON_DEVICE=lr is not None,
                     SR_PARAM=args.rounds_param(p_dtype), ALIGNED=aligned, MASKED=masked,
                     BLOCK=BLOCK, TILE=TILE, QBLOCK=QBLOCK, num_warps=NUM_WARPS,
-                    maxnreg=register_cap(fmt, masked),
+                    maxnreg=register_cap(fmt, masked, aligned),
                 )
