@@ -28,9 +28,11 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-/tmp/gpu-session-out}
 mkdir -p "$OUT"
-# The tests whose CUDA cases the GPU decides: the Triton kernel's and its first-use self-check,
-# the CUDA ones of the optimizer, gradient release and reproducibility, and the benchmark's.
-CUDA_TESTS="tests/kernels/test_cuda_triton.py tests/kernels/test_selfcheck.py
+# The tests whose CUDA cases the GPU decides: the Triton kernel's, its host side's (CUDA
+# graphs, two devices) and its first-use self-check, the CUDA ones of the optimizer, gradient
+# release and reproducibility, and the benchmark's.
+CUDA_TESTS="tests/kernels/test_cuda_triton.py tests/kernels/test_cuda_host.py
+ tests/kernels/test_selfcheck.py
  tests/test_optimizer.py tests/test_release.py tests/test_reproducible.py
  tests/bench/test_speed.py tests/bench/test_lowmem_bench.py"
 PYTEST_ARGS=${1:-${PYTEST_ARGS:-$CUDA_TESTS}}

@@ -105,7 +105,8 @@ def grad_factor(groups: list[dict[str, Any]], norm_group: ProcessGroup | None,
     """The factor every gradient is multiplied by, as a device tensor (None for 1), and the
     count of skipped steps. It is ``1 / grad_scale`` (AMP) times ``min(1, max_norm / (norm +
     eps))``, the norm being the unscaled gradients'; NaN, meaning "skip this step", where
-    GradScaler found an overflow or the norm is not finite."""
+    GradScaler found an overflow or the norm is not finite. ``skips``, the count so far, is
+    updated in place (created on the first step that clips)."""
     factor = None if grad_scale is None else grad_scale.double().reciprocal().float()
     max_norm = groups[0]["max_grad_norm"]
     grads = [real_view(p.grad) for g in groups for p in g["params"]
@@ -120,7 +121,10 @@ def grad_factor(groups: list[dict[str, Any]], norm_group: ProcessGroup | None,
         if factor is not None:
             norm = norm * factor.to(norm.device)
         finite = torch.isfinite(norm)
-        skips = (~finite).long() + (0 if skips is None else skips.to(finite.device))
+        # One count, added to in place: a CUDA graph's replays add to the tensor it captured.
+        if skips is None:
+            skips = torch.zeros((), dtype=torch.int64, device=finite.device)
+        skips.add_((~finite).to(skips.device, torch.int64))
         clip = torch.where(finite, torch.clamp(max_norm / (norm + groups[0]["eps"]), max=1.0),
                            torch.nan)
         factor = clip if factor is None else clip * factor.to(clip.device)

@@ -76,7 +76,9 @@ class Adan(Optimizer):
             waits for it). ``fused=False`` never runs a fused kernel.
         differentiable: let autograd flow through the step (single-tensor path only).
         capturable: keep every step-dependent scalar on the device, for CUDA graphs (the
-            CUDA fused kernel always does).
+            CUDA fused kernel always does). A float lr is fixed in a graph when it is captured
+            (the capture warns): pass lr as a CUDA tensor for a scheduler to reach the
+            replays. Step once eagerly before each capture (docs/triton.md, "CUDA graphs").
         state_dtype: storage of the four state buffers: ``None`` (default) keeps the
             parameter's dtype (bf16 re-encoded with stochastic rounding, float32 for float16
             parameters); ``"param"`` the parameter's dtype rounded to nearest; ``"fp32"``

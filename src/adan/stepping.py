@@ -9,7 +9,7 @@ the same checks, kernels and plans (docs/architecture.md).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import attrgetter, is_, is_not
 from typing import Any
@@ -18,12 +18,13 @@ import torch
 from torch import Tensor
 
 from adan.checks import check_group, check_same_max_grad_norm
-from adan.kernels.common import Kernel, StepArgs, traced
+from adan.kernels.common import CAPTURED, Kernel, StepArgs, traced
 from adan.kernels.routing import builds_finished, route
 from adan.state.dtensor import is_dtensor, local
 from adan.state.formats import PLAIN, StateFormat, storage_format
 from adan.state.lifecycle import (
     convert_state,
+    device_mismatch,
     init_state,
     rounding_seed,
     rounds_stochastically,
@@ -37,8 +38,9 @@ __all__ = ["Plan", "Stepper"]
 _grad, _dtype, _shape = (attrgetter(a) for a in ("grad", "dtype", "shape"))
 
 PART_PLANS_MAX = 256
-"""Plans kept for parts of groups (gradient release): past this many, they are dropped and
-re-made as needed, so that a varying set of parameters with gradients cannot grow the cache."""
+"""Plans kept for parts of groups (gradient release): past this many, the least recently used
+is dropped (and re-made if needed), so that a varying set of parameters with gradients (the
+experts a mixture-of-experts batch reaches) cannot grow the cache."""
 
 
 @dataclass
@@ -53,7 +55,7 @@ class _Call:
     params: list[Tensor]
     states: list[dict[str, Any]]
     whole: bool
-    cache: dict[Any, Any] = field(default_factory=dict)
+    cache: dict[Any, Any]
     settings: tuple[Any, ...] = ()
     args: StepArgs | None = None
 
@@ -77,6 +79,9 @@ class Stepper:
 
     def __init__(self) -> None:
         self.plans: dict[tuple[int, tuple[int, ...] | None], Plan] = {}
+        # What CUDA graphs captured, kept while this optimizer lives (kernels add to it through
+        # their cache's CAPTURED entry); it grows by a plan per capture that follows a re-plan.
+        self.captured: list[Any] = []
         self._refs: list[Any] = []  # what versions name by identity, kept alive
         self._checked: dict[int, tuple[list[str], list[Any]]] = {}
         self._rounding_base: int | None = None
@@ -122,10 +127,14 @@ class Stepper:
         if key is None or self._stale(slot, key, version):
             checked = self._collect(group, index, params, state)
             routes = self._route(group, state, checked)
-            if len(self.plans) >= PART_PLANS_MAX:
-                self.plans = {k: v for k, v in self.plans.items() if k[1] is None}
+            self.plans.pop(slot, None)
+            parts = [k for k in self.plans if k[1] is not None]
+            for old in parts[:max(0, len(parts) + 1 - PART_PLANS_MAX)]:
+                del self.plans[old]
             self.plans[slot] = self._plan(groups, index, state, checked, routes, key)
             self._renew(state, version)
+        else:  # the most recently used last (dicts keep their insertion order)
+            self.plans[slot] = self.plans.pop(slot)
         self._run(group, self.plans[slot], grads, None)
 
     # --- checks -------------------------------------------------------------------------------
@@ -175,7 +184,7 @@ class Stepper:
                                  "rounded to nearest)")
             entry = state.get(p)
             if entry:
-                problem = shape_mismatch(entry, p)
+                problem = shape_mismatch(entry, p) or device_mismatch(entry, p)
                 if problem:
                     raise RuntimeError(f"Cannot step a parameter of param group {index}: "
                                        f"{problem}")
@@ -267,7 +276,8 @@ class Stepper:
                  for p, g, fmt in checked]
         everything = list(range(len(checked)))
         calls = [_Call(kernel, fmt, members, [local[m][0] for m in members],
-                       [local[m][1] for m in members], members == everything)
+                       [local[m][1] for m in members], members == everything,
+                       {CAPTURED: self.captured})
                  for kernel, fmt, members in routes]
         sharded = any(is_dtensor(p) for p, _, _ in checked)
         return Plan(None if sharded else key, _NEW, [p for p, _, _ in checked], calls, sharded)

@@ -1,6 +1,8 @@
-"""The CUDA kernel compiles for sm_90 (H100/H200) without a GPU, its full tiles move data in
-16-byte accesses (a kernel that loads one element at a time reaches a fraction of the
-bandwidth), nothing spills, and registers leave room for 2 or more CTAs per SM: the speed
+"""The CUDA kernel compiles for sm_90 (H100/H200) without a GPU, in every variant it launches
+(parameter dtype, state format, options, aligned or not, full or partial tiles): aligned full
+tiles move data in 16-byte accesses (a kernel that loads one element at a time reaches a
+fraction of the bandwidth), nothing spills, registers leave room for 2 or more CTAs per SM,
+and a barrier keeps the step count's readers ahead of the atomic that lets it advance: the
 evidence there is without a GPU (docs/benchmarks.md says what it predicts). Built with
 Triton's own ptxas in a subprocess (the tests run Triton interpreted), with the installed
 Triton and with the GPU machine's."""
@@ -19,22 +21,16 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-# Per thread of a full program (4096 elements in two tiles, 256 threads: 8 each per tile):
-# 16-byte loads and stores of the param, the gradient and the four buffers (two per array per
-# tile for 4-byte elements, one for 2-byte ones); 8-bit codes take 4-byte accesses, so that
-# their tiles keep the float32 tiles' layout (a block in one warp).
-EXPECTED = {
-    "fp32": (24, 20), "fp32-all-options": (24, 20), "bf16": (12, 10), "bf16-sr-param": (12, 10),
-    "fp16-fp32-state": (20, 18), "bf16-state": (16, 12), "int8-state": (8, 4),
-}
-
-
 GPU_TRITON = "3.6.0"
 """The GPU machine's Triton (its image: torch 2.11, Triton 3.6), whose layouts differ from
 later versions' (see ``adan.kernels.triton.codes.HALVES``): built too, in a virtual
 environment of its own."""
 
 SCRIPT = Path(__file__).with_name("triton_build.py")
+from triton_build import TILES, VARIANTS  # noqa: E402  (needs Triton; beside this file)
+
+LAUNCHES = [v + t for v in VARIANTS for t in TILES]
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
@@ -84,49 +80,76 @@ def _venv_with_triton(root: Path, version: str) -> str:
 
 @pytest.fixture(scope="module", params=["installed", GPU_TRITON])
 def built(request, tmp_path_factory):
-    """The figures of every variant, built with the installed Triton and with the GPU
-    machine's (skipped where pip cannot install that one)."""
+    """The figures of every launch variant, built with the installed Triton and with the GPU
+    machine's (skipped where pip cannot install that one), and under "triton" its version."""
     if not Path(triton.__file__).parent.joinpath("backends", "nvidia", "bin", "ptxas").exists():
         pytest.skip("this Triton has no bundled ptxas")
     if request.param == "installed":
-        return _build(sys.executable)
+        return {**_build(sys.executable), "triton": triton.__version__}
     if triton.__version__ == request.param:
         pytest.skip(f"Triton {request.param} is the installed one")
     python = _venv_with_triton(tmp_path_factory.mktemp("triton") / "venv", request.param)
     imported = _run(python, "-c", "import torch, triton; print(triton.__version__)")
     assert imported.strip() == request.param
-    return _build(python)
+    return {**_build(python), "triton": request.param}
 
 
-@pytest.mark.parametrize("variant", list(EXPECTED))
-def test_kernel_compiles_for_sm90_with_wide_accesses_and_no_spills(built, variant):
+def _wide_accesses(variant: str) -> tuple[int, int]:
+    """16-byte loads and stores per thread of an aligned full program (4096 elements in two
+    tiles, 256 threads: 8 elements each per tile): the parameter, the gradient (of the
+    parameter's dtype here) and the four buffers, each read once and (the gradient aside)
+    written once. 8-bit codes take 4-byte accesses, so that their tiles keep the float32
+    tiles' layout (a block in one warp): 4 elements per access, so that of 2-byte parameters
+    and gradients is 8 bytes wide."""
+    param, state, fmt = VARIANTS[variant][:3]
+    per_tile = {k: (8 * b // 16) if fmt != 2 or b == 4 else 0 for k, b in BYTES.items()}
+    buffers = 0 if fmt == 2 else 4 * per_tile[state]
+    return 2 * (2 * per_tile[param] + buffers), 2 * (per_tile[param] + buffers)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_aligned_full_tiles_move_data_in_wide_accesses(built, variant):
     result = built[variant]
-    loads, stores = EXPECTED[variant]
     assert result["cubin_bytes"] > 0
-    partial = built[variant + "/partial"]
-    assert result["local"] == 0 and partial["local"] == 0  # no spills in the PTX
-    # nor by ptxas: none in full tiles; in partial ones, at most a value kept across a branch
-    assert result["spills"] == 0 and partial["spills"] <= 2
-    assert (result["ld_v4"], result["st_v4"]) == (loads, stores)
+    assert (result["ld_v4"], result["st_v4"]) == _wide_accesses(variant)
 
 
-# Every kernel, full and partial tiles (the 8-bit kernel's under a register cap).
-TWO_CTAS = [v + tiles for v in EXPECTED for tiles in ("", "/partial")]
+KNOWN = {
+    "3.9": {"fp32-param/partial": "2 spill accesses (a value kept across a branch)"},
+    "3.6": {"bf16-bf16/partial": "6 spill accesses under the register cap",
+            "bf16-bf16/misaligned-partial": "8 spill accesses under the register cap"},
+}
+"""Launches of float state that miss the targets today (measured 2026-12-06), by Triton
+version: partial tiles, which launch once per tensor. Expected to fail, strictly, so that a
+fix shows. (The 8-bit kernel's
+misses are not listed: its format is being replaced, and the new one must meet them.)"""
 
 
-@pytest.mark.parametrize("kernel", TWO_CTAS)
-def test_kernels_fit_two_ctas_per_sm(built, kernel):
-    """Full and partial tiles launch apart, so each kernel holds one branch's registers."""
-    assert built[kernel]["ctas_per_sm"] >= 2
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_no_spills_two_ctas_per_sm_and_a_barrier_before_the_atomic(built, launch, request):
+    """Each launch variant apart (full and partial tiles launch apart, so each kernel holds
+    one branch's registers): no local memory in the PTX, no local loads or stores in the
+    SASS (ptxas spills there under a register cap), 2 or more CTAs of 8 warps per SM, and
+    every global load, the step count's among them, before a barrier that precedes the
+    atomic (one thread of the last program advances the step count after it)."""
+    known = KNOWN.get(".".join(built["triton"].split(".")[:2]), {}).get(launch)
+    if known:
+        request.applymarker(pytest.mark.xfail(reason=known, strict=True))
+    result = built[launch]
+    figures = {k: result[k] for k in ("local", "spills", "ctas_per_sm",
+                                      "barrier_before_atomic", "registers")}
+    assert result["local"] == 0 and result["spills"] == 0, figures
+    assert result["ctas_per_sm"] >= 2, figures
+    assert result["barrier_before_atomic"], figures
 
 
 def test_fp32_full_tiles_within_96_registers(built):
-    assert built["fp32"]["registers"] <= 96
+    assert built["fp32-param"]["registers"] <= 96
 
 
 def test_int8_kernel_does_not_grow(built):
     """The 8-bit kernel is above its target (<= 160 SASS instructions per element): what its
     power codes cost is in docs/benchmarks.md; its current figures are a bound, so it only
     improves. (It was 546 before its blocks were laid out one per warp.)"""
-    assert built["int8-state"]["instr_per_elem"] <= 410
-    assert built["int8-state"]["registers"] <= 128
+    assert built["fp32-int8-options"]["instr_per_elem"] <= 410
+    assert built["fp32-int8-options"]["registers"] <= 128

@@ -13,10 +13,12 @@ interpreter mode, which compiles nothing.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import triton
@@ -32,16 +34,39 @@ ARGS = {"table": "*i64", "tiles": "*i32", "grads": "*i64", "counters": "*i32",
             "keep_value", "scale_value", "beta1", "omb1", "beta2", "omb2", "beta3", "omb3",
             "eps")}}
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
-# name: (param dtype, state dtype, format, no_prox, maximize, factor, tensor lr, SR param)
-VARIANTS = {
-    "fp32": ("fp32", "fp32", 0, False, False, False, False, False),
-    "fp32-all-options": ("fp32", "fp32", 0, True, True, True, True, False),
-    "bf16": ("bf16", "bf16", 0, False, False, True, False, False),
-    "bf16-sr-param": ("bf16", "bf16", 0, False, False, True, False, True),
-    "fp16-fp32-state": ("fp16", "fp32", 0, False, False, False, False, False),
-    "bf16-state": ("fp32", "bf16", 1, False, False, True, False, False),
-    "int8-state": ("fp32", "fp32", 2, False, True, True, True, False),
-}
+FORMATS = {"param": 0, "fp32": 0, "bf16": 1, "int8": 2}
+"""A state_dtype setting: its kernel format (the state dtype is the parameter's for "param",
+float32 for "fp32" and "int8" (the kernel's S_DT for 8-bit codes), bfloat16 for "bf16")."""
+
+
+WITH_OPTIONS = ("fp32-param", "bf16-bf16", "fp32-int8")
+"""The variants also built with every option at once (no_prox, maximize, a gradient factor, a
+tensor lr, and bf16 parameters rounded stochastically): the plain kernel, the one whose
+parameters round stochastically and the largest."""
+
+
+def _variants() -> dict[str, tuple[str, str, int, bool, bool, bool, bool, bool]]:
+    """name: (param dtype, state dtype, format, no_prox, maximize, factor, tensor lr, SR
+    param): every parameter dtype with every state format (float32 parameters' "param" state
+    is their "fp32" one) without options, and :data:`WITH_OPTIONS` with all of them."""
+    out = {}
+    for param in DTYPES:
+        for state, fmt in FORMATS.items():
+            if param == "fp32" and state == "fp32":
+                continue
+            name = f"{param}-{state}"
+            dtype = param if state == "param" else "bf16" if state == "bf16" else "fp32"
+            out[name] = (param, dtype, fmt, False, False, False, False, False)
+            if name in WITH_OPTIONS:
+                out[name + "-options"] = (param, dtype, fmt, True, True, True, True,
+                                          param == "bf16")
+    return out
+
+
+VARIANTS = _variants()
+TILES = {"": (True, False), "/partial": (True, True), "/misaligned": (False, False),
+         "/misaligned-partial": (False, True)}
+"""The launches of each variant: (ALIGNED, MASKED) by name suffix."""
 
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -73,11 +98,13 @@ def sass_figures(cubin: bytes) -> dict[str, float]:
 
 
 def build(param: str, state: str, fmt: int, no_prox: bool, maximize: bool, factor: bool,
-          tensor_lr: bool, sr_param: bool, masked: bool = False) -> dict[str, float]:
+          tensor_lr: bool, sr_param: bool, aligned: bool = True, masked: bool = False
+          ) -> dict[str, float]:
+    """Compile one launch variant for sm_90 and read its figures."""
     constants = dict(P_DT=DTYPES[param], G_DT=DTYPES[param], S_DT=DTYPES[state],
                      STEP_DT=tl.float32, FMT=fmt, NO_PROX=no_prox, MAXIMIZE=maximize,
                      HAS_FACTOR=factor, LR_ON_DEVICE=tensor_lr, SR_PARAM=sr_param,
-                     ALIGNED=True, MASKED=masked, BLOCK=BLOCK, TILE=TILE, QBLOCK=QBLOCK)
+                     ALIGNED=aligned, MASKED=masked, BLOCK=BLOCK, TILE=TILE, QBLOCK=QBLOCK)
     signature = {**ARGS, **{name: "constexpr" for name in constants}}
     names = list(signature)
     source = ASTSource(
@@ -86,20 +113,42 @@ def build(param: str, state: str, fmt: int, no_prox: bool, maximize: bool, facto
         # as Triton specialises pointer arguments at launch (torch's allocations are aligned)
         attrs={(i,): [["tt.divisibility", 16]] for i, k in enumerate(ARGS)
                if ARGS[k].startswith("*")})
-    cap = register_cap(fmt, masked)  # as the kernel is launched
+    cap = register_cap(fmt, masked, aligned)  # as the kernel is launched
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": NUM_WARPS,
                                      **({} if cap is None else {"maxnreg": cap})})
     ptx = kernel.asm["ptx"]
     return {"ld_v4": ptx.count("ld.global.v4"), "st_v4": ptx.count("st.global.v4"),
             "local": ptx.count(".local"), "cubin_bytes": len(kernel.asm["cubin"]),
+            "barrier_before_atomic": barrier_before_atomic(ptx),
             **sass_figures(kernel.asm["cubin"])}
 
 
+def barrier_before_atomic(ptx: str) -> bool:
+    """Whether a CTA-wide barrier separates the kernel's global loads, the step count's among
+    them, from the completion counter's atomic: without one, a warp may still be about to
+    read a step count that the last program's atomic lets another thread advance (the kernel
+    has no loops, so the text's order is the program's)."""
+    lines = ptx.splitlines()
+    atomics = [i for i, line in enumerate(lines) if re.search(r"\batom\.", line)]
+    if len(atomics) != 1:
+        raise ValueError(f"expected one atomic in the PTX, found {len(atomics)}")
+    loads = [i for i, line in enumerate(lines[:atomics[0]]) if "ld.global" in line]
+    between = lines[loads[-1] if loads else 0:atomics[0]]
+    return any(re.search(r"\b(bar\.sync|barrier\.sync|bar\.red|barrier\.red)\b", line)
+               for line in between)
+
+
+def _build_named(name: str) -> tuple[str, dict[str, float]]:
+    """``name`` is a variant and a :data:`TILES` suffix."""
+    base, _, tiles = name.partition("/")
+    aligned, masked = TILES["/" + tiles if tiles else ""]
+    return name, build(*VARIANTS[base], aligned=aligned, masked=masked)
+
+
 if __name__ == "__main__":
-    names = sys.argv[1:] or list(VARIANTS)
-    out = {}
-    for name in names:
-        out[name] = build(*VARIANTS[name])
-        out[name + "/partial"] = build(*VARIANTS[name], masked=True)
+    # Each build is a compile and a ptxas run, mostly single-threaded: one process per core.
+    names = [v + t for v in (sys.argv[1:] or VARIANTS) for t in TILES]
+    with ProcessPoolExecutor(min(len(names), os.cpu_count() or 1)) as pool:
+        out = dict(pool.map(_build_named, names))
     print(json.dumps(out))

@@ -19,6 +19,11 @@ from torch import Tensor
 from adan.numeric.scalars import Scalar
 from adan.state.formats import PLAIN, StateFormat
 
+CAPTURED = "captured"
+"""The key of a kernel cache's list, owned by the optimizer and kept for its lifetime, where a
+kernel keeps what a CUDA graph captured (address tables, pinned buffers, counters): a graph
+may replay them after the plan that made them is dropped."""
+
 BUILDING: set[int] = set()
 """Threads building a fused kernel in the background (:mod:`.routing`)."""
 

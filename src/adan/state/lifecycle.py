@@ -63,6 +63,17 @@ def shape_mismatch(state: dict[str, Any], param: Tensor) -> str | None:
             "(del optimizer.state[param])")
 
 
+def device_mismatch(state: dict[str, Any], param: Tensor) -> str | None:
+    """Which tensor of ``state`` is not on ``param``'s device, or None (a fused kernel reads
+    every state tensor's address on the parameter's device)."""
+    device = local(param).device
+    for key, value in state.items():
+        if isinstance(value, Tensor) and local(value).device != device:
+            return (f"its state's {key!r} is on {local(value).device}, not on the parameter's "
+                    f"device {device}; move it there (or del optimizer.state[param])")
+    return None
+
+
 def convert_state(state: dict[str, Any], param: Tensor, fmt: StateFormat) -> None:
     """Re-encode ``state``'s buffers in place into format ``fmt``, rounding to nearest
     (deterministic; a state already in ``fmt`` is left untouched). For a DTensor parameter

@@ -260,8 +260,10 @@ def _adan_kernel(
                 else:
                     _st(p_ptr, cast(new, P_DT), mask, MASKED)
 
-        # The last program of this tensor to finish (in either launch) advances its step.
+        # The last program of this tensor to finish (in either launch) advances its step,
+        # once every warp of this one has read it (warps run apart; the barrier is the CTA's).
         tiles_of_tensor = tl.maximum((numel + BLOCK - 1) // BLOCK, 1)
+        tl.debug_barrier()
         done = tl.atomic_add(counters + t, 1)
         last = done == tiles_of_tensor - 1
         tl.store(step_ptr, k.to(STEP_DT), mask=last)

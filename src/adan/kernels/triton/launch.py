@@ -4,7 +4,9 @@ the launches, without reading device memory on the host."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +14,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from adan.kernels.common import StepArgs
+from adan.kernels.common import CAPTURED, StepArgs
 from adan.kernels.triton.codes import TRITON_BEFORE_3_8
 from adan.kernels.triton.device import (
     COL_M,
@@ -33,6 +35,7 @@ from adan.kernels.triton.device import (
 )
 from adan.numeric.scalars import decay_factors, log_beta, real_view
 from adan.state.formats import BUFFER_KEYS
+from adan.state.lifecycle import device_mismatch
 
 __all__ = ["BLOCK", "NUM_WARPS", "QBLOCK", "TILE", "register_cap", "triton_adan",
            "triton_unsupported"]
@@ -50,10 +53,13 @@ REGISTER_CAP = 128
 take more (figures: docs/benchmarks.md, "What the compiled kernel predicts")."""
 
 
-def register_cap(fmt: int, masked: bool) -> int | None:
+def register_cap(fmt: int, masked: bool, aligned: bool = True) -> int | None:
     """The ``maxnreg`` launch option of a kernel variant: :data:`REGISTER_CAP` for the 8-bit
-    kernel and, with Triton before 3.8, for partial tiles; else None (the compiler's choice)."""
-    return REGISTER_CAP if fmt == FMT_INT8 or (masked and TRITON_BEFORE_3_8) else None
+    kernel and for partial tiles with Triton before 3.8 or of misaligned tensors (which
+    otherwise take up to 163 registers, or spill, with Triton 3.9); else None (the
+    compiler's choice)."""
+    return REGISTER_CAP if fmt == FMT_INT8 or (
+        masked and (TRITON_BEFORE_3_8 or not aligned)) else None
 
 
 # (state key, its column, its 8-bit block data's column) of the four buffers, in table order
@@ -81,43 +87,82 @@ def triton_unsupported(param: Tensor, grad: Tensor, state: dict[str, Any] | None
     return None
 
 
+CAPTURED_PLANS: list[Any] = []
+"""Where plans a CUDA graph captured are kept when the caller's cache names no list of its
+own (:data:`adan.kernels.common.CAPTURED`): for the life of the process."""
+
+RECAPTURE = ("a second CUDA graph capture with new values for the Triton kernel's address "
+             "arrays (gradients allocated at new addresses, or new hyperparameters) and no eager "
+             "step since the last capture: capture reads host memory reserved at an eager step "
+             "and never allocates pinned memory. Run one eager step (on a side stream, as "
+             "torch's recipe does) before each capture")
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether work on ``device`` is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Make ``device`` current while launching: Triton launches on the current device (and
+    its current stream); a guard only where the tensors' device is not the current one."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 class _Staging:
     """A device array refreshed from host values without blocking the host: copied from a new
-    pinned tensor, or during CUDA graph capture from a pinned buffer reserved before and then
-    kept for good (the graph copies from it again at every replay)."""
+    pinned tensor, or during CUDA graph capture from a pinned buffer reserved at an eager put
+    (or kept from an earlier capture of the same values), which is then kept for good, since
+    every replay copies from it again. Once a capture used the array, a replay may have
+    rewritten it, so every eager put copies."""
 
-    def __init__(self, size: int, dtype: torch.dtype, device: torch.device,
-                 keepalive: list[Tensor]) -> None:
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
         self.device = torch.empty(size, dtype=dtype, device=device)
         self.cuda = device.type == "cuda"
-        self.spare = torch.empty(size, dtype=dtype, pin_memory=True) if self.cuda else None
-        self.keepalive = keepalive
+        self.spare: Tensor | None = self._host()
+        self.captured: dict[tuple[Any, ...], Tensor] = {}  # values: the host array a graph reads
         self.last: list[Any] | None = None
 
     def put(self, values: list[Any]) -> Tensor:
-        """The device array holding ``values`` (copied only if they changed, and always
-        during capture, so that every replay uses the addresses it was captured with)."""
-        capturing = self.cuda and torch.cuda.is_current_stream_capturing()
-        if values == self.last and not capturing:
+        """The device array holding ``values`` (copied only if they changed since the last
+        eager put and no capture used the array; always during capture)."""
+        if capturing(self.device.device):
+            return self._capture(values)
+        if values == self.last and not self.captured:
             return self.device
-        if capturing:
-            if self.spare is None:  # a second capture with no eager step between: torch's
-                # pinned allocator takes allocations during capture (older torch may refuse)
-                self.spare = self._host()
-            host, self.spare = self.spare, None
-            self.keepalive.append(host)
-        else:
-            host = self._host()
-            if self.cuda and self.spare is None:
-                self.spare = self._host()
+        host = self._host()
+        if self.spare is None:  # the next capture's
+            self.spare = self._host()
         host.numpy()[:] = values  # through NumPy: a third of torch.tensor(values)'s time
         self.device.copy_(host, non_blocking=self.cuda)
         self.last = values
         return self.device
 
+    def _capture(self, values: list[Any]) -> Tensor:
+        """Capture a copy of ``values`` from host memory that is never written again."""
+        host = self.captured.get(tuple(values))
+        if host is None:
+            if self.spare is None:
+                raise RuntimeError(f"Adan: {RECAPTURE}")
+            host, self.spare = self.spare, None
+            host.numpy()[:] = values
+            self.captured[tuple(values)] = host
+        self.device.copy_(host, non_blocking=self.cuda)
+        return self.device
+
     def _host(self) -> Tensor:
         """A host array to copy from: pinned on CUDA, so that the copy does not block."""
         return torch.empty(self.device.shape, dtype=self.device.dtype, pin_memory=self.cuda)
+
+
+def _upload(values: list[Any], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A new device array holding ``values``, copied from pinned host memory without
+    blocking the host (an array that never changes: a table, tiles)."""
+    host = torch.empty(len(values), dtype=dtype, pin_memory=device.type == "cuda")
+    host.numpy()[:] = values
+    return host.to(device, non_blocking=True)
 
 
 @dataclass
@@ -137,13 +182,16 @@ class _Part:
 @dataclass
 class _Plan:
     """A call's parts, valid while the parameters' addresses and the gradients' alignment stay
-    as they were built from (the owner renews the cache when tensors or state change)."""
+    as they were built from (the owner renews the cache when tensors or state change).
+    ``captured``: a CUDA graph captured its launches, so it is kept while graphs may replay
+    them (:data:`adan.kernels.common.CAPTURED`)."""
 
     params: list[int]
     aligned_grads: list[bool]
     parts: list[_Part]
     hyper: _Staging
     keepalive: list[Tensor] = field(default_factory=list)
+    captured: bool = False
 
 
 def _aligned(address: int) -> bool:
@@ -158,8 +206,7 @@ def _alignment(addresses: list[int], like: list[bool]) -> list[bool]:
     return [_aligned(a) for a in addresses]
 
 
-def _tiles(numels: list[int], device: torch.device, keepalive: list[Tensor]
-           ) -> list[tuple[bool, Tensor]]:
+def _tiles(numels: list[int], device: torch.device) -> list[tuple[bool, Tensor]]:
     """(tensor, tile) pairs of every program, int32, for full tiles and for partial ones (an
     empty tensor gets one partial tile, so that its step is counted), as (masked, pairs)."""
     counts = torch.tensor(numels, dtype=torch.int64)
@@ -173,15 +220,18 @@ def _tiles(numels: list[int], device: torch.device, keepalive: list[Tensor]
         first = torch.repeat_interleave(torch.cumsum(per_tensor, 0) - per_tensor, per_tensor)
         index = torch.arange(tensor.numel()) - first + (full[tensor] if masked else 0)
         pairs = torch.stack([tensor, index], dim=1).to(torch.int32).reshape(-1)
-        stage = _Staging(pairs.numel(), torch.int32, device, keepalive)
-        out.append((masked, stage.put(pairs.tolist())))
+        out.append((masked, _upload(pairs.tolist(), torch.int32, device)))
     return out
 
 
 def _check_sizes(param: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
     """The kernel's bound is the parameter's size: refuse a gradient or buffer of another
     (a parameter whose ``.data`` was replaced by a tensor of another shape keeps its old
-    gradient and state, and the owner's plan key, which reads gradients, does not see it)."""
+    gradient and state, and the owner's plan key, which reads gradients, does not see it),
+    and state on another device (its address would be read on the parameter's)."""
+    problem = device_mismatch(state, param)
+    if problem:
+        raise RuntimeError(f"Cannot step a parameter of shape {tuple(param.shape)}: {problem}")
     numel = real_view(param).numel()
     sizes = [real_view(t).numel() for t in (grad, *(state[k] for k in BUFFER_KEYS))]
     if any(size != numel for size in sizes):
@@ -209,7 +259,6 @@ def _build(params: list[Tensor], grads: list[Tensor], grad_ptrs: list[int],
     """The parts of a call: its tensors grouped by launch signature, with their tables."""
     device = params[0].device
     no_seed = torch.zeros((), dtype=torch.int64, device=device)  # as compact.seed_of's
-    keepalive: list[Tensor] = [no_seed]
     rows: list[list[int]] = []
     by_signature: dict[tuple[Any, ...], list[int]] = {}
     for i, (param, state) in enumerate(zip(params, states, strict=True)):
@@ -222,15 +271,14 @@ def _build(params: list[Tensor], grads: list[Tensor], grad_ptrs: list[int],
         by_signature.setdefault(signature, []).append(i)
     parts = []
     for signature, members in by_signature.items():
-        table = _Staging(len(members) * NCOL.value, torch.int64, device, keepalive)
         parts.append(_Part(signature, members,
-                           table.put([a for i in members for a in rows[i]]),
-                           _tiles([rows[i][COL_NUMEL] for i in members], device, keepalive),
+                           _upload([a for i in members for a in rows[i]], torch.int64, device),
+                           _tiles([rows[i][COL_NUMEL] for i in members], device),
                            torch.zeros(len(members), dtype=torch.int32, device=device),
-                           _Staging(len(members), torch.int64, device, keepalive)))
+                           _Staging(len(members), torch.int64, device)))
     return _Plan(params=[p.data_ptr() for p in params],
                  aligned_grads=[_aligned(a) for a in grad_ptrs], parts=parts,
-                 hyper=_Staging(5, torch.float64, device, keepalive), keepalive=keepalive)
+                 hyper=_Staging(5, torch.float64, device), keepalive=[no_seed])
 
 
 def triton_adan(
@@ -238,45 +286,67 @@ def triton_adan(
     cache: dict[Any, Any] | None = None,
 ) -> None:
     """Apply one step to every tensor in place: one launch per part (dtypes, alignment and
-    tile kind).
+    tile kind), on the tensors' device (all on one: the caller splits by device).
 
     Every tensor must pass :func:`triton_unsupported`; the selector routes others elsewhere.
     ``cache`` keeps the plan: its owner empties it when the tensors' dtypes, shapes or
     state change; the parameters' addresses and the gradients' alignment are checked here,
-    and the gradients' addresses are sent at every step.
+    and the gradients' addresses are sent at every step. A plan that a CUDA graph captured
+    is kept in the list ``cache[CAPTURED]`` (else :data:`CAPTURED_PLANS`), so that a re-plan
+    never frees what a graph replays.
     """
     cache = {} if cache is None else cache
+    device = params[0].device
+    capture = capturing(device)
     grad_ptrs = list(map(Tensor.data_ptr, grads))
     plan: _Plan | None = cache.get("plan")
     if (plan is None or plan.params != list(map(Tensor.data_ptr, params))
             or plan.aligned_grads != _alignment(grad_ptrs, plan.aligned_grads)):
+        if capture:  # its arrays would be uploaded from pinned memory allocated in capture
+            raise RuntimeError(
+                "Adan: the Triton kernel's plan is made at an eager step, not during CUDA graph "
+                "capture (this is the first step of these parameters, or their addresses, the "
+                "gradients' alignment, which parameters have gradients or the state changed "
+                "since the last eager step). Run one eager step (on a side stream, as torch's "
+                "recipe does) right before capturing")
         plan = cache["plan"] = _build(params, grads, grad_ptrs, states)
-    device = params[0].device
+    if capture and not plan.captured:
+        plan.captured = True
+        cache.get(CAPTURED, CAPTURED_PLANS).append(plan)
+        if not isinstance(args.lr, Tensor):
+            warnings.warn("adan: a float lr (like betas, eps and weight_decay) is fixed in a "
+                          "CUDA graph when it is captured: replays ignore later changes, an lr "
+                          "scheduler's included. Pass lr as a CUDA tensor (with capturable=True) "
+                          "for a schedule to reach the replays", UserWarning, stacklevel=2)
     b1, b2, b3 = args.betas
     hyper = plan.hyper.put([log_beta(b1), log_beta(b2), log_beta(b3), b2, args.weight_decay])
-    lr_on_device = isinstance(args.lr, Tensor) and args.lr.device == device
-    if lr_on_device:
+    # A tensor lr is read by the kernel, copied to the parameters' device if it is on another
+    # accelerator (reading it on the host would wait for that one); one in host memory is read.
+    lr: Tensor | None = None
+    if isinstance(args.lr, Tensor) and (args.lr.device == device or not args.lr.is_cpu):
+        lr = args.lr.to(device, non_blocking=True)
         keep = scale = 0.0
     else:
         keep, scale = map(float, decay_factors(float(args.lr), args.weight_decay, args.no_prox))
     factor = None if args.grad_factor is None else args.grad_factor.to(device, non_blocking=True)
     fmt = args.fmt.triton_code
-    for part in plan.parts:
-        p_dtype, g_dtype, s_dtype, step_dtype, aligned = part.signature
-        addresses = part.grads.put(grad_ptrs if len(part.members) == len(params)
-                                   else [grad_ptrs[i] for i in part.members])
-        state_dtype = s_dtype if not args.fmt.quantized else torch.float32
-        lr_tensor = args.lr if lr_on_device else part.counters
-        for masked, tiles in part.tiles:
-            _adan_kernel[(tiles.shape[0] // 2,)](
-                part.table, tiles, addresses, part.counters,
-                part.counters if factor is None else factor, lr_tensor, hyper,
-                keep, scale, b1, 1 - b1, b2, 1 - b2, b3, 1 - b3, args.eps,
-                P_DT=_TL_DTYPES[p_dtype], G_DT=_TL_DTYPES[g_dtype],
-                S_DT=_TL_DTYPES[state_dtype], STEP_DT=_TL_DTYPES[step_dtype],
-                FMT=fmt, NO_PROX=args.no_prox, MAXIMIZE=args.maximize,
-                HAS_FACTOR=factor is not None, LR_ON_DEVICE=lr_on_device,
-                SR_PARAM=args.rounds_param(p_dtype), ALIGNED=aligned, MASKED=masked,
-                BLOCK=BLOCK, TILE=TILE, QBLOCK=QBLOCK, num_warps=NUM_WARPS,
-                maxnreg=register_cap(fmt, masked),
-            )
+    with _device_guard(device):
+        for part in plan.parts:
+            p_dtype, g_dtype, s_dtype, step_dtype, aligned = part.signature
+            addresses = part.grads.put(grad_ptrs if len(part.members) == len(params)
+                                       else [grad_ptrs[i] for i in part.members])
+            state_dtype = s_dtype if not args.fmt.quantized else torch.float32
+            lr_tensor = part.counters if lr is None else lr
+            for masked, tiles in part.tiles:
+                _adan_kernel[(tiles.shape[0] // 2,)](
+                    part.table, tiles, addresses, part.counters,
+                    part.counters if factor is None else factor, lr_tensor, hyper,
+                    keep, scale, b1, 1 - b1, b2, 1 - b2, b3, 1 - b3, args.eps,
+                    P_DT=_TL_DTYPES[p_dtype], G_DT=_TL_DTYPES[g_dtype],
+                    S_DT=_TL_DTYPES[state_dtype], STEP_DT=_TL_DTYPES[step_dtype],
+                    FMT=fmt, NO_PROX=args.no_prox, MAXIMIZE=args.maximize,
+                    HAS_FACTOR=factor is not None, LR_ON_DEVICE=lr is not None,
+                    SR_PARAM=args.rounds_param(p_dtype), ALIGNED=aligned, MASKED=masked,
+                    BLOCK=BLOCK, TILE=TILE, QBLOCK=QBLOCK, num_warps=NUM_WARPS,
+                    maxnreg=register_cap(fmt, masked, aligned),
+                )
