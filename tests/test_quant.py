@@ -163,3 +163,27 @@ def test_stochastic_rounding_keeps_a_slow_average_moving():
         means[stochastic] = n.double().mean().item()
     assert means[False] < 1.2  # round-to-nearest stalls far from the target
     assert abs(means[True] - exact) < 2e-3
+
+
+def slow_ema(steps: int, rounding) -> tuple[float, float]:
+    """(mean of n, the float64 mean) for n <- 0.999 n + 0.001 x**2 over ``steps`` steps of
+    x = 0.01 + 0.001 * noise, 1024 elements, n stored by ``rounding(n, step)`` each step."""
+    gen = torch.Generator().manual_seed(0)
+    n = torch.zeros(1024)
+    exact = torch.zeros(1024, dtype=torch.float64)
+    for step in range(steps):
+        x = 0.01 + 0.001 * torch.randn(1024, generator=gen, dtype=torch.float64)
+        exact = exact * 0.999 + x * x * 0.001
+        n = rounding(n * 0.999 + (x * x).float() * 0.001, step)
+    return n.double().mean().item(), exact.mean().item()
+
+
+def test_slow_average_of_a_small_value_is_unbiased():
+    """b3 = 0.999 over 5,000 steps: each increment is 1/1000 of n, 1/125 of a code gap, so
+    only stochastic rounding moves n; the 10 random bits keep its mean on float64's."""
+    def minifloat(n: torch.Tensor, step: int) -> torch.Tensor:
+        word = torch.randint(0, 1 << 30, n.shape, generator=torch.Generator().manual_seed(step))
+        return roundtrip(n, False, mx_code(False).noise(word & 0x3FF))
+
+    got, want = slow_ema(5000, minifloat)
+    assert abs(got / want - 1) < 2e-3

@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton")
 # Per thread of a full program (4096 elements in two tiles, 256 threads: 8 each per tile):
 # 16-byte loads and stores of the param, the gradient and the four buffers (two per array per
 # tile for 4-byte elements, one for 2-byte ones); 8-bit codes take 4-byte accesses, so that
-# their tiles keep the float32 tiles' layout (a block in one warp).
+# their tiles keep the float32 tiles' layout (a block of 32 in 8 threads of one warp).
 EXPECTED = {
     "fp32": (24, 20), "fp32-all-options": (24, 20), "bf16": (12, 10), "bf16-sr-param": (12, 10),
     "fp16-fp32-state": (20, 18), "bf16-state": (16, 12), "int8-state": (8, 4),
@@ -31,8 +31,7 @@ EXPECTED = {
 
 GPU_TRITON = "3.6.0"
 """The GPU machine's Triton (its image: torch 2.11, Triton 3.6), whose layouts differ from
-later versions' (see ``adan.kernels.triton.codes.HALVES``): built too, in a virtual
-environment of its own."""
+later versions': built too, in a virtual environment of its own."""
 
 SCRIPT = Path(__file__).with_name("triton_build.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -125,8 +124,9 @@ def test_fp32_full_tiles_within_96_registers(built):
 
 
 def test_int8_kernel_does_not_grow(built):
-    """The 8-bit kernel is above its target (<= 160 SASS instructions per element): what its
-    power codes cost is in docs/benchmarks.md; its current figures are a bound, so it only
-    improves. (It was 546 before its blocks were laid out one per warp.)"""
-    assert built["int8-state"]["instr_per_elem"] <= 410
+    """The 8-bit kernel (block minifloats) is above its target of 160 SASS instructions per
+    element (docs/benchmarks.md): its current figures are a bound, so it only improves. (It
+    was 546 before the power codes' blocks were laid out one per warp, 400 after; the
+    minifloats took it to 245.)"""
+    assert built["int8-state"]["instr_per_elem"] <= 250
     assert built["int8-state"]["registers"] <= 128
