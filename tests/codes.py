@@ -28,9 +28,9 @@ def levels(signed: bool) -> tuple[int, int]:
 def grid(signed: bool) -> np.ndarray:
     """The magnitudes of codes 0, 1, ... relative to the block scale (docs/lowmem.md): the
     subnormals k/2**mb * 2**emin, then (1 + j/2**mb) * 2**e for each exponent up to the [2, 4)
-    binade: e3m4 (mb 4, emin -5) for signed buffers, e5m3 (mb 3, emin -29, the top code
+    binade: e4m3 (mb 3, emin -13) for signed buffers, e5m3 (mb 3, emin -29, the top code
     reserved) for n."""
-    mb, emin = (4, -5) if signed else (3, -29)
+    mb, emin = (3, -13) if signed else (3, -29)
     steps = 2**mb
     values = [k / steps * 2.0**emin for k in range(steps)]
     values += [(1 + j / steps) * 2.0**e for e in range(emin, 2) for j in range(steps)]
@@ -76,7 +76,8 @@ def decode(state: dict, key: str, signed: bool, shape: tuple[int, ...]) -> np.nd
 
 
 def encode(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest minifloat code per element (ties away from zero) and the blocks' scale bytes
+    """Nearest minifloat code per element (ties away from zero; signed subnormal codes
+    towards zero) and the blocks' scale bytes
     (one per started block, plus one; a block past the end has 2); a non-finite element takes
     the reserved code and a nonzero n at least code 1."""
     flat = x.ravel().astype(np.float64)
@@ -91,6 +92,8 @@ def encode(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
             t = np.abs(block) * 2.0 ** (128 - s)
         hi = np.clip(np.searchsorted(g, t), 1, g.size - 1)
         k = np.where(t - g[hi - 1] >= g[hi] - t, hi, hi - 1)
+        if signed:  # subnormal codes round towards zero
+            k = np.where(t < g[8], np.floor(t / g[1]).astype(np.int64), k)
         if not signed:
             k = np.maximum(k, block > 0)
         k = np.where(block < 0, -k, k)

@@ -87,7 +87,7 @@ def test_special_blocks_stay_finite(values: np.ndarray, signed: bool):
         assert torch.isfinite(got).all()
         xs = x.double().numpy()
         err = np.abs(got.double().numpy() - xs)
-        # within a code gap of the element's block: 2**-4 (e3m4) or 2**-3 (e5m3) of the
+        # within a code gap of the element's block: 2**-3 (e4m3, e5m3) of the
         # block's largest magnitude's binade; below float32's normal range (the scale's
         # floor is 2**-126) values may flush to zero
         top = np.repeat([np.abs(xs[i:i + MX_BLOCK]).max() for i in range(0, xs.size, MX_BLOCK)],

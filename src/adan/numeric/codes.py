@@ -2,7 +2,7 @@
 
 The 8-bit state (docs/lowmem.md, "8-bit codes") keeps blocks of :data:`MX_BLOCK` elements,
 each with one byte ``s``, the block's power-of-two scale ``2**(s - 128)``, and per element
-an 8-bit minifloat of the element over that scale: signed buffers sign + e3m4 (code -128
+an 8-bit minifloat of the element over that scale: signed buffers sign + e4m3 (code -128
 means NaN), the never-negative second moment e5m3 (code 255 means +inf). Encoding and
 decoding are float bit manipulations and exact multiplications by powers of two, so every
 path (eager, compiled, the Triton kernel) computes the same bits. The power codes of before
@@ -68,8 +68,9 @@ class MxCode:
         return (random10 << self.noise_shift) | self.noise_half
 
 
-SIGNED_CODE = MxCode(3, 4, 127)
-"""Signed buffers (m, v, prev): sign + e3m4 magnitude, 2**-9 .. 3.875 times the scale."""
+SIGNED_CODE = MxCode(4, 3, 127)
+"""Signed buffers (m, v, prev): sign + e4m3 magnitude, 2**-16 .. 3.75 times the scale; their
+subnormal codes (below 2**-13, reached next to outliers) round towards zero."""
 UNSIGNED_CODE = MxCode(5, 3, 254)
 """The second moment n: e5m3, 2**-32 .. 3.5 times the scale; a nonzero n keeps code >= 1."""
 
@@ -104,7 +105,7 @@ def mx_noise(word: Tensor, index: int) -> Tensor | None:
 def mx_encode(x: Tensor, signed: bool, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Encode float32 ``x`` as ``(codes, scales)``: a code per element (flat int8 or uint8)
     and a uint8 ``s`` per block; ``noise`` (int32 addends from :func:`mx_noise`) rounds
-    stochastically, else to nearest. The scale comes from the block's largest finite
+    stochastically, else to nearest (signed subnormal codes towards zero). The scale comes from the block's largest finite
     magnitude; a non-finite element takes the reserved code and changes nothing else."""
     code = mx_code(signed)
     numel = x.numel()
@@ -117,6 +118,8 @@ def mx_encode(x: Tensor, signed: bool, noise: Tensor | None = None) -> tuple[Ten
     sub = t < code.normal
     y = torch.where(sub, t + code.normal, t)
     add = code.nearest if noise is None else _mx_rows(noise.reshape(-1))
+    if signed:  # towards zero: a rare round-up there would be many times the value
+        add = torch.where(sub, 0, add)
     k = ((y.view(torch.int32) + add) >> code.shift) - torch.where(sub, code.sub_offset,
                                                                   code.offset)
     k = k.clamp(max=code.top)

@@ -110,6 +110,8 @@ def mx_encode(x, noise, SIGNED: tl.constexpr):
     t = mag * ((255 - s) << 23).to(tl.float32, bitcast=True)[:, None]
     sub = t < normal
     y = tl.where(sub, t + normal, t)
+    if SIGNED:
+        noise = tl.where(sub, 0, noise)
     k = ((y.to(tl.int32, bitcast=True) + noise) >> shift) - tl.where(sub, sub_offset, offset)
     k = tl.minimum(k, top)
     if SIGNED:
