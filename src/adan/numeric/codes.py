@@ -105,8 +105,9 @@ def mx_noise(word: Tensor, index: int) -> Tensor | None:
 def mx_encode(x: Tensor, signed: bool, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Encode float32 ``x`` as ``(codes, scales)``: a code per element (flat int8 or uint8)
     and a uint8 ``s`` per block; ``noise`` (int32 addends from :func:`mx_noise`) rounds
-    stochastically, else to nearest (signed subnormal codes towards zero). The scale comes from the block's largest finite
-    magnitude; a non-finite element takes the reserved code and changes nothing else."""
+    stochastically, else to nearest (signed subnormal codes towards zero). The scale comes
+    from the block's largest finite magnitude; a non-finite element takes the reserved code
+    and changes nothing else."""
     code = mx_code(signed)
     numel = x.numel()
     rows = _mx_rows(x.reshape(-1).float())
