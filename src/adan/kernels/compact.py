@@ -19,7 +19,7 @@ from adan.kernels.common import (
     step_decision,
     use_tensor_scalars,
 )
-from adan.numeric.codes import GOLDEN, M32, mix32, round_to_bf16
+from adan.numeric.codes import GOLDEN, M32, mix32, mx_rows, round_to_bf16
 from adan.numeric.scalars import (
     Scalar,
     bias_corrections,
@@ -28,7 +28,7 @@ from adan.numeric.scalars import (
     step_as,
     wide_dtype,
 )
-from adan.state.formats import BUFFER_KEYS, BUFFERS, StateFormat, work_dtype
+from adan.state.formats import BUFFER_KEYS, BUFFERS, INT8, StateFormat, work_dtype
 
 # Positions in the scalar vector.
 (FACTOR, B1, OMB1, B2, OMB2, B3, OMB3, IBC1, B2BC2, IBC3, EPS, KEEP, LR, FIRST, STEP) = range(15)
@@ -101,6 +101,9 @@ def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor 
     views) with their flat 8-bit block scales or None, ``s`` from :func:`scalar_vector`,
     ``seed`` the state's 0-d int64 seed for stochastic rounding. With ``may_skip`` a
     non-finite gradient factor leaves everything as it was, decided on the device."""
+    if fmt is INT8:
+        _blocked_step(p, g, buffers, metas, s, seed, stochastic_param, may_skip)
+        return
     work = s.dtype
     decoded = [fmt.load(b, meta, p.shape, signed, work)
                for b, meta, (_, signed) in zip(buffers, metas, BUFFERS, strict=True)]
@@ -114,6 +117,30 @@ def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor 
     if stochastic_param and p.dtype == torch.bfloat16:
         noise = noise_word(p, seed, s[STEP], 2)
         new = round_to_bf16(new, (noise & 0xFFFF).to(torch.int32))
+    p.copy_(new if go is None else torch.where(go, new.to(p.dtype), p))
+
+
+def _blocked_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None],
+                  s: Tensor, seed: Tensor, stochastic_param: bool, may_skip: bool) -> None:
+    """:func:`tensor_step` of 8-bit state, every operand as blocks of the codes (zero-padded
+    rows, ``adan.numeric.codes.mx_rows``), so that a compiled step is one loop over blocks
+    (over the flat tensor, the blocks' maxima would need loops and temporaries of their own).
+    The same bits: the padding is dropped, and element indices (the noise's) are unchanged."""
+    work = s.dtype
+    scales = [meta for meta in metas if meta is not None]
+    pr, gr = (mx_rows(t.reshape(-1).to(work)) for t in (p, g))
+    m, v, n, prev = (INT8.load_rows(b, meta, signed).to(work)
+                     for b, meta, (_, signed) in zip(buffers, scales, BUFFERS, strict=True))
+    new, *moments = adan_update(pr, gr, m, v, n, prev, s)
+    go = torch.isfinite(s[FACTOR]) if may_skip else None
+    word = noise_word(new, seed, s[STEP], 0)
+    for i, (b, meta, x, (_, signed)) in enumerate(zip(buffers, scales, moments, BUFFERS,
+                                                      strict=True)):
+        INT8.store_rows(b, meta, x, signed, INT8.noise([word], i), go)
+    if stochastic_param and p.dtype == torch.bfloat16:
+        noise = noise_word(new, seed, s[STEP], 2)
+        new = round_to_bf16(new, (noise & 0xFFFF).to(torch.int32))
+    new = new.reshape(-1)[: p.numel()].view(p.shape)
     p.copy_(new if go is None else torch.where(go, new.to(p.dtype), p))
 
 

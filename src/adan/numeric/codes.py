@@ -24,8 +24,11 @@ __all__ = [
     "dequantize_blockwise",
     "mx_blocks",
     "mx_decode",
+    "mx_decode_rows",
     "mx_encode",
+    "mx_encode_rows",
     "mx_noise",
+    "mx_rows",
     "num_blocks",
     "round_to_bf16",
 ]
@@ -86,7 +89,7 @@ def mx_blocks(numel: int) -> int:
     return numel // MX_BLOCK + 1
 
 
-def _mx_rows(flat: Tensor) -> Tensor:
+def mx_rows(flat: Tensor) -> Tensor:
     """``flat`` zero-padded to ``mx_blocks`` full blocks plus one, as ``(rows, MX_BLOCK)``:
     the extra row keeps the row count above 1 for every size (one compiled graph)."""
     rows = mx_blocks(flat.numel()) + 1
@@ -104,13 +107,21 @@ def mx_noise(word: Tensor, index: int) -> Tensor | None:
 
 def mx_encode(x: Tensor, signed: bool, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Encode float32 ``x`` as ``(codes, scales)``: a code per element (flat int8 or uint8)
-    and a uint8 ``s`` per block; ``noise`` (int32 addends from :func:`mx_noise`) rounds
-    stochastically, else to nearest (signed subnormal codes towards zero). The scale comes
-    from the block's largest finite magnitude; a non-finite element takes the reserved code
-    and changes nothing else."""
-    code = mx_code(signed)
+    and a uint8 ``s`` per block (:func:`mx_encode_rows` on :func:`mx_rows`)."""
     numel = x.numel()
-    rows = _mx_rows(x.reshape(-1).float())
+    add = None if noise is None else mx_rows(noise.reshape(-1))
+    codes, s = mx_encode_rows(mx_rows(x.reshape(-1).float()), signed, add)
+    return codes.reshape(-1)[:numel], s[: mx_blocks(numel)]
+
+
+def mx_encode_rows(rows: Tensor, signed: bool, noise: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """The codes (int8 or uint8, shaped as ``rows``) of float32 ``rows`` (one block each) and
+    their uint8 scale bytes; ``noise`` (int32 addends from :func:`mx_noise`, shaped as
+    ``rows``) rounds stochastically, else to nearest (signed subnormal codes towards zero).
+    The scale comes from the block's largest finite magnitude; a non-finite element takes
+    the reserved code and changes nothing else."""
+    code = mx_code(signed)
     finite = torch.isfinite(rows)
     mag = torch.where(finite, rows.abs(), 0.0)
     top = mag.amax(dim=1, keepdim=True)
@@ -118,26 +129,31 @@ def mx_encode(x: Tensor, signed: bool, noise: Tensor | None = None) -> tuple[Ten
     t = mag * ((255 - s) << 23).view(torch.float32)  # mag * 2**(128 - s), exact
     sub = t < code.normal
     y = torch.where(sub, t + code.normal, t)
-    add = code.nearest if noise is None else _mx_rows(noise.reshape(-1))
+    add = code.nearest if noise is None else noise
     if signed:  # towards zero: a rare round-up there would be many times the value
         add = torch.where(sub, 0, add)
     k = ((y.view(torch.int32) + add) >> code.shift) - torch.where(sub, code.sub_offset,
                                                                   code.offset)
     k = k.clamp(max=code.top)
     if signed:
-        k = torch.where(finite, torch.where(rows < 0, -k, k), -128)
-        codes = k.to(torch.int8)
+        codes = torch.where(finite, torch.where(rows < 0, -k, k), -128).to(torch.int8)
     else:
-        k = torch.where(finite, torch.maximum(k, (rows > 0).to(k.dtype)), 255)
-        codes = k.to(torch.uint8)
-    return codes.reshape(-1)[:numel], s.reshape(-1)[: mx_blocks(numel)].to(torch.uint8)
+        codes = torch.where(finite, torch.maximum(k, (rows > 0).to(k.dtype)), 255)
+        codes = codes.to(torch.uint8)
+    return codes, s.reshape(-1).to(torch.uint8)
 
 
 def mx_decode(codes: Tensor, scales: Tensor, shape: torch.Size | tuple[int, ...], *,
               signed: bool, dtype: torch.dtype = torch.float32) -> Tensor:
     """Decode ``(codes, scales)`` from :func:`mx_encode` into a ``dtype`` tensor of ``shape``."""
+    values = mx_decode_rows(codes, scales, signed)
+    return values.reshape(-1)[: codes.numel()].view(shape).to(dtype)
+
+
+def mx_decode_rows(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
+    """The float32 values of ``codes`` (any shape, flat order) as :func:`mx_rows` of them."""
     code = mx_code(signed)
-    k = _mx_rows(codes.reshape(-1).to(torch.int32))
+    k = mx_rows(codes.reshape(-1).to(torch.int32))
     mag = k.abs() if signed else k
     normal = ((mag + code.offset) << code.shift).view(torch.float32)
     value = torch.where(mag < code.mantissa, mag.float() * (code.normal / code.mantissa), normal)
@@ -145,9 +161,8 @@ def mx_decode(codes: Tensor, scales: Tensor, shape: torch.Size | tuple[int, ...]
         value = torch.where(k == -128, torch.nan, torch.where(k < 0, -value, value))
     else:
         value = torch.where(k == code.top + 1, torch.inf, value)
-    s = F.pad(scales.reshape(-1).to(torch.int32), (0, 1), value=2)  # _mx_rows' extra row
-    value = value * ((s - 1) << 23).view(torch.float32)[:, None]  # * 2**(s - 128), exact
-    return value.reshape(-1)[: codes.numel()].view(shape).to(dtype)
+    s = F.pad(scales.reshape(-1).to(torch.int32), (0, 1), value=2)  # mx_rows' extra row
+    return value * ((s - 1) << 23).view(torch.float32)[:, None]  # * 2**(s - 128), exact
 
 
 # The power codes of before (decoded only, from old checkpoints): blocks of BLOCK elements

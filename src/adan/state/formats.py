@@ -16,7 +16,9 @@ from adan.numeric.codes import (
     dequantize_blockwise,
     mx_blocks,
     mx_decode,
+    mx_decode_rows,
     mx_encode,
+    mx_encode_rows,
     mx_noise,
     round_to_bf16,
 )
@@ -193,15 +195,30 @@ class _Int8(StateFormat):
     def noise(self, words: list[Tensor], index: int) -> Tensor | None:
         return mx_noise(words[0], index)
 
+    def load_rows(self, buffer: Tensor, scales: Tensor, signed: bool) -> Tensor:
+        """A kernel's float32 view of one buffer as blocks (``adan.numeric.codes.mx_rows``):
+        with every operand in that shape a compiled step is one loop over the blocks."""
+        return mx_decode_rows(buffer, scales, signed)
+
+    def store_rows(self, buffer: Tensor, scales: Tensor, x: Tensor, signed: bool,
+                   noise: Tensor | None, go: Tensor | None) -> None:
+        """:meth:`store` of ``x`` and ``noise`` given as blocks."""
+        codes, new = mx_encode_rows(x.float(), signed, noise)
+        self._write(buffer, scales, codes.reshape(-1)[: buffer.numel()], new, go)
+
     def store(self, buffer: Tensor, meta: Tensor | None, x: Tensor, signed: bool,
               noise: Tensor | None, go: Tensor | None) -> None:
         assert meta is not None
-        codes, scales = mx_encode(x, signed, noise)
-        codes = codes.view(buffer.shape)
+        self._write(buffer, meta, *mx_encode(x, signed, noise), go)
+
+    @staticmethod
+    def _write(buffer: Tensor, scales: Tensor, codes: Tensor, new: Tensor,
+               go: Tensor | None) -> None:
+        codes, new = codes.view(buffer.shape), new[: scales.numel()]
         if go is not None:
-            codes, scales = torch.where(go, codes, buffer), torch.where(go, scales, meta)
+            codes, new = torch.where(go, codes, buffer), torch.where(go, new, scales)
         buffer.copy_(codes)
-        meta.copy_(scales)
+        scales.copy_(new)
 
 
 PLAIN, FP32, BF16, INT8 = _Plain(), _Float32(), _BFloat16(), _Int8()
