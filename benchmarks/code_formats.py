@@ -1,6 +1,13 @@
-"""Rounding error of 8-bit block codes: the power codes (``adan.numeric.codes``) vs minifloats.
+"""Rounding error of 8-bit block codes: the old power codes vs minifloats.
 
     python benchmarks/code_formats.py [--blocks 4096] [--seed 0]
+    python benchmarks/code_formats.py --real [--steps 200]
+
+``--real`` measures on real Adan state instead (the digits CNN of ``benchmarks/digits.py``
+after ``--steps`` steps with float32 state): the relative RMS error of each buffer rounded to
+nearest by the old power codes (256-blocks, top kept exactly) and by block minifloats with a
+power-of-two scale per block of 32, 64 or 128 (``adan.numeric.codes``), n's error in
+``sqrt(n)``; it chose the 8-bit format's block size and minifloats (docs/lowmem.md).
 
 A minifloat's code can be chosen from the float's bits (a shift, an add, a clamp), which is
 what an 8-bit kernel near 160 instructions per element would need; the power codes need a
@@ -61,11 +68,100 @@ def row(name: str, t: torch.Tensor, q: torch.Tensor, root: bool) -> str:
     return f"| {name} | {rms:.4f} | {median:.4f} | {flushed:.1e} |"
 
 
+def mx_grid(exponent_bits: int, mantissa_bits: int, top: int) -> torch.Tensor:
+    """The magnitudes of codes 0..top of a minifloat whose top binade is [2, 4)."""
+    steps = 2**mantissa_bits
+    k = torch.arange(top + 1, dtype=torch.float64)
+    exponent = (k // steps).clamp(min=1) + 1 - 2**exponent_bits
+    mantissa = torch.where(k < steps, k / steps, 1 + (k % steps) / steps)
+    return mantissa * 2.0**exponent
+
+
+def mx_round(x: torch.Tensor, block: int, grid: torch.Tensor) -> torch.Tensor:
+    """``x`` (flat, float64) rounded to nearest by block minifloats: per block a power of two
+    2**e, the smallest with the block's largest magnitude / 2**e at most the top code."""
+    pad = -x.numel() % block
+    rows = torch.cat([x, x.new_zeros(pad)]).view(-1, block)
+    top = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-300)
+    e = torch.ceil(torch.log2(top / grid[-1]))
+    e = e + (top / 2.0**e > grid[-1]).double() - (top / 2.0 ** (e - 1) <= grid[-1]).double()
+    q = nearest(rows.abs() / 2.0**e, grid) * 2.0**e * rows.sign()
+    return q.reshape(-1)[: x.numel()]
+
+
+def power_round(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``x`` (flat, float64) rounded to nearest by the old power codes: 256-blocks, the top
+    kept exactly and the rest scaled by their largest."""
+    pad = -x.numel() % 256
+    rows = torch.cat([x, x.new_zeros(pad)]).view(-1, 256)
+    mag = rows.abs()
+    top = mag.argmax(dim=1, keepdim=True)
+    rest = mag.scatter(1, top, 0.0)
+    scale = rest.amax(dim=1, keepdim=True).clamp(min=1e-300)
+    q = (nearest(rest / scale, grid) * scale).scatter(1, top, mag.gather(1, top))
+    return (q * rows.sign()).reshape(-1)[: x.numel()]
+
+
+def real_state(steps: int) -> dict[str, torch.Tensor]:
+    """Adan's four buffers (flat, float64, all parameters) after ``steps`` steps of the
+    digits CNN with float32 state."""
+    from adan import Adan
+    from benchmarks.digits import Digits, DigitsConfig, train_digits
+
+    kept: list[Adan] = []
+
+    def make(groups: list[dict]) -> Adan:
+        kept.append(Adan(groups, lr=3e-3, weight_decay=0.02, state_dtype="fp32"))
+        return kept[0]
+
+    train_digits(make, DigitsConfig(max_iters=steps, eval_interval=steps), Digits.load())
+    states = list(kept[0].state.values())
+    return {key: torch.cat([s[key].reshape(-1).double() for s in states])
+            for key in ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")}
+
+
+def real(steps: int) -> None:
+    """Print the table of ``--real``."""
+    buffers = real_state(steps)
+    formats: dict[str, object] = {"power codes, 256 + top": None}
+    for block in (32, 64, 128):
+        formats[f"e4m3 / e5m3, {block}"] = (block, mx_grid(4, 3, 127), mx_grid(5, 3, 254))
+        formats[f"e3m4 / e5m3, {block}"] = (block, mx_grid(3, 4, 127), mx_grid(5, 3, 254))
+    print("| format (signed / n, block) | " + " | ".join(buffers)
+          + " | m / sqrt(n) | median, m / sqrt(n) |")
+    print("|---" * (len(buffers) + 3) + "|")
+    for name, spec in formats.items():
+        errors, rounded = [], {}
+        for key, x in buffers.items():
+            signed = key != "exp_avg_sq"
+            if spec is None:
+                q = power_round(x, power_grid(127, 3) if signed else power_grid(255, 4))
+            else:
+                block, sgrid, ugrid = spec  # type: ignore[misc]
+                q = mx_round(x, block, sgrid if signed else ugrid)
+            rounded[key] = q
+            if not signed:
+                x, q = x.sqrt(), q.sqrt()
+            errors.append(((q - x).pow(2).sum() / x.pow(2).sum()).sqrt().item())
+        # the update's direction, as Adan divides the moment by the root of the second
+        exact = buffers["exp_avg"] / (buffers["exp_avg_sq"].sqrt() + 1e-8)
+        update = rounded["exp_avg"] / (rounded["exp_avg_sq"].sqrt() + 1e-8)
+        errors.append(((update - exact).pow(2).sum() / exact.pow(2).sum()).sqrt().item())
+        nonzero = exact != 0
+        errors.append(((update - exact).abs()[nonzero] / exact.abs()[nonzero]).median().item())
+        print(f"| {name} | " + " | ".join(f"{e:.4f}" for e in errors) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--real", action="store_true", help="measure on real Adan state")
+    parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
+    if args.real:
+        real(args.steps)
+        return
     gen = torch.Generator().manual_seed(args.seed)
     shape = (args.blocks, 256)
 

@@ -136,7 +136,10 @@ def assert_same_runs(params_a, opt_a, params_b, opt_b) -> None:
     for p, q in zip(params_a, params_b, strict=True):
         assert torch.equal(p, q)
         for key, value in opt_a.state[p].items():
-            assert torch.equal(value, opt_b.state[q][key]), key
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, opt_b.state[q][key]), key
+            else:  # the 8-bit codes' version
+                assert value == opt_b.state[q][key], key
 
 
 def allow_grad_dtype(p: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from codes import outlier_distances, spike_finals
 from conftest import allow_grad_dtype
 from reference import ReferenceAdan, RefGroup
 
@@ -120,27 +121,29 @@ def test_another_process_betas_do_not_reach_this_one_through_the_compile_cache(t
     assert max(errors) < TRACK_TOL["bf16"]
 
 
-# --- 2. one 8-bit outlier stays in its element --------------------------------------------
+# --- 2. 8-bit outliers stay in their elements ---------------------------------------------
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("spike", [float("inf"), 1e30, 1e6])
-def test_int8_outlier_damages_no_neighbour(path, spike):
-    """A non-finite, huge, or 1e6-times-larger gradient element: it ends as with float32 state,
-    and its 255 block neighbours step as they do with float32 state (not 175x too far)."""
-    gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(512, generator=gen) for _ in range(4)]
-    finals = {}
-    for fmt in ("fp32", "int8"):
-        torch.manual_seed(0)
-        p = torch.zeros(512)
-        opt = Adan([p], lr=0.01, state_dtype=fmt, **PATHS[path])
-        for k, g in enumerate(grads):
-            p.grad = g.clone()
-            if k == 1:
-                p.grad[300] = spike if spike != 1e6 else g[300] * spike
-            opt.step()
-        finals[fmt] = p
+@pytest.mark.parametrize("count, scale", [(1, 1e6), (4, 1e6), (4, 1e5), (4, 1e3)])
+def test_int8_outliers_move_no_neighbour_further(path, count, scale):
+    """Up to 4 elements of one 32-block with gradients up to 1e6 times the others', over 50
+    steps: no other element moves more than 1.5x as far as with float32 state (their second
+    moments floor at the smallest code, never at 0), and the outliers move about as with float32
+    (the 8-bit state's spread without outliers is 0.84-1.28x, measured)."""
+    got = outlier_distances(lambda ps, fmt: Adan(ps, lr=0.01, state_dtype=fmt, **PATHS[path]),
+                            "cpu", count, scale)
+    assert got["ratio"][~got["outlier"]].max() <= 1.5
+    assert np.all((got["ratio"][got["outlier"]] >= 0.7) & (got["ratio"][got["outlier"]] <= 1.5))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("spike", [float("inf"), float("nan")])
+def test_int8_non_finite_gradient_damages_no_neighbour(path, spike):
+    """A non-finite gradient element ends as with float32 state, and its block neighbours
+    step as they do with float32 state (it takes a reserved code, not the block's scale)."""
+    finals = spike_finals(lambda ps, fmt: Adan(ps, lr=0.01, state_dtype=fmt, **PATHS[path]),
+                          "cpu", spike)
     torch.testing.assert_close(finals["int8"][300], finals["fp32"][300], equal_nan=True)
     rest = torch.ones(512, dtype=torch.bool)
     rest[300] = False

@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from adan.checks import check_group, check_release, check_same_max_grad_norm
-from adan.numeric.codes import META, num_blocks
+from adan.numeric.codes import META, mx_blocks, num_blocks
 from adan.numeric.scalars import real_view
 from adan.state.dtensor import local
-from adan.state.formats import BUFFER_KEYS, BUFFERS, storage_format
+from adan.state.formats import BUFFER_KEYS, BUFFERS, CODES_KEY, MX_CODES, storage_format
 from adan.state.lifecycle import convert_state, step_dtype
 from adan.state.sharded import check_loaded_sharding, dequantize_for_saving, localize
 
@@ -115,7 +115,8 @@ def _as_step(value: Any) -> float | None:
 def check_saved_state(saved: Any, param: Tensor) -> str | None:
     """What is wrong with a saved per-parameter state for ``param``, or None if it can load.
 
-    Accepted: any storage format (it is converted on load) and a number or tensor ``step``.
+    Accepted: any storage format (it is converted on load), 8-bit codes of this version or
+    the power codes of before (``<buffer>_meta``), and a number or tensor ``step``.
     """
     if not isinstance(saved, dict):
         return f"its state is a {type(saved).__name__}, not a dict"
@@ -134,6 +135,10 @@ def check_saved_state(saved: Any, param: Tensor) -> str | None:
             isinstance(seed, Tensor) and seed.numel() == 1 and seed.dtype == torch.int64):
         return (f"its 'seed' is {seed!r}; the stochastic-rounding seed is a 1-element int64 "
                 "tensor")
+    codes = saved.get(CODES_KEY, MX_CODES)
+    if codes != MX_CODES:
+        return (f"its 8-bit codes are {codes!r}, which this version cannot read (it reads "
+                f"{MX_CODES!r} and the older power codes)")
     wanted = list(BUFFER_KEYS if step > 0 else BUFFER_KEYS[:3])
     missing = [k for k in wanted if k not in saved]
     if missing:
@@ -145,16 +150,18 @@ def check_saved_state(saved: Any, param: Tensor) -> str | None:
         value = saved[key]
         if not isinstance(value, Tensor):
             return f"its {key} is {type(value).__name__}, not a tensor"
-        meta = saved.get(key + "_meta")
-        if meta is not None:
+        blocks = {"_exp": (mx_blocks(shape.numel()),),
+                  "_meta": (num_blocks(shape.numel()) * META,)}
+        suffix = next((s for s in blocks if key + s in saved), None)
+        if suffix is not None:
+            meta = saved[key + suffix]
             code = torch.int8 if signed else torch.uint8
             if value.dtype != code or value.shape != shape:
                 return (f"its 8-bit {key} has {value.dtype} codes of shape {tuple(value.shape)};"
                         f" the parameter needs {code} codes of shape {tuple(shape)}")
-            want = (num_blocks(shape.numel()) * META,)
-            if not isinstance(meta, Tensor) or tuple(meta.shape) != want:
+            if not isinstance(meta, Tensor) or tuple(meta.shape) != blocks[suffix]:
                 got = tuple(meta.shape) if isinstance(meta, Tensor) else type(meta).__name__
-                return f"its {key} block data has shape {got}, expected {want}"
+                return f"its {key} block data has shape {got}, expected {blocks[suffix]}"
             continue
         if not (value.is_floating_point() or value.is_complex()):
             return f"its {key} has dtype {value.dtype}, not a floating dtype"

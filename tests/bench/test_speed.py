@@ -90,7 +90,7 @@ def test_bytes_moved_are_computed_from_the_tensors():
     assert _bytes_per_element(torch.optim.AdamW, torch.float32) == speed.ADAMW_BYTES == 28
     assert _bytes_per_element(adan, torch.bfloat16) == 22
     int8 = _bytes_per_element(lambda ps: Adan(ps, state_dtype="int8"), torch.float32)
-    assert 4 + 4 + 2 * 4 < int8 < 44 / 2  # int8 codes plus fp32 block scales
+    assert 4 + 4 + 2 * 4 < int8 < 44 / 2  # 8-bit codes plus their blocks' scale bytes
 
 
 @pytest.fixture(scope="module")

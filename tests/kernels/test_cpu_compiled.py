@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import allow_grad_dtype, assert_matches_reference, assert_same_runs, run_pair
+from conftest import allow_grad_dtype, assert_matches_reference, run_pair
 from reference import ReferenceAdan, RefGroup
 
 from adan import Adan
@@ -136,8 +136,8 @@ def test_grad_scaler_skips_inf_steps_and_unscales(path):
         if k in (0, 4):
             params[1].grad[0] = float("inf")
             before = [p.clone() for p in params]
-            state = {id(p): {n: t.clone() for n, t in opt.state[p].items()} for p in params
-                     if p in opt.state}
+            state = {id(p): {n: t.clone() for n, t in opt.state[p].items()
+                             if isinstance(t, torch.Tensor)} for p in params if p in opt.state}
         scaler.step(opt)
         scaler.update()
         if k in (0, 4):  # skipped: params, step counts and moments as they were
@@ -266,15 +266,6 @@ def test_the_recompile_limit_never_fails_a_step():
     torch.testing.assert_close(results[True], results[False], rtol=1e-2, atol=1e-3)
 
 
-def test_int8_compile_settings_exist_in_this_torch():
-    """The 8-bit signature's Inductor settings are applied only where torch knows them; on the
-    torch under test all of them must be known, or the 8-bit step silently loses its speed."""
-    from torch._inductor import config
-
-    missing = [k for k in cpu_compiled._INT8_OPTIONS if not hasattr(config, k)]
-    assert not missing, f"unknown Inductor settings on torch {torch.__version__}: {missing}"
-
-
 def test_shared_scalar_vectors_are_those_of_their_exact_values():
     """The scalar vectors kept between calls (one per step for every tensor released in its
     own hook) are looked up by the values' bits: lr 0.0 and -0.0 get their own."""
@@ -284,23 +275,3 @@ def test_shared_scalar_vectors_are_those_of_their_exact_values():
         assert torch.equal(shared, scalar_vector(3.0, lr, args, torch.float32,
                                                  torch.device("cpu")))
         assert math.copysign(1.0, float(shared[LR])) == math.copysign(1.0, lr)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_8bit_tensors_stepped_in_chunks_equal_the_whole_step(monkeypatch, dtype):
-    """An 8-bit tensor stepped in chunks of whole blocks (bounding the compiled step's
-    temporaries) is updated bit for bit as in one call: the rounding noise takes each
-    element's index in the whole tensor, a chunk's extra meta row is restored."""
-    runs = []
-    for chunk in (1 << 30, 1024):
-        monkeypatch.setattr(cpu_compiled, "CHUNK", chunk)
-        torch.manual_seed(0)
-        params = [torch.randn(n, dtype=dtype, requires_grad=True) for n in (5000, 3079, 1025)]
-        opt = Adan(params, lr=1e-2, weight_decay=0.1, state_dtype="int8", fused=True,
-                   stochastic_param_rounding=True)
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.step()
-        runs.append((params, opt))
-    assert_same_runs(*runs[0], *runs[1])

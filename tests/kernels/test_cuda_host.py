@@ -127,7 +127,7 @@ def test_every_launch_runs_inside_the_guard(monkeypatch):
 
 @needs_interpreter
 @pytest.mark.parametrize("key,fmt", [("step", None), ("exp_avg_sq", None), ("seed", "bf16"),
-                                     ("exp_avg_meta", "int8")])
+                                     ("exp_avg_exp", "int8")])
 def test_state_on_another_device_is_refused_before_anything_is_written(monkeypatch, key, fmt):
     """Every state tensor whose address goes into the kernel's table must be on the
     parameter's device: the error names the tensor and the devices, and neither this

@@ -23,8 +23,7 @@ triton = pytest.importorskip("triton")
 
 GPU_TRITON = "3.6.0"
 """The GPU machine's Triton (its image: torch 2.11, Triton 3.6), whose layouts differ from
-later versions' (see ``adan.kernels.triton.codes.HALVES``): built too, in a virtual
-environment of its own."""
+later versions': built too, in a virtual environment of its own."""
 
 SCRIPT = Path(__file__).with_name("triton_build.py")
 from triton_build import TILES, VARIANTS  # noqa: E402  (needs Triton; beside this file)
@@ -148,8 +147,9 @@ def test_fp32_full_tiles_within_96_registers(built):
 
 
 def test_int8_kernel_does_not_grow(built):
-    """The 8-bit kernel is above its target (<= 160 SASS instructions per element): what its
-    power codes cost is in docs/benchmarks.md; its current figures are a bound, so it only
-    improves. (It was 546 before its blocks were laid out one per warp.)"""
-    assert built["fp32-int8-options"]["instr_per_elem"] <= 410
+    """The 8-bit kernel (block minifloats) is above its target of 160 SASS instructions per
+    element (docs/benchmarks.md): its current figures are a bound, so it only improves. (It
+    was 546 before the power codes' blocks were laid out one per warp, 400 after; the
+    minifloats took it to 248, 242 with Triton 3.6.)"""
+    assert built["fp32-int8-options"]["instr_per_elem"] <= 255
     assert built["fp32-int8-options"]["registers"] <= 128

@@ -226,10 +226,12 @@ def test_store_error_bounds_a_stored_value(fmt, dtype):
     x *= 10.0 ** (torch.rand(1000, generator=gen, dtype=torch.float64) * 12 - 8)
     x[300] = 1e4
     buffers = fmt.new_buffers(param)
-    for key, signed in BUFFERS:
+    words = [torch.randint(0, 1 << 32, (1000,), generator=gen, dtype=torch.int64)
+             for _ in range(fmt.noise_words)]
+    for index, (key, signed) in enumerate(BUFFERS):
         value = x.abs() if not signed else x
-        noise = torch.randint(0, 1 << 16, (1000,), generator=gen, dtype=torch.int32)
-        meta = buffers.get(key + "_meta")
+        noise = fmt.noise(words, index) if words else None
+        meta = buffers.get(key + "_exp")
         fmt.store(buffers[key], meta, value.float(), signed, noise, None)
         got = fmt.load(buffers[key], meta, param.shape, signed, torch.float64)
         assert torch.all((got - value).abs() <= fmt.store_error(value, param, signed)), key

@@ -2,7 +2,7 @@
 
 Every kernel is ``kernel(params, grads, states, args, cache=None)``: the parameters of one
 param group that have gradients, their gradients, their state dicts (``step``, the four
-buffers and, for 8-bit state, ``<buffer>_meta``), a :class:`StepArgs` and a dict the kernel
+buffers and, for 8-bit state, ``<buffer>_exp``), a :class:`StepArgs` and a dict the kernel
 may keep data in between steps of the same plan (the Triton kernel's address tables). It
 applies one step in place and counts it in ``state["step"]``.
 """

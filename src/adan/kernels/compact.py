@@ -19,7 +19,7 @@ from adan.kernels.common import (
     step_decision,
     use_tensor_scalars,
 )
-from adan.numeric.codes import GOLDEN, M32, mix32, round_to_bf16
+from adan.numeric.codes import GOLDEN, M32, mix32, mx_rows, round_to_bf16
 from adan.numeric.scalars import (
     Scalar,
     bias_corrections,
@@ -28,7 +28,7 @@ from adan.numeric.scalars import (
     step_as,
     wide_dtype,
 )
-from adan.state.formats import BUFFER_KEYS, BUFFERS, StateFormat, work_dtype
+from adan.state.formats import BUFFER_KEYS, BUFFERS, INT8, StateFormat, work_dtype
 
 # Positions in the scalar vector.
 (FACTOR, B1, OMB1, B2, OMB2, B3, OMB3, IBC1, B2BC2, IBC3, EPS, KEEP, LR, FIRST, STEP) = range(15)
@@ -83,45 +83,64 @@ def rounded_sqrt(x: Tensor) -> Tensor:
     return torch.sqrt(x.double()).to(x.dtype)
 
 
-def noise_word(like: Tensor, seed: Tensor, step: Tensor, word: int,
-               first: Tensor | None = None) -> Tensor:
+def noise_word(like: Tensor, seed: Tensor, step: Tensor, word: int) -> Tensor:
     """A random 32-bit word per element of ``like`` (int64 in ``[0, 2**32)``), a function of
     the tensor's seed, the step count, ``word`` and the element's index alone: the same on
-    every path, for a resumed run and for a CUDA graph's replay. Word 0 rounds ``m`` (its low
-    16 bits) and ``v`` (high), word 1 ``n`` and ``prev_grad``, word 2 the parameter.
-    ``first`` (0-d int64) is the index of ``like``'s first element when it is a chunk of the
-    whole tensor. Integer arithmetic only, so a compiled step fuses it into its one pass."""
+    every path, for a resumed run and for a CUDA graph's replay. Words 0 and 1 round the
+    state (``StateFormat.noise``), word 2 the parameter. Integer arithmetic only, so a
+    compiled step fuses it into its one pass."""
     key = seed ^ mix32(step.to(torch.int64) & M32)
     index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
-    if first is not None:
-        index = index + first
     return mix32((index + mix32((key + word * GOLDEN) & M32)) & M32)
 
 
 def tensor_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None],
                 s: Tensor, seed: Tensor, fmt: StateFormat, stochastic_param: bool,
-                may_skip: bool, first: Tensor | None = None) -> None:
+                may_skip: bool) -> None:
     """One step of one parameter in place: ``p`` and ``g`` real views, the four buffers (real
-    views) with their flat 8-bit block data or None, ``s`` from :func:`scalar_vector`,
+    views) with their flat 8-bit block scales or None, ``s`` from :func:`scalar_vector`,
     ``seed`` the state's 0-d int64 seed for stochastic rounding. With ``may_skip`` a
-    non-finite gradient factor leaves everything as it was, decided on the device. ``first``:
-    the index of the first element where these are a chunk (whole blocks) of the tensor."""
+    non-finite gradient factor leaves everything as it was, decided on the device."""
+    if fmt is INT8:
+        _blocked_step(p, g, buffers, metas, s, seed, stochastic_param, may_skip)
+        return
     work = s.dtype
     decoded = [fmt.load(b, meta, p.shape, signed, work)
                for b, meta, (_, signed) in zip(buffers, metas, BUFFERS, strict=True)]
     m, v, n, prev = decoded
     new, *moments = adan_update(p.to(work), g.to(work), m, v, n, prev, s)
     go = torch.isfinite(s[FACTOR]) if may_skip else None
-    words = [noise_word(p, seed, s[STEP], w, first) for w in range(2)] if fmt.rounds else []
+    words = [noise_word(p, seed, s[STEP], w) for w in range(fmt.noise_words)]
     for i, (b, meta, x, (_, signed)) in enumerate(zip(buffers, metas, moments, BUFFERS,
                                                       strict=True)):
-        bits = None
-        if fmt.rounds:
-            bits = (words[i // 2] >> 16 if i % 2 else words[i // 2] & 0xFFFF).to(torch.int32)
-        fmt.store(b, meta, x, signed, bits, go)
+        fmt.store(b, meta, x, signed, fmt.noise(words, i), go)
     if stochastic_param and p.dtype == torch.bfloat16:
-        noise = noise_word(p, seed, s[STEP], 2, first)
+        noise = noise_word(p, seed, s[STEP], 2)
         new = round_to_bf16(new, (noise & 0xFFFF).to(torch.int32))
+    p.copy_(new if go is None else torch.where(go, new.to(p.dtype), p))
+
+
+def _blocked_step(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None],
+                  s: Tensor, seed: Tensor, stochastic_param: bool, may_skip: bool) -> None:
+    """:func:`tensor_step` of 8-bit state, every operand as blocks of the codes (zero-padded
+    rows, ``adan.numeric.codes.mx_rows``), so that a compiled step is one loop over blocks
+    (over the flat tensor, the blocks' maxima would need loops and temporaries of their own).
+    The same bits: the padding is dropped, and element indices (the noise's) are unchanged."""
+    work = s.dtype
+    scales = [meta for meta in metas if meta is not None]
+    pr, gr = (mx_rows(t.reshape(-1).to(work)) for t in (p, g))
+    m, v, n, prev = (INT8.load_rows(b, meta, signed).to(work)
+                     for b, meta, (_, signed) in zip(buffers, scales, BUFFERS, strict=True))
+    new, *moments = adan_update(pr, gr, m, v, n, prev, s)
+    go = torch.isfinite(s[FACTOR]) if may_skip else None
+    word = noise_word(new, seed, s[STEP], 0)
+    for i, (b, meta, x, (_, signed)) in enumerate(zip(buffers, scales, moments, BUFFERS,
+                                                      strict=True)):
+        INT8.store_rows(b, meta, x, signed, INT8.noise([word], i), go)
+    if stochastic_param and p.dtype == torch.bfloat16:
+        noise = noise_word(new, seed, s[STEP], 2)
+        new = round_to_bf16(new, (noise & 0xFFFF).to(torch.int32))
+    new = new.reshape(-1)[: p.numel()].view(p.shape)
     p.copy_(new if go is None else torch.where(go, new.to(p.dtype), p))
 
 
@@ -145,7 +164,7 @@ def tensor_views(param: Tensor, grad: Tensor, state: dict[str, Any]
                  ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor | None]]:
     """The real views :func:`tensor_step` takes for one parameter."""
     buffers = [real_view(state[k]) for k in BUFFER_KEYS]
-    metas = [state.get(k + "_meta") for k in BUFFER_KEYS]
+    metas = [state.get(k + "_exp") for k in BUFFER_KEYS]
     return real_view(param), real_view(grad), buffers, metas
 
 

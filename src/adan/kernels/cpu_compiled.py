@@ -27,7 +27,6 @@ from adan.kernels.compact import (
     tensor_step,
     tensor_views,
 )
-from adan.numeric.codes import BLOCK, META
 from adan.numeric.scalars import Scalar
 from adan.state.formats import PLAIN, work_dtype
 
@@ -38,20 +37,10 @@ PACK_MAX = 1 << 16
 # Calls below this many elements run single-threaded: forking OpenMP threads costs more than
 # the work (milliseconds when the machine is busy).
 SERIAL_MAX = 1 << 18
-# 8-bit tensors of more elements are stepped in chunks of this many (whole blocks): the
-# compiled 8-bit step keeps several 8-byte temporaries per element, which a chunk bounds.
-CHUNK = 1 << 16
 # Scalar vectors of recent calls, by their exact inputs: gradient release calls the kernel once
 # per tensor, and the tensors of one step share a vector instead of each building its own.
 _SCALARS: dict[tuple[Any, ...], Tensor] = {}
 _SCALARS_MAX = 64
-
-
-# Inductor settings for the 8-bit format: keep intermediate values in memory once they are
-# read by a block reduction or more than once, instead of recomputing the whole update inside
-# each of the encoding's chained reductions (docs/lowmem.md, "Speed").
-_INT8_OPTIONS = {"realize_reads_threshold": 1, "realize_acc_reads_threshold": 1,
-                 "realize_opcount_threshold": 4}
 
 
 @functools.cache
@@ -61,18 +50,12 @@ def _compiled(signature: tuple[Any, ...], serial: bool) -> Callable[..., None]:
     code = tensor_step.__code__.replace(co_name=name)
     fn = types.FunctionType(code, tensor_step.__globals__, name)
     options: dict[str, Any] = {"cpp.threads": 1} if serial else {}
-    if signature[0].quantized:
-        from torch._inductor import config  # imported by torch.compile anyway
-
-        # Older torch may lack some of these settings (an unknown one would be an error).
-        options.update({k: v for k, v in _INT8_OPTIONS.items() if hasattr(config, k)})
     return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
 
 def _run(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None], s: Tensor,
          seed: Tensor, args: StepArgs, may_skip: bool) -> None:
-    """One :func:`tensor_step` call, compiled unless compiling already or too small; an
-    8-bit tensor in chunks of :data:`CHUNK` elements (bit for bit the same update)."""
+    """One :func:`tensor_step` call, compiled unless compiling already or too small."""
     options = (args.fmt, args.stochastic_param, may_skip)
     if traced() or p.numel() <= 1:
         # Sizes 0 and 1 would specialise the compiled kernel; eager is as fast for them.
@@ -83,33 +66,16 @@ def _run(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None]
     flat = [t.detach().view(-1) for t in (p, g, *buffers)]
     signature = (*options, *(t.dtype for t in flat), s.dtype)
     fn = _compiled(signature, p.numel() < SERIAL_MAX)
-    numel = p.numel()
-    starts = range(0, numel - 1, CHUNK) if args.fmt.quantized else range(1)
-    for start, stop in zip(starts, [*starts[1:], numel], strict=True):
-        # A chunk's meta rows: its blocks' and, as for any size, one more, which inside the
-        # tensor is the next chunk's first row, restored after the call.
-        rows = slice(start // BLOCK * META, (stop // BLOCK + 1) * META)
-        parts = [None if m is None else m[rows] for m in metas]
-        kept = [(m, m[-META:].clone()) for m in parts if m is not None and stop < numel]
-        call = (flat[0][start:stop], flat[1][start:stop], [t[start:stop] for t in flat[2:]],
-                parts, s, seed, *options, _first(start))
-        try:
-            fn(*call)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
-            # Raised before the compiled code runs (nothing written): a signature's graphs
-            # differ only by guards on torch's global state (e.g. the default dtype) and size
-            # classes, so a process that changes them often can exhaust Dynamo's limit.
-            _warn_once(f"adan: Dynamo's recompile limit was reached for the CPU kernel "
-                       f"{signature}; that signature runs eagerly (correct, slower) from now on")
-            tensor_step(*call)
-        for m, row in kept:
-            m[-META:].copy_(row)
-
-
-@functools.cache
-def _first(index: int) -> Tensor:
-    """``index`` as the 0-d int64 tensor :func:`tensor_step` takes for a chunk's start."""
-    return torch.tensor(index, dtype=torch.int64)
+    call = (flat[0], flat[1], flat[2:], metas, s, seed, *options)
+    try:
+        fn(*call)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        # Raised before the compiled code runs (nothing written): a signature's graphs
+        # differ only by guards on torch's global state (e.g. the default dtype) and size
+        # classes, so a process that changes them often can exhaust Dynamo's limit.
+        _warn_once(f"adan: Dynamo's recompile limit was reached for the CPU kernel "
+                   f"{signature}; that signature runs eagerly (correct, slower) from now on")
+        tensor_step(*call)
 
 
 def _shared_scalars(step: Scalar, lr: Scalar, args: StepArgs, dtype: torch.dtype,

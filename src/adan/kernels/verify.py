@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from adan.kernels.common import Kernel, StepArgs
-from adan.state.formats import BUFFERS, StateFormat
+from adan.state.formats import BUFFERS, StateFormat, decode
 from adan.state.lifecycle import init_state
 
 __all__ = ["ARITHMETIC", "SelfCheckError", "Variant", "capture_error", "capturing",
@@ -153,8 +153,8 @@ def _decoded(s: _Scratch, v: Variant) -> list[dict[str, Tensor]]:
         values = {"param": p.to(device="cpu", dtype=torch.float64, copy=True),
                   "step": state["step"].to(device="cpu", dtype=torch.float64, copy=True)}
         for key, signed in BUFFERS:
-            values[key] = v.fmt.load(state[key], state.get(key + "_meta"), p.shape, signed,
-                                     torch.float64).to("cpu", copy=True).reshape(-1)
+            values[key] = decode(state, key, signed, p, torch.float64).to(
+                "cpu", copy=True).reshape(-1)
         out.append(values)
     return out
 
@@ -232,7 +232,7 @@ def _everything(s: _Scratch) -> list[tuple[str, Tensor]]:
     named = [(f"parameter {i}", p) for i, p in enumerate(s.params)]
     named += [(f"gradient {i}", g) for i, g in enumerate(s.grads)]
     named += [(f"{key} of tensor {i}", t) for i, state in enumerate(s.states)
-              for key, t in state.items()]
+              for key, t in state.items() if isinstance(t, Tensor)]
     named += [(f"the buffer around {name}", base) for name, base in s.bases]
     return named
 

@@ -10,26 +10,41 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from adan.numeric.codes import (
-    BLOCK,
-    META,
+    MX_BLOCK,
     dequantize_blockwise,
-    num_blocks,
-    quantize_blockwise,
+    mx_blocks,
+    mx_code,
+    mx_decode,
+    mx_decode_rows,
+    mx_encode,
+    mx_encode_rows,
+    mx_noise,
+    mx_rows,
     round_to_bf16,
 )
 from adan.numeric.scalars import real_view
 from adan.state.dtensor import local
 
-__all__ = ["BF16", "BUFFERS", "BUFFER_KEYS", "FORMATS", "FP32", "INT8", "PLAIN", "StateFormat",
-           "decode", "normalize_state_dtype", "storage_format", "work_dtype"]
+__all__ = ["BF16", "BLOCK_SUFFIXES", "BUFFERS", "BUFFER_KEYS", "CODES_KEY", "FORMATS", "FP32",
+           "INT8", "MX_CODES", "PLAIN", "StateFormat", "decode", "normalize_state_dtype",
+           "storage_format", "work_dtype"]
 
 BUFFERS = (("exp_avg", True), ("exp_avg_diff", True), ("exp_avg_sq", False), ("prev_grad", True))
 """(state key, signed code?) of the four buffers, in the order every kernel uses them."""
 BUFFER_KEYS = tuple(key for key, _ in BUFFERS)
+
+CODES_KEY = "int8_codes"
+"""The per-parameter state entry (an int, as torch's state dict tools keep it) naming the
+version of the 8-bit codes its buffers hold; state without it holds the power codes of
+before (version 1) if it has ``<buffer>_meta`` tensors."""
+MX_CODES = 2
+"""Version 2: the 8-bit block minifloats (:mod:`adan.numeric.codes`), ``<buffer>_exp`` scales."""
+BLOCK_SUFFIXES = ("_exp", "_meta")
+"""Suffixes of the block data beside 8-bit buffers: the minifloats' scales, the old power
+codes' meta rows (loaded only)."""
 
 
 class StateFormat:
@@ -42,7 +57,11 @@ class StateFormat:
     rounds: ClassVar[bool] = False
     """Re-encoded with stochastic rounding after every step (the compact formats)."""
     quantized: ClassVar[bool] = False
-    """Buffers are codes with a ``<buffer>_meta`` tensor of block data beside each."""
+    """Buffers are codes with a ``<buffer>_exp`` tensor of block scales beside each."""
+    records: ClassVar[dict[str, int]] = {}
+    """Entries a state in this format keeps beside its buffers (which codes they hold)."""
+    noise_words: ClassVar[int] = 0
+    """32-bit noise words per element that a step's rounding of the buffers takes."""
 
     def __repr__(self) -> str:
         return self.name
@@ -66,11 +85,11 @@ class StateFormat:
             param = local(param)
         for key, signed in BUFFERS:
             buffer = state.get(key)
-            if (not isinstance(buffer, Tensor) or self.quantized != (key + "_meta" in state)
-                    or buffer.dtype != self.buffer_dtype(param, signed)
+            if (not isinstance(buffer, Tensor) or self.quantized != (key + "_exp" in state)
+                    or key + "_meta" in state or buffer.dtype != self.buffer_dtype(param, signed)
                     or tuple(buffer.shape) != self.buffer_shape(param)):
                 return False
-        return True
+        return not self.quantized or state.get(CODES_KEY) == MX_CODES
 
     def encode(self, value: Tensor, param: Tensor, signed: bool) -> dict[str, Tensor]:
         """A buffer's entries holding ``value`` (shaped like the real view), rounded to
@@ -82,10 +101,15 @@ class StateFormat:
         """A kernel's decoded ``dtype`` view of one buffer (a real view)."""
         return buffer.to(dtype).view(shape)
 
+    def noise(self, words: list[Tensor], index: int) -> Tensor | None:
+        """Buffer ``index``'s rounding noise from the step's :attr:`noise_words` (int32), or
+        None to round to nearest."""
+        return None
+
     def store(self, buffer: Tensor, meta: Tensor | None, x: Tensor, signed: bool,
               noise: Tensor | None, go: Tensor | None) -> None:
-        """Encode a step's ``x`` into ``buffer`` (``noise``: 16 random bits per element for
-        stochastic rounding); where ``go`` is false the old contents are kept."""
+        """Encode a step's ``x`` into ``buffer`` (``noise`` from :meth:`noise`); where ``go``
+        is false the old contents are kept."""
         new = x.view(buffer.shape)
         buffer.copy_(new if go is None else torch.where(go, new.to(buffer.dtype), buffer))
 
@@ -133,9 +157,15 @@ class _BFloat16(StateFormat):
     name = "bf16"
     triton_code = 1
     rounds = True
+    noise_words = 2
 
     def buffer_dtype(self, param: Tensor, signed: bool) -> torch.dtype:
         return torch.bfloat16
+
+    def noise(self, words: list[Tensor], index: int) -> Tensor | None:
+        """16 random bits per buffer: the low and high halves of the two words."""
+        word = words[index // 2]
+        return (word >> 16 if index % 2 else word & 0xFFFF).to(torch.int32)
 
     def store(self, buffer: Tensor, meta: Tensor | None, x: Tensor, signed: bool,
               noise: Tensor | None, go: Tensor | None) -> None:
@@ -143,56 +173,77 @@ class _BFloat16(StateFormat):
 
 
 class _Int8(StateFormat):
-    """Blockwise 8-bit codes (:mod:`adan.numeric.codes`) shaped like the real view, with a
-    flat float32 ``<buffer>_meta`` of :data:`META` numbers per block."""
+    """8-bit block minifloats (:mod:`adan.numeric.codes`) shaped like the real view, with a
+    flat uint8 ``<buffer>_exp`` of one scale per block of 32 and the ``codes`` record."""
 
     name = "int8"
     triton_code = 2
     rounds = True
     quantized = True
-    tolerance: ClassVar[float] = 1 / 32
-    """At least the largest gap between neighbouring code values (3/127 today), relative to a
-    block's scale: a bound on an element's coding error, rounded to nearest or stochastically."""
+    records = {CODES_KEY: MX_CODES}
+    noise_words = 1
+    tolerance: ClassVar[float] = 1 / 8
+    """The largest gap between neighbouring codes relative to the value rounded (3 mantissa
+    bits), in the normal range: a bound on an element's coding error, nearest or stochastic."""
 
     def buffer_dtype(self, param: Tensor, signed: bool) -> torch.dtype:
         return torch.int8 if signed else torch.uint8
 
     def new_buffers(self, param: Tensor) -> dict[str, Tensor]:
         state = super().new_buffers(param)
-        rows = num_blocks(real_view(param).numel()) * META
+        rows = mx_blocks(real_view(param).numel())
         for key in BUFFER_KEYS:
-            state[key + "_meta"] = torch.zeros(rows, device=param.device)
+            state[key + "_exp"] = torch.full((rows,), 2, dtype=torch.uint8, device=param.device)
         return state
 
     def encode(self, value: Tensor, param: Tensor, signed: bool) -> dict[str, Tensor]:
-        codes, meta = quantize_blockwise(value.float(), signed=signed)
-        return {"": codes.view(value.shape), "_meta": meta}
+        codes, scales = mx_encode(value.float(), signed)
+        return {"": codes.view(value.shape), "_exp": scales}
 
     def load(self, buffer: Tensor, meta: Tensor | None, shape: torch.Size, signed: bool,
              dtype: torch.dtype) -> Tensor:
         assert meta is not None
-        return dequantize_blockwise(buffer, meta, shape, signed=signed, dtype=dtype)
+        return mx_decode(buffer, meta, shape, signed=signed, dtype=dtype)
+
+    def noise(self, words: list[Tensor], index: int) -> Tensor | None:
+        return mx_noise(words[0], index)
+
+    def load_rows(self, buffer: Tensor, scales: Tensor, signed: bool) -> Tensor:
+        """A kernel's float32 view of one buffer as blocks (``adan.numeric.codes.mx_rows``):
+        with every operand in that shape a compiled step is one loop over the blocks."""
+        return mx_decode_rows(buffer, scales, signed)
+
+    def store_rows(self, buffer: Tensor, scales: Tensor, x: Tensor, signed: bool,
+                   noise: Tensor | None, go: Tensor | None) -> None:
+        """:meth:`store` of ``x`` and ``noise`` given as blocks."""
+        codes, new = mx_encode_rows(x.float(), signed, noise)
+        self._write(buffer, scales, codes.reshape(-1)[: buffer.numel()], new, go)
 
     def store_error(self, x: Tensor, param: Tensor, signed: bool) -> Tensor:
-        """:attr:`tolerance` times the block's scale (its second largest magnitude: the
-        largest is kept exactly), plus float32 rounding."""
-        mag = x.abs().reshape(-1)
-        blocks = F.pad(mag, (0, -mag.numel() % BLOCK)).view(-1, BLOCK)
-        scale = blocks.topk(2, dim=1).values[:, -1:]
-        bound = (scale * self.tolerance).expand_as(blocks).reshape(-1)[: mag.numel()]
+        """:attr:`tolerance` times the value, plus the fixed gap of the subnormal codes (the
+        smallest normal / 8 times the block's scale, itself at most half its largest finite
+        magnitude), plus float32 rounding."""
+        code = mx_code(signed)
+        mag = x.abs().float().reshape(-1)
+        top = mx_rows(torch.where(torch.isfinite(mag), mag, 0.0)).amax(dim=1, keepdim=True)
+        floor = (top * (code.normal / code.mantissa)).expand(-1, MX_BLOCK)
         info = torch.finfo(torch.float32)
-        return (bound + mag * info.eps + info.tiny).view(x.shape)
+        bound = mag * (self.tolerance + info.eps) + floor.reshape(-1)[: mag.numel()] + info.tiny
+        return bound.view(x.shape)
 
     def store(self, buffer: Tensor, meta: Tensor | None, x: Tensor, signed: bool,
               noise: Tensor | None, go: Tensor | None) -> None:
         assert meta is not None
-        uniform = None if noise is None else (noise.to(x.dtype) + 0.5) * (1 / 65536)
-        codes, new_meta = quantize_blockwise(x, signed=signed, noise=uniform)
-        codes = codes.view(buffer.shape)
+        self._write(buffer, meta, *mx_encode(x, signed, noise), go)
+
+    @staticmethod
+    def _write(buffer: Tensor, scales: Tensor, codes: Tensor, new: Tensor,
+               go: Tensor | None) -> None:
+        codes, new = codes.view(buffer.shape), new[: scales.numel()]
         if go is not None:
-            codes, new_meta = torch.where(go, codes, buffer), torch.where(go, new_meta, meta)
+            codes, new = torch.where(go, codes, buffer), torch.where(go, new, scales)
         buffer.copy_(codes)
-        meta.copy_(new_meta)
+        scales.copy_(new)
 
 
 PLAIN, FP32, BF16, INT8 = _Plain(), _Float32(), _BFloat16(), _Int8()
@@ -251,7 +302,10 @@ def decode(state: dict[str, Any], key: str, signed: bool, param: Tensor,
     """Buffer ``key`` of ``state``, in whatever format it is stored, as a ``dtype`` tensor
     shaped like ``param``'s real view."""
     shape = real_view(param).shape
+    scales = state.get(key + "_exp")
+    if scales is not None:
+        return INT8.load(state[key], scales, shape, signed, dtype)
     meta = state.get(key + "_meta")
-    if meta is not None:
-        return INT8.load(state[key], meta, shape, signed, dtype)
+    if meta is not None:  # the power codes of before
+        return dequantize_blockwise(state[key], meta, shape, signed=signed, dtype=dtype)
     return real_view(state[key]).to(dtype).reshape(shape)

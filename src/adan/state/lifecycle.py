@@ -16,7 +16,7 @@ from torch import Tensor
 from adan.numeric.codes import GOLDEN, M32, mix32
 from adan.numeric.scalars import real_view
 from adan.state.dtensor import local
-from adan.state.formats import BUFFERS, StateFormat, decode
+from adan.state.formats import BLOCK_SUFFIXES, BUFFERS, CODES_KEY, StateFormat, decode
 
 __all__ = ["convert_state", "init_state", "rounding_seed",
            "rounds_stochastically", "shape_mismatch", "state_bytes", "step_dtype"]
@@ -28,10 +28,10 @@ def step_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def init_state(param: Tensor, fmt: StateFormat) -> dict[str, Tensor]:
+def init_state(param: Tensor, fmt: StateFormat) -> dict[str, Any]:
     """Zeroed state for ``param`` in format ``fmt``, the step count on the parameter's device."""
     return {"step": torch.zeros((), dtype=step_dtype(), device=param.device),
-            **fmt.new_buffers(param)}
+            **fmt.new_buffers(param), **fmt.records}
 
 
 def rounds_stochastically(param: Tensor, fmt: StateFormat, stochastic_param: bool) -> bool:
@@ -54,7 +54,7 @@ def shape_mismatch(state: dict[str, Any], param: Tensor) -> str | None:
     buffer = state.get("exp_avg")
     if not isinstance(buffer, Tensor):
         return None
-    if "exp_avg_meta" in state:
+    if any("exp_avg" + suffix in state for suffix in BLOCK_SUFFIXES):
         param = local(param)  # 8-bit codes belong to the local shard
     if tuple(real_view(buffer).shape) == tuple(real_view(param).shape):
         return None
@@ -76,7 +76,8 @@ def device_mismatch(state: dict[str, Any], param: Tensor) -> str | None:
 
 def convert_state(state: dict[str, Any], param: Tensor, fmt: StateFormat) -> None:
     """Re-encode ``state``'s buffers in place into format ``fmt``, rounding to nearest
-    (deterministic; a state already in ``fmt`` is left untouched). For a DTensor parameter
+    (deterministic; a state already in ``fmt`` is left untouched; 8-bit codes of an older
+    kind are decoded and encoded again). For a DTensor parameter
     each rank converts its shard: 8-bit codes belong to the shard, other buffers are DTensors
     laid out like the parameter."""
     if "exp_avg" not in state or fmt.matches(state, param):
@@ -85,7 +86,8 @@ def convert_state(state: dict[str, Any], param: Tensor, fmt: StateFormat) -> Non
     for key, signed in BUFFERS:
         view = {k: local(v) for k, v in state.items() if k.startswith(key)}
         value = decode(view, key, signed, shard, torch.float64)
-        state.pop(key + "_meta", None)
+        for suffix in BLOCK_SUFFIXES:
+            state.pop(key + suffix, None)
         for suffix, new in fmt.encode(value, shard, signed).items():
             if shard is not param and not fmt.quantized:
                 sharded: Any = param
@@ -93,6 +95,8 @@ def convert_state(state: dict[str, Any], param: Tensor, fmt: StateFormat) -> Non
                     new, sharded.device_mesh, sharded.placements, shape=param.shape,
                     stride=param.stride())
             state[key + suffix] = new
+    state.pop(CODES_KEY, None)
+    state.update(fmt.records)
 
 
 def state_bytes(states: list[dict[str, Any]]) -> int:

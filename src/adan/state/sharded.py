@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from adan.state.dtensor import DTensor, is_dtensor
-from adan.state.formats import BUFFER_KEYS, BUFFERS, StateFormat, decode
+from adan.state.formats import BLOCK_SUFFIXES, BUFFER_KEYS, BUFFERS, CODES_KEY, StateFormat, decode
 from adan.state.lifecycle import init_state
 
 __all__ = ["check_loaded_sharding", "dequantize_for_saving", "init_sharded_state",
@@ -46,12 +46,12 @@ def local_views(param: Tensor, grad: Tensor, state: dict[str, Any]
     so the kernel's in-place writes land in the DTensors). Plain tensors pass unchanged."""
     if not is_dtensor(param):
         return param, grad, state
-    local = {k: _local(v, param, k) if k in BUFFER_KEYS and "exp_avg_meta" not in state else v
+    local = {k: _local(v, param, k) if k in BUFFER_KEYS and "exp_avg_exp" not in state else v
              for k, v in state.items()}
     return param.to_local(), _local(grad, param, "grads"), local
 
 
-def init_sharded_state(param: DTensor, fmt: StateFormat) -> dict[str, Tensor]:
+def init_sharded_state(param: DTensor, fmt: StateFormat) -> dict[str, Any]:
     """Zeroed state for a DTensor parameter: buffers are DTensors laid out like it, except
     8-bit codes, which belong to the local shard (they are saved dequantised, see
     :func:`dequantize_for_saving`)."""
@@ -66,9 +66,10 @@ def init_sharded_state(param: DTensor, fmt: StateFormat) -> dict[str, Tensor]:
 def dequantize_for_saving(state: dict[str, Any], param: Tensor) -> dict[str, Any]:
     """A DTensor parameter's 8-bit state as float32 DTensors (what DCP can reshard); others
     unchanged. Loading converts them back to the group's format."""
-    if not (is_dtensor(param) and "exp_avg_meta" in state):
+    if not (is_dtensor(param) and any("exp_avg" + s in state for s in BLOCK_SUFFIXES)):
         return state
-    out = {k: v for k, v in state.items() if not k.endswith("_meta")}
+    out = {k: v for k, v in state.items()
+           if k != CODES_KEY and not k.endswith(BLOCK_SUFFIXES)}
     local = param.to_local()
     for key, signed in BUFFERS:
         value = decode(state, key, signed, local, torch.float32)

@@ -1,26 +1,21 @@
 """Device twins of the number codes: ``@triton.jit`` functions that compute what
-:mod:`adan.numeric.codes` and :mod:`adan.kernels.compact` compute (rounding noise, 8-bit code
-values and their stochastic choice, bfloat16 rounding, the float64 ``expm1`` of the bias
-corrections) in the same expressions, and the per-block reductions of an 8-bit tile."""
+:mod:`adan.numeric.codes` and :mod:`adan.kernels.compact` compute (rounding noise, the 8-bit
+block minifloats, bfloat16 rounding, the float64 ``expm1`` of the bias corrections) in the
+same expressions."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-__all__ = ["HALVES", "TRITON_BEFORE_3_8", "block_columns", "block_max", "block_min",
-           "block_sum", "cast", "code_value", "cube_root", "expm1", "mix32", "noise_word",
-           "per_element", "pick_code", "round_bf16"]
+from adan.numeric.codes import SIGNED_CODE, UNSIGNED_CODE
+
+__all__ = ["TRITON_BEFORE_3_8", "cast", "expm1", "mix32", "mx_decode", "mx_encode",
+           "mx_nearest", "mx_noise", "noise_word", "round_bf16"]
 
 TRITON_BEFORE_3_8 = (tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
                      < (3, 8))
 """Whether the installed Triton is older than 3.8, which lays tiles out differently."""
-
-# A tile of 8-bit state is (2, ROWS, QBLOCK // 2): block r's two halves at [0, r] and [1, r],
-# or (ROWS, 2, QBLOCK // 2). HALVES is the axis holding the halves: the one that keeps each
-# block in one warp under this Triton's layout, so that its reductions need no shared memory
-# (why it depends on the version: docs/benchmarks.md, "What the compiled kernel predicts").
-HALVES: tl.constexpr = tl.constexpr(1 if TRITON_BEFORE_3_8 else 0)
 
 
 @triton.jit
@@ -52,15 +47,96 @@ def noise_word(index, key, WORD: tl.constexpr):
     return mix32(index + base)
 
 
+# The constants of adan.numeric.codes.MxCode for the signed and the unsigned minifloat.
+_S_NORMAL: tl.constexpr = tl.constexpr(SIGNED_CODE.normal)
+_S_OFFSET: tl.constexpr = tl.constexpr(SIGNED_CODE.offset)
+_S_SUB_OFFSET: tl.constexpr = tl.constexpr(SIGNED_CODE.sub_offset)
+_S_TOP: tl.constexpr = tl.constexpr(SIGNED_CODE.top)
+_S_BUMP: tl.constexpr = tl.constexpr(SIGNED_CODE.bump)
+_S_SHIFT: tl.constexpr = tl.constexpr(SIGNED_CODE.shift)
+_S_MANTISSA: tl.constexpr = tl.constexpr(SIGNED_CODE.mantissa)
+_S_NEAREST: tl.constexpr = tl.constexpr(SIGNED_CODE.nearest)
+_S_NOISE_SHIFT: tl.constexpr = tl.constexpr(SIGNED_CODE.noise_shift)
+_S_NOISE_HALF: tl.constexpr = tl.constexpr(SIGNED_CODE.noise_half)
+_U_NORMAL: tl.constexpr = tl.constexpr(UNSIGNED_CODE.normal)
+_U_OFFSET: tl.constexpr = tl.constexpr(UNSIGNED_CODE.offset)
+_U_SUB_OFFSET: tl.constexpr = tl.constexpr(UNSIGNED_CODE.sub_offset)
+_U_TOP: tl.constexpr = tl.constexpr(UNSIGNED_CODE.top)
+_U_BUMP: tl.constexpr = tl.constexpr(UNSIGNED_CODE.bump)
+_U_SHIFT: tl.constexpr = tl.constexpr(UNSIGNED_CODE.shift)
+_U_MANTISSA: tl.constexpr = tl.constexpr(UNSIGNED_CODE.mantissa)
+_U_NEAREST: tl.constexpr = tl.constexpr(UNSIGNED_CODE.nearest)
+_U_NOISE_SHIFT: tl.constexpr = tl.constexpr(UNSIGNED_CODE.noise_shift)
+_U_NOISE_HALF: tl.constexpr = tl.constexpr(UNSIGNED_CODE.noise_half)
+
+
 @triton.jit
-def code_value(k, SIGNED: tl.constexpr):
-    """Code ``k``'s value relative to its block's scale (:func:`adan.numeric.codes.code_value`)."""
+def _mx_constants(SIGNED: tl.constexpr):
+    """The attributes of :class:`adan.numeric.codes.MxCode` (normal, offset, sub_offset,
+    top, bump, shift, mantissa, nearest, noise_shift, noise_half) of a minifloat."""
     if SIGNED:
-        u = k * (1.0 / 127)
-        return u * u * u
+        return (_S_NORMAL, _S_OFFSET, _S_SUB_OFFSET, _S_TOP, _S_BUMP, _S_SHIFT, _S_MANTISSA,
+                _S_NEAREST, _S_NOISE_SHIFT, _S_NOISE_HALF)
     else:
-        u = k * (1.0 / 255)
-        return (u * u) * (u * u)
+        return (_U_NORMAL, _U_OFFSET, _U_SUB_OFFSET, _U_TOP, _U_BUMP, _U_SHIFT, _U_MANTISSA,
+                _U_NEAREST, _U_NOISE_SHIFT, _U_NOISE_HALF)
+
+
+@triton.jit
+def mx_noise(word, SIGNED: tl.constexpr):
+    """The rounding addend of 10 random bits (the low ones of int32 ``word``), as
+    :meth:`adan.numeric.codes.MxCode.noise`."""
+    _, _, _, _, _, _, _, _, noise_shift, noise_half = _mx_constants(SIGNED)
+    return ((word & 0x3FF) << noise_shift) | noise_half
+
+
+@triton.jit
+def mx_nearest(SIGNED: tl.constexpr):
+    """The rounding addend that rounds to nearest."""
+    _, _, _, _, _, _, _, nearest, _, _ = _mx_constants(SIGNED)
+    return nearest
+
+
+@triton.jit
+def mx_encode(x, noise, SIGNED: tl.constexpr):
+    """Codes (int32) of a ``(rows, 32)`` float32 tile and each row's scale byte ``s`` (int32),
+    as :func:`adan.numeric.codes.mx_encode`: one max per row over a warp's 8 threads, then bit
+    arithmetic; ``noise`` the int32 addends (a NaN never reaches min/max)."""
+    normal, offset, sub_offset, top, bump, shift, mantissa, _, _, _ = _mx_constants(SIGNED)
+    finite = tl.abs(x) < float("inf")
+    mag = tl.where(finite, tl.abs(x), 0.0)
+    s = (tl.max(mag, axis=1).to(tl.int32, bitcast=True) + bump) >> 23
+    s = tl.minimum(tl.maximum(s, 2), 254)
+    t = mag * ((255 - s) << 23).to(tl.float32, bitcast=True)[:, None]
+    sub = t < normal
+    y = tl.where(sub, t + normal, t)
+    if SIGNED:
+        noise = tl.where(sub, 0, noise)
+    k = ((y.to(tl.int32, bitcast=True) + noise) >> shift) - tl.where(sub, sub_offset, offset)
+    k = tl.minimum(k, top)
+    if SIGNED:
+        k = tl.where(finite, tl.where(x < 0, -k, k), -128)
+    else:
+        k = tl.where(finite, tl.maximum(k, (x > 0).to(tl.int32)), 255)
+    return k, s
+
+
+@triton.jit
+def mx_decode(k, s, SIGNED: tl.constexpr):
+    """The float32 values of codes ``k`` (int32, ``(rows, 32)``) under their rows' scale
+    bytes ``s`` (int32), as :func:`adan.numeric.codes.mx_decode`."""
+    normal, offset, sub_offset, top, bump, shift, mantissa, _, _, _ = _mx_constants(SIGNED)
+    if SIGNED:
+        mag = tl.abs(k)
+    else:
+        mag = k
+    value = tl.where(mag < mantissa, mag.to(tl.float32) * (normal / mantissa),
+                     ((mag + offset) << shift).to(tl.float32, bitcast=True))
+    if SIGNED:
+        value = tl.where(k == -128, float("nan"), tl.where(k < 0, -value, value))
+    else:
+        value = tl.where(k == top + 1, float("inf"), value)
+    return value * ((s - 1) << 23).to(tl.float32, bitcast=True)[:, None]
 
 
 @triton.jit
@@ -80,74 +156,3 @@ def cast(x, DT: tl.constexpr):
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
     else:
         return x.to(DT)
-
-
-@triton.jit
-def block_columns(QBLOCK: tl.constexpr):
-    """Each element's column in its block of ``QBLOCK``, shaped to broadcast over a tile's
-    rows (see :data:`HALVES`)."""
-    HALF: tl.constexpr = QBLOCK // 2
-    halves = tl.expand_dims(tl.expand_dims(tl.arange(0, 2), 1), 1 - HALVES)
-    return halves * HALF + tl.arange(0, HALF)[None, None, :]
-
-
-@triton.jit
-def block_max(x):
-    """The largest element of each block of a tile, one per row: a block's halves lie in one
-    thread's registers and its columns in one warp, so this takes shuffles, no barrier."""
-    return tl.max(tl.max(x, axis=HALVES), axis=1)
-
-
-@triton.jit
-def block_min(x):
-    """The smallest element of each block of a tile, as :func:`block_max`."""
-    return tl.min(tl.min(x, axis=HALVES), axis=1)
-
-
-@triton.jit
-def block_sum(x):
-    """The sum of each block of a tile, as :func:`block_max`."""
-    return tl.sum(tl.sum(x, axis=HALVES), axis=1)
-
-
-@triton.jit
-def per_element(block_values):
-    """Per-block values (from the reductions above) broadcast to the tile's shape, in the
-    order of axes that keeps their layout (no conversion through shared memory)."""
-    return tl.expand_dims(tl.expand_dims(block_values, 1), HALVES)
-
-
-@triton.jit
-def cube_root(t):
-    """``t ** (1/3)`` for ``t`` in ``[0, 1]`` to a relative 3e-5 (0.003 of a signed code): an
-    inverse cube root from the float's bits and two Newton steps, multiplications only (no
-    ``log2``), then ``t * y * y``."""
-    t = tl.maximum(t, 1e-30)
-    y = (0x54A21D2A - t.to(tl.int32, bitcast=True) // 3).to(tl.float32, bitcast=True)
-    third = t * (1.0 / 3)
-    for _ in tl.static_range(2):
-        y = y * (4.0 / 3 - third * (y * y * y))
-    return t * y * y
-
-
-@triton.jit
-def pick_code(t, uniform, SIGNED: tl.constexpr):
-    """The code of ``t`` (in ``[0, 1]``) rounded stochastically, as :mod:`adan.numeric.codes`:
-    the bracket ``[c(k), c(k+1)]`` of :func:`adan.numeric.codes.code_below`, then up with
-    probability ``(t - c(k)) / (c(k+1) - c(k))``."""
-    # A root estimate lowered by 1/64 of a code (far above its error, a few units in the last
-    # place) is the bracket or the one below it: one comparison with a code value finds it.
-    if SIGNED:
-        levels = 127.0
-        root = cube_root(t)
-    else:
-        levels = 255.0
-        root = tl.sqrt(tl.sqrt(t))
-    k = tl.minimum(tl.maximum(tl.floor(root * levels - (1.0 / 64)), 0.0), levels - 2.0)
-    c1 = code_value(k + 1.0, SIGNED)
-    up = t >= c1
-    other = code_value(k + tl.where(up, 2.0, 0.0), SIGNED)  # the bracket's other end
-    lo = tl.where(up, c1, other)
-    hi = tl.where(up, other, c1)
-    k = k + tl.where(up, 1.0, 0.0)
-    return k + tl.where(t - lo > uniform * (hi - lo), 1.0, 0.0)

@@ -8,17 +8,14 @@ import triton
 import triton.language as tl
 
 from adan.kernels.triton.codes import (
-    block_columns,
-    block_max,
-    block_min,
-    block_sum,
     cast,
-    code_value,
     expm1,
     mix32,
+    mx_decode,
+    mx_encode,
+    mx_nearest,
+    mx_noise,
     noise_word,
-    per_element,
-    pick_code,
     round_bf16,
 )
 
@@ -29,11 +26,11 @@ __all__ = ["COL_M", "COL_META_M", "COL_META_N", "COL_META_PREV", "COL_META_V", "
 # The state format (the kernel's FMT): :attr:`adan.state.formats.StateFormat.triton_code`.
 FMT_FLOAT: tl.constexpr = tl.constexpr(0)  # buffers in a float dtype (S_DT)
 FMT_BF16: tl.constexpr = tl.constexpr(1)  # bfloat16, rounded stochastically
-FMT_INT8: tl.constexpr = tl.constexpr(2)  # 8-bit codes with a meta row per block
+FMT_INT8: tl.constexpr = tl.constexpr(2)  # 8-bit codes with a scale byte per block
 
 # The address table: one row of NCOL int64 per tensor. The addresses of the parameter and
 # the four state buffers, of the step count, the number of (real) elements, the addresses of
-# the buffers' 8-bit block data (0 if none) and of the seed. (The gradients' addresses live in
+# the buffers' 8-bit block scales (0 if none) and of the seed. (The gradients' addresses live in
 # an array of their own.) 12 columns keep rows 16-byte aligned.
 COL_PARAM: tl.constexpr = tl.constexpr(0)
 COL_M: tl.constexpr = tl.constexpr(1)
@@ -89,7 +86,7 @@ def _st(ptr, x, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _load(row, col: tl.constexpr, meta_col: tl.constexpr, offs, mask, qrow, qmask, cols,
+def _load(row, col: tl.constexpr, meta_col: tl.constexpr, offs, mask, qrow, qmask,
           S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr, VEC: tl.constexpr,
           MASKED: tl.constexpr):
     """Decode one state buffer's tile to float32 (masked elements read as 0)."""
@@ -98,50 +95,26 @@ def _load(row, col: tl.constexpr, meta_col: tl.constexpr, offs, mask, qrow, qmas
             codes = _ld(_col(row, col, tl.int8, VEC) + offs, mask, MASKED)
         else:
             codes = _ld(_col(row, col, tl.uint8, VEC) + offs, mask, MASKED)
-        value = code_value(codes.to(tl.float32), SIGNED)
-        meta = _col(row, meta_col, tl.float32, 0) + qrow * 3
-        scale = tl.load(meta, mask=qmask, other=0.0)
-        top = tl.load(meta + 1, mask=qmask, other=0.0)
-        pos = tl.load(meta + 2, mask=qmask, other=-1.0).to(tl.int32)
-        return tl.where(cols == per_element(pos), per_element(top),
-                        value * per_element(scale))
+        scales = tl.load(_col(row, meta_col, tl.uint8, 0) + qrow, mask=qmask, other=2)
+        return mx_decode(codes.to(tl.int32), scales.to(tl.int32), SIGNED)
     else:
         return _ld(_col(row, col, S_DT, VEC) + offs, mask, MASKED).to(tl.float32)
 
 
 @triton.jit
-def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, qmask, cols,
-           noise16, S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr,
-           VEC: tl.constexpr, MASKED: tl.constexpr, QBLOCK: tl.constexpr):
+def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, qmask, noise,
+           S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr, VEC: tl.constexpr,
+           MASKED: tl.constexpr):
     """Encode a float32 tile into one state buffer (see :mod:`adan.numeric.codes` for the codes)."""
     if FMT == FMT_INT8:
-        inf = float("inf")
-        mag = tl.where(x != x, inf, tl.abs(x))  # a NaN ranks with the largest
-        if MASKED:
-            mag = tl.where(mask, mag, -1.0)
-        top_mag = block_max(mag)
-        pos = block_min(tl.where(mag == per_element(top_mag), cols, QBLOCK))
-        is_top = cols == per_element(pos)
-        top = block_sum(tl.where(is_top, x, 0.0))
-        rest = tl.where(is_top | (mag == inf) | (mag < 0), 0.0, mag)
-        scale = block_max(rest)
-        t = tl.minimum(rest * per_element(1.0 / tl.where(scale > 0, scale, 1.0)), 1.0)
-        uniform = (noise16.to(tl.float32) + 0.5) * (1.0 / 65536)
-        k = pick_code(t, uniform, SIGNED)
+        k, scales = mx_encode(x, noise, SIGNED)
         if SIGNED:
-            _st(_col(row, col, tl.int8, VEC) + offs, tl.where(x < 0, -k, k).to(tl.int8),
-                mask, MASKED)
+            _st(_col(row, col, tl.int8, VEC) + offs, k.to(tl.int8), mask, MASKED)
         else:
             _st(_col(row, col, tl.uint8, VEC) + offs, k.to(tl.uint8), mask, MASKED)
-        # The meta rows as one (ROWS, 4) store of 3 columns: one layout conversion, not three.
-        # (join stacks on a new last axis: [r, i, j] is the j-th argument's i-th)
-        rows = tl.reshape(tl.join(tl.join(scale, pos.to(tl.float32)), tl.join(top, scale)),
-                          (scale.shape[0], 4))
-        col4 = tl.arange(0, 4)[None, :]
-        meta = _col(row, meta_col, tl.float32, 0) + qrow[:, None] * 3 + col4
-        tl.store(meta, rows, mask=qmask[:, None] & (col4 < 3))
+        tl.store(_col(row, meta_col, tl.uint8, 0) + qrow, scales.to(tl.uint8), mask=qmask)
     elif FMT == FMT_BF16:
-        _st(_col(row, col, tl.bfloat16, VEC) + offs, round_bf16(x, noise16), mask, MASKED)
+        _st(_col(row, col, tl.bfloat16, VEC) + offs, round_bf16(x, noise), mask, MASKED)
     else:
         _st(_col(row, col, S_DT, VEC) + offs, cast(x, S_DT), mask, MASKED)
 
@@ -199,35 +172,35 @@ def _adan_kernel(
 
         SUBTILES: tl.constexpr = BLOCK // TILE
         EXTRA_ROW: tl.constexpr = 1 if FMT == FMT_INT8 else 0
-        ROWS: tl.constexpr = TILE // QBLOCK
-        # A tile holds ROWS blocks of QBLOCK, each in one warp (see codes.HALVES): Triton lays
-        # the last axis (16-byte vectors) across a warp's threads and the rows across warps.
-        cols = block_columns(QBLOCK)
+        # 8-bit state: a tile is ROWS blocks of QBLOCK, each in 8 threads of one warp (4
+        # elements per thread), so that a block's max takes shuffles; else one row.
+        QB: tl.constexpr = QBLOCK if FMT == FMT_INT8 else TILE
+        ROWS: tl.constexpr = TILE // QB
         if FMT != FMT_FLOAT or SR_PARAM:  # the noise of adan.kernels.compact.noise_word
             seed = tl.load(tl.load(row + COL_SEED).to(tl.pointer_type(tl.int64)))
             key = seed.to(tl.uint32) ^ mix32(k.to(tl.uint32))
         for sub in tl.static_range(SUBTILES):
             first = (tile * SUBTILES + sub) * TILE
             # A partial tile skips its sub-tiles past the tensor's end, but for the one that
-            # holds the extra meta row of 8-bit state.
+            # holds the extra scale byte of 8-bit state.
             if not MASKED or first < numel + EXTRA_ROW:
-                qrow = first // QBLOCK + tl.arange(0, ROWS)
-                offs = per_element(qrow) * QBLOCK + cols
+                qrow = first // QB + tl.arange(0, ROWS)
+                offs = qrow[:, None] * QB + tl.arange(0, QB)[None, :]
                 mask = offs < numel
-                qmask = qrow <= numel // QBLOCK  # meta rows: one per started block, plus one
+                qmask = qrow <= numel // QB  # scale bytes: one per started block, plus one
                 index = offs.to(tl.uint32)
                 p_ptr = _col(row, COL_PARAM, P_DT, VEC) + offs
                 p = _ld(p_ptr, mask, MASKED).to(tl.float32)
                 g_ptr = _ptr(grads, tl.load(grads + t), G_DT, VEC) + offs
                 g = _ld(g_ptr, mask, MASKED).to(tl.float32) * factor
-                m = _load(row, COL_M, COL_META_M, offs, mask, qrow, qmask, cols, S_DT, FMT,
+                m = _load(row, COL_M, COL_META_M, offs, mask, qrow, qmask, S_DT, FMT,
                           True, VEC, MASKED)
-                v = _load(row, COL_V, COL_META_V, offs, mask, qrow, qmask, cols, S_DT, FMT,
+                v = _load(row, COL_V, COL_META_V, offs, mask, qrow, qmask, S_DT, FMT,
                           True, VEC, MASKED)
-                n = _load(row, COL_N, COL_META_N, offs, mask, qrow, qmask, cols, S_DT, FMT,
+                n = _load(row, COL_N, COL_META_N, offs, mask, qrow, qmask, S_DT, FMT,
                           False, VEC, MASKED)
-                prev = _load(row, COL_PREV, COL_META_PREV, offs, mask, qrow, qmask, cols, S_DT,
-                             FMT, True, VEC, MASKED)
+                prev = _load(row, COL_PREV, COL_META_PREV, offs, mask, qrow, qmask, S_DT, FMT,
+                             True, VEC, MASKED)
                 prev = tl.where(k == 1.0, g, prev)  # g_0 := g_1: the first difference is zero
 
                 diff = g - prev
@@ -239,21 +212,26 @@ def _adan_kernel(
                 update = (m * ibc1 + v * b2bc2) / denom
                 new = p * keep - update * scale
 
-                # 16 random bits per buffer (two words' halves), for the compact formats
+                # Rounding noise (StateFormat.noise): bfloat16 16 bits per buffer (two words'
+                # halves); 8-bit codes 10 bits of one word each for m, v, n; prev to nearest.
                 noise = (0, 0, 0, 0)
-                if FMT != FMT_FLOAT:
+                if FMT == FMT_BF16:
                     w0 = noise_word(index, key, 0)
                     w1 = noise_word(index, key, 1)
                     noise = ((w0 & 65535).to(tl.int32), (w0 >> 16).to(tl.int32),
                              (w1 & 65535).to(tl.int32), (w1 >> 16).to(tl.int32))
-                _store(row, COL_M, COL_META_M, m, offs, mask, qrow, qmask, cols, noise[0],
-                       S_DT, FMT, True, VEC, MASKED, QBLOCK)
-                _store(row, COL_V, COL_META_V, v, offs, mask, qrow, qmask, cols, noise[1],
-                       S_DT, FMT, True, VEC, MASKED, QBLOCK)
-                _store(row, COL_N, COL_META_N, n, offs, mask, qrow, qmask, cols, noise[2],
-                       S_DT, FMT, False, VEC, MASKED, QBLOCK)
-                _store(row, COL_PREV, COL_META_PREV, g, offs, mask, qrow, qmask, cols,
-                       noise[3], S_DT, FMT, True, VEC, MASKED, QBLOCK)
+                elif FMT == FMT_INT8:
+                    w0 = noise_word(index, key, 0).to(tl.int32, bitcast=True)
+                    noise = (mx_noise(w0, True), mx_noise(w0 >> 10, True),
+                             mx_noise(w0 >> 20, False), mx_nearest(True))
+                _store(row, COL_M, COL_META_M, m, offs, mask, qrow, qmask, noise[0], S_DT, FMT,
+                       True, VEC, MASKED)
+                _store(row, COL_V, COL_META_V, v, offs, mask, qrow, qmask, noise[1], S_DT, FMT,
+                       True, VEC, MASKED)
+                _store(row, COL_N, COL_META_N, n, offs, mask, qrow, qmask, noise[2], S_DT, FMT,
+                       False, VEC, MASKED)
+                _store(row, COL_PREV, COL_META_PREV, g, offs, mask, qrow, qmask, noise[3], S_DT,
+                       FMT, True, VEC, MASKED)
                 if SR_PARAM:
                     word = noise_word(index, key, 2)
                     _st(p_ptr, round_bf16(new, (word & 65535).to(tl.int32)), mask, MASKED)

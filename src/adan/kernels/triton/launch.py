@@ -43,9 +43,9 @@ __all__ = ["BLOCK", "NUM_WARPS", "QBLOCK", "TILE", "register_cap", "triton_adan"
 BLOCK = 4096
 """Elements per program."""
 TILE = 2048
-"""Elements a program updates at a time (BLOCK is a multiple): a multiple of the 8-bit code's
-block (256)."""
-QBLOCK = 256
+"""Elements a program updates at a time (BLOCK is a multiple): a multiple of QBLOCK."""
+QBLOCK = 32
+"""Elements per block of 8-bit state (:data:`adan.numeric.codes.MX_BLOCK`)."""
 NUM_WARPS = 8
 
 REGISTER_CAP = 128
@@ -246,8 +246,8 @@ def _row(param: Tensor, state: dict[str, Any], no_seed: Tensor) -> list[int]:
     row[COL_PARAM] = param.data_ptr()
     for key, col, meta_col in _BUFFER_COLUMNS:
         row[col] = state[key].data_ptr()
-        if key + "_meta" in state:
-            row[meta_col] = state[key + "_meta"].data_ptr()
+        if key + "_exp" in state:
+            row[meta_col] = state[key + "_exp"].data_ptr()
     row[COL_STEP] = state["step"].data_ptr()
     row[COL_NUMEL] = real_view(param).numel()
     row[COL_SEED] = state.get("seed", no_seed).data_ptr()
