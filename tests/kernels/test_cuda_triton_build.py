@@ -113,27 +113,13 @@ def test_aligned_full_tiles_move_data_in_wide_accesses(built, variant):
     assert (result["ld_v4"], result["st_v4"]) == _wide_accesses(variant)
 
 
-KNOWN = {
-    "3.9": {"fp32-param/partial": "2 spill accesses (a value kept across a branch)"},
-    "3.6": {"bf16-bf16/partial": "6 spill accesses under the register cap",
-            "bf16-bf16/misaligned-partial": "8 spill accesses under the register cap"},
-}
-"""Launches of float state that miss the targets today (measured 2026-12-06), by Triton
-version: partial tiles, which launch once per tensor. Expected to fail, strictly, so that a
-fix shows. (The 8-bit kernel's
-misses are not listed: its format is being replaced, and the new one must meet them.)"""
-
-
 @pytest.mark.parametrize("launch", LAUNCHES)
-def test_no_spills_two_ctas_per_sm_and_a_barrier_before_the_atomic(built, launch, request):
+def test_no_spills_two_ctas_per_sm_and_a_barrier_before_the_atomic(built, launch):
     """Each launch variant apart (full and partial tiles launch apart, so each kernel holds
     one branch's registers): no local memory in the PTX, no local loads or stores in the
-    SASS (ptxas spills there under a register cap), 2 or more CTAs of 8 warps per SM, and
-    every global load, the step count's among them, before a barrier that precedes the
-    atomic (one thread of the last program advances the step count after it)."""
-    known = KNOWN.get(".".join(built["triton"].split(".")[:2]), {}).get(launch)
-    if known:
-        request.applymarker(pytest.mark.xfail(reason=known, strict=True))
+    SASS (ptxas spills there under a register cap), 2 or more CTAs per SM, and every global
+    load, the step count's among them, before a barrier that precedes the atomic (one thread
+    of the last program advances the step count after it)."""
     result = built[launch]
     figures = {k: result[k] for k in ("local", "spills", "ctas_per_sm",
                                       "barrier_before_atomic", "registers")}

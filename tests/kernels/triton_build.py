@@ -26,7 +26,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from adan.kernels.triton import BLOCK, NUM_WARPS, QBLOCK, TILE, register_cap
+from adan.kernels.triton import BLOCK, QBLOCK, launch_options
 from adan.kernels.triton.device import _adan_kernel
 
 ARGS = {"table": "*i64", "tiles": "*i32", "grads": "*i64", "counters": "*i32",
@@ -70,11 +70,10 @@ TILES = {"": (True, False), "/partial": (True, True), "/misaligned": (False, Fal
 
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-THREADS = 32 * NUM_WARPS
 REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM = 65536, 228 * 1024, 64
 
 
-def sass_figures(cubin: bytes) -> dict[str, float]:
+def sass_figures(cubin: bytes, warps: int) -> dict[str, float]:
     """Registers, shared memory, CTAs per SM (H100/H200 limits), and SASS instructions per
     element, barriers and spill accesses per tile (the kernel has no loops: its static count
     is what a full tile runs)."""
@@ -87,12 +86,13 @@ def sass_figures(cubin: bytes) -> dict[str, float]:
                               text=True, check=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     shared = int(re.search(r"SHARED:(\d+)", usage).group(1))
-    per_cta = -(-regs // 8) * 8 * THREADS
-    ctas = min(REGISTERS_PER_SM // per_cta, WARPS_PER_SM * 32 // THREADS,
+    threads = 32 * warps
+    per_cta = -(-regs // 8) * 8 * threads
+    ctas = min(REGISTERS_PER_SM // per_cta, WARPS_PER_SM * 32 // threads,
                SHARED_PER_SM // shared if shared else 99)
     instructions = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([A-Z][A-Z0-9_.]*)", sass)
     return {"registers": regs, "shared": shared, "ctas_per_sm": ctas,
-            "instr_per_elem": round(len(instructions) / (BLOCK / THREADS), 1),
+            "instr_per_elem": round(len(instructions) / (BLOCK / threads), 1),
             "barriers": sum(i.startswith("BAR") for i in instructions),
             "spills": sum(i.startswith(("LDL", "STL")) for i in instructions)}
 
@@ -101,10 +101,12 @@ def build(param: str, state: str, fmt: int, no_prox: bool, maximize: bool, facto
           tensor_lr: bool, sr_param: bool, aligned: bool = True, masked: bool = False
           ) -> dict[str, float]:
     """Compile one launch variant for sm_90 and read its figures."""
+    options = launch_options(fmt, masked, aligned)  # as the kernel is launched
     constants = dict(P_DT=DTYPES[param], G_DT=DTYPES[param], S_DT=DTYPES[state],
                      STEP_DT=tl.float32, FMT=fmt, NO_PROX=no_prox, MAXIMIZE=maximize,
                      HAS_FACTOR=factor, LR_ON_DEVICE=tensor_lr, SR_PARAM=sr_param,
-                     ALIGNED=aligned, MASKED=masked, BLOCK=BLOCK, TILE=TILE, QBLOCK=QBLOCK)
+                     ALIGNED=aligned, MASKED=masked, BLOCK=BLOCK, TILE=options.pop("TILE"),
+                     QBLOCK=QBLOCK)  # in the kernel's order of arguments
     signature = {**ARGS, **{name: "constexpr" for name in constants}}
     names = list(signature)
     source = ASTSource(
@@ -113,15 +115,13 @@ def build(param: str, state: str, fmt: int, no_prox: bool, maximize: bool, facto
         # as Triton specialises pointer arguments at launch (torch's allocations are aligned)
         attrs={(i,): [["tt.divisibility", 16]] for i, k in enumerate(ARGS)
                if ARGS[k].startswith("*")})
-    cap = register_cap(fmt, masked, aligned)  # as the kernel is launched
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": NUM_WARPS,
-                                     **({} if cap is None else {"maxnreg": cap})})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = kernel.asm["ptx"]
     return {"ld_v4": ptx.count("ld.global.v4"), "st_v4": ptx.count("st.global.v4"),
             "local": ptx.count(".local"), "cubin_bytes": len(kernel.asm["cubin"]),
             "barrier_before_atomic": barrier_before_atomic(ptx),
-            **sass_figures(kernel.asm["cubin"])}
+            "warps": options["num_warps"],
+            **sass_figures(kernel.asm["cubin"], options["num_warps"])}
 
 
 def barrier_before_atomic(ptx: str) -> bool:

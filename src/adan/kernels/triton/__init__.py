@@ -8,10 +8,10 @@ from adan.kernels.triton.launch import (
     NUM_WARPS,
     QBLOCK,
     TILE,
-    register_cap,
+    launch_options,
     triton_adan,
     triton_unsupported,
 )
 
 __all__ = ["BLOCK", "FMT_BF16", "FMT_FLOAT", "FMT_INT8", "NUM_WARPS", "QBLOCK", "TILE",
-           "register_cap", "triton_adan", "triton_unsupported"]
+           "launch_options", "triton_adan", "triton_unsupported"]

@@ -15,7 +15,6 @@ import triton.language as tl
 from torch import Tensor
 
 from adan.kernels.common import CAPTURED, StepArgs
-from adan.kernels.triton.codes import TRITON_BEFORE_3_8
 from adan.kernels.triton.device import (
     COL_M,
     COL_META_M,
@@ -37,7 +36,7 @@ from adan.numeric.scalars import decay_factors, log_beta, real_view
 from adan.state.formats import BUFFER_KEYS
 from adan.state.lifecycle import device_mismatch
 
-__all__ = ["BLOCK", "NUM_WARPS", "QBLOCK", "TILE", "register_cap", "triton_adan",
+__all__ = ["BLOCK", "NUM_WARPS", "QBLOCK", "TILE", "launch_options", "triton_adan",
            "triton_unsupported"]
 
 BLOCK = 4096
@@ -49,17 +48,23 @@ QBLOCK = 32
 NUM_WARPS = 8
 
 REGISTER_CAP = 128
-"""The registers of 2 CTAs of NUM_WARPS warps per SM: ``maxnreg`` of the variants that would
-take more (figures: docs/benchmarks.md, "What the compiled kernel predicts")."""
+"""The registers of 2 CTAs of NUM_WARPS warps per SM: ``maxnreg`` of the 8-bit kernel's full
+tiles, which would take more (figures: docs/benchmarks.md, "What the compiled kernel
+predicts")."""
+EDGE_TILE = TILE // 2
+"""Elements a program of a partial tile or of a misaligned tensor updates at a time: half of
+:data:`TILE`, so that its masks and scalar addresses fit in :data:`REGISTER_CAP` registers."""
 
 
-def register_cap(fmt: int, masked: bool, aligned: bool = True) -> int | None:
-    """The ``maxnreg`` launch option of a kernel variant: :data:`REGISTER_CAP` for the 8-bit
-    kernel and for partial tiles with Triton before 3.8 or of misaligned tensors (which
-    otherwise take up to 163 registers, or spill, with Triton 3.9); else None (the
-    compiler's choice)."""
-    return REGISTER_CAP if fmt == FMT_INT8 or (
-        masked and (TRITON_BEFORE_3_8 or not aligned)) else None
+def launch_options(fmt: int, masked: bool, aligned: bool = True) -> dict[str, int]:
+    """The tile (``TILE``), ``num_warps`` and ``maxnreg`` of a launch variant: :data:`TILE`
+    for aligned full tiles, the bulk of the work (capped at :data:`REGISTER_CAP` registers
+    with 8-bit state, the compiler's choice else), :data:`EDGE_TILE` capped for the others,
+    so that every variant runs 2 CTAs of NUM_WARPS per SM without spilling."""
+    if aligned and not masked:
+        return {"TILE": TILE, "num_warps": NUM_WARPS,
+                **({"maxnreg": REGISTER_CAP} if fmt == FMT_INT8 else {})}
+    return {"TILE": EDGE_TILE, "num_warps": NUM_WARPS, "maxnreg": REGISTER_CAP}
 
 
 # (state key, its column, its 8-bit block data's column) of the four buffers, in table order
@@ -347,6 +352,5 @@ def triton_adan(
                     FMT=fmt, NO_PROX=args.no_prox, MAXIMIZE=args.maximize,
                     HAS_FACTOR=factor is not None, LR_ON_DEVICE=lr is not None,
                     SR_PARAM=args.rounds_param(p_dtype), ALIGNED=aligned, MASKED=masked,
-                    BLOCK=BLOCK, TILE=TILE, QBLOCK=QBLOCK, num_warps=NUM_WARPS,
-                    maxnreg=register_cap(fmt, masked, aligned),
+                    BLOCK=BLOCK, QBLOCK=QBLOCK, **launch_options(fmt, masked, aligned),
                 )
