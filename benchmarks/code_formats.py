@@ -123,7 +123,8 @@ def real_state(steps: int) -> dict[str, torch.Tensor]:
 def real(steps: int) -> None:
     """Print the table of ``--real``."""
     buffers = real_state(steps)
-    formats: dict[str, object] = {"power codes, 256 + top": None}
+    formats: dict[str, tuple[int, torch.Tensor, torch.Tensor] | None] = {
+        "power codes, 256 + top": None}
     for block in (32, 64, 128):
         formats[f"e4m3 / e5m3, {block}"] = (block, mx_grid(4, 3, 127), mx_grid(5, 3, 254))
         formats[f"e3m4 / e5m3, {block}"] = (block, mx_grid(3, 4, 127), mx_grid(5, 3, 254))
@@ -137,7 +138,7 @@ def real(steps: int) -> None:
             if spec is None:
                 q = power_round(x, power_grid(127, 3) if signed else power_grid(255, 4))
             else:
-                block, sgrid, ugrid = spec  # type: ignore[misc]
+                block, sgrid, ugrid = spec
                 q = mx_round(x, block, sgrid if signed else ugrid)
             rounded[key] = q
             if not signed:
