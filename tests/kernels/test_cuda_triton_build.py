@@ -136,6 +136,7 @@ def test_int8_kernel_does_not_grow(built):
     """The 8-bit kernel (block minifloats) is above its target of 160 SASS instructions per
     element (docs/benchmarks.md): its current figures are a bound, so it only improves. (It
     was 546 before the power codes' blocks were laid out one per warp, 400 after; the
-    minifloats took it to 248, 242 with Triton 3.6.)"""
-    assert built["fp32-int8-options"]["instr_per_elem"] <= 255
+    minifloats took it to 248, 242 with Triton 3.6; their coding without a branch per range, to
+    205, 204 with 3.6.)"""
+    assert built["fp32-int8-options"]["instr_per_elem"] <= 210
     assert built["fp32-int8-options"]["registers"] <= 128

@@ -47,24 +47,24 @@ def noise_word(index, key, WORD: tl.constexpr):
     return mix32(index + base)
 
 
-# The constants of adan.numeric.codes.MxCode for the signed and the unsigned minifloat.
+# The constants of adan.numeric.codes.MxCode for the signed and the unsigned minifloat, and
+# the largest finite value of each over its scale (its top binade is [2, 4)): the reserved
+# code, decoded as the others are, gives the next value up.
 _S_NORMAL: tl.constexpr = tl.constexpr(SIGNED_CODE.normal)
-_S_OFFSET: tl.constexpr = tl.constexpr(SIGNED_CODE.offset)
-_S_SUB_OFFSET: tl.constexpr = tl.constexpr(SIGNED_CODE.sub_offset)
 _S_TOP: tl.constexpr = tl.constexpr(SIGNED_CODE.top)
 _S_BUMP: tl.constexpr = tl.constexpr(SIGNED_CODE.bump)
 _S_SHIFT: tl.constexpr = tl.constexpr(SIGNED_CODE.shift)
-_S_MANTISSA: tl.constexpr = tl.constexpr(SIGNED_CODE.mantissa)
+_S_LARGEST: tl.constexpr = tl.constexpr(
+    2 + 2 * (SIGNED_CODE.top % SIGNED_CODE.mantissa) / SIGNED_CODE.mantissa)
 _S_NEAREST: tl.constexpr = tl.constexpr(SIGNED_CODE.nearest)
 _S_NOISE_SHIFT: tl.constexpr = tl.constexpr(SIGNED_CODE.noise_shift)
 _S_NOISE_HALF: tl.constexpr = tl.constexpr(SIGNED_CODE.noise_half)
 _U_NORMAL: tl.constexpr = tl.constexpr(UNSIGNED_CODE.normal)
-_U_OFFSET: tl.constexpr = tl.constexpr(UNSIGNED_CODE.offset)
-_U_SUB_OFFSET: tl.constexpr = tl.constexpr(UNSIGNED_CODE.sub_offset)
 _U_TOP: tl.constexpr = tl.constexpr(UNSIGNED_CODE.top)
 _U_BUMP: tl.constexpr = tl.constexpr(UNSIGNED_CODE.bump)
 _U_SHIFT: tl.constexpr = tl.constexpr(UNSIGNED_CODE.shift)
-_U_MANTISSA: tl.constexpr = tl.constexpr(UNSIGNED_CODE.mantissa)
+_U_LARGEST: tl.constexpr = tl.constexpr(
+    2 + 2 * (UNSIGNED_CODE.top % UNSIGNED_CODE.mantissa) / UNSIGNED_CODE.mantissa)
 _U_NEAREST: tl.constexpr = tl.constexpr(UNSIGNED_CODE.nearest)
 _U_NOISE_SHIFT: tl.constexpr = tl.constexpr(UNSIGNED_CODE.noise_shift)
 _U_NOISE_HALF: tl.constexpr = tl.constexpr(UNSIGNED_CODE.noise_half)
@@ -72,28 +72,28 @@ _U_NOISE_HALF: tl.constexpr = tl.constexpr(UNSIGNED_CODE.noise_half)
 
 @triton.jit
 def _mx_constants(SIGNED: tl.constexpr):
-    """The attributes of :class:`adan.numeric.codes.MxCode` (normal, offset, sub_offset,
-    top, bump, shift, mantissa, nearest, noise_shift, noise_half) of a minifloat."""
+    """The attributes of :class:`adan.numeric.codes.MxCode` (normal, top, bump, shift, then
+    the largest finite value, then nearest, noise_shift, noise_half) of a minifloat."""
     if SIGNED:
-        return (_S_NORMAL, _S_OFFSET, _S_SUB_OFFSET, _S_TOP, _S_BUMP, _S_SHIFT, _S_MANTISSA,
-                _S_NEAREST, _S_NOISE_SHIFT, _S_NOISE_HALF)
+        return (_S_NORMAL, _S_TOP, _S_BUMP, _S_SHIFT, _S_LARGEST, _S_NEAREST, _S_NOISE_SHIFT,
+                _S_NOISE_HALF)
     else:
-        return (_U_NORMAL, _U_OFFSET, _U_SUB_OFFSET, _U_TOP, _U_BUMP, _U_SHIFT, _U_MANTISSA,
-                _U_NEAREST, _U_NOISE_SHIFT, _U_NOISE_HALF)
+        return (_U_NORMAL, _U_TOP, _U_BUMP, _U_SHIFT, _U_LARGEST, _U_NEAREST, _U_NOISE_SHIFT,
+                _U_NOISE_HALF)
 
 
 @triton.jit
 def mx_noise(word, SIGNED: tl.constexpr):
     """The rounding addend of 10 random bits (the low ones of int32 ``word``), as
     :meth:`adan.numeric.codes.MxCode.noise`."""
-    _, _, _, _, _, _, _, _, noise_shift, noise_half = _mx_constants(SIGNED)
-    return ((word & 0x3FF) << noise_shift) | noise_half
+    _, _, _, _, _, _, noise_shift, noise_half = _mx_constants(SIGNED)
+    return ((word & 0x3FF) << noise_shift) + noise_half  # (+: one add with the code's bits)
 
 
 @triton.jit
 def mx_nearest(SIGNED: tl.constexpr):
     """The rounding addend that rounds to nearest."""
-    _, _, _, _, _, _, _, nearest, _, _ = _mx_constants(SIGNED)
+    _, _, _, _, _, nearest, _, _ = _mx_constants(SIGNED)
     return nearest
 
 
@@ -101,19 +101,20 @@ def mx_nearest(SIGNED: tl.constexpr):
 def mx_encode(x, noise, SIGNED: tl.constexpr):
     """Codes (int32) of a ``(rows, 32)`` float32 tile and each row's scale byte ``s`` (int32),
     as :func:`adan.numeric.codes.mx_encode`: one max per row over a warp's 8 threads, then bit
-    arithmetic; ``noise`` the int32 addends (a NaN never reaches min/max)."""
-    normal, offset, sub_offset, top, bump, shift, mantissa, _, _, _ = _mx_constants(SIGNED)
+    arithmetic; ``noise`` the int32 addends (a NaN never reaches min/max). Scaling ``t`` by
+    ``2**(1 - lowest)`` makes the subnormal codes float32 subnormals, rounded as ``t + normal``
+    is, so that one expression gives every code (docs/triton.md)."""
+    normal, top, bump, shift, _, _, _, _ = _mx_constants(SIGNED)
     finite = tl.abs(x) < float("inf")
     mag = tl.where(finite, tl.abs(x), 0.0)
     s = (tl.max(mag, axis=1).to(tl.int32, bitcast=True) + bump) >> 23
     s = tl.minimum(tl.maximum(s, 2), 254)
     t = mag * ((255 - s) << 23).to(tl.float32, bitcast=True)[:, None]
-    sub = t < normal
-    y = tl.where(sub, t + normal, t)
+    y = (t * (2.0**-126 / normal)).to(tl.int32, bitcast=True)
+    rounded = y + noise
     if SIGNED:
-        noise = tl.where(sub, 0, noise)
-    k = ((y.to(tl.int32, bitcast=True) + noise) >> shift) - tl.where(sub, sub_offset, offset)
-    k = tl.minimum(k, top)
+        rounded = tl.where(y < 0x800000, y, rounded)
+    k = tl.minimum(rounded >> shift, top)
     if SIGNED:
         k = tl.where(finite, tl.where(x < 0, -k, k), -128)
     else:
@@ -124,18 +125,19 @@ def mx_encode(x, noise, SIGNED: tl.constexpr):
 @triton.jit
 def mx_decode(k, s, SIGNED: tl.constexpr):
     """The float32 values of codes ``k`` (int32, ``(rows, 32)``) under their rows' scale
-    bytes ``s`` (int32), as :func:`adan.numeric.codes.mx_decode`."""
-    normal, offset, sub_offset, top, bump, shift, mantissa, _, _, _ = _mx_constants(SIGNED)
+    bytes ``s`` (int32), as :func:`adan.numeric.codes.mx_decode` computes them: the code's
+    magnitude shifted into a float32's bits (a subnormal one below ``normal``), times
+    ``2**(lowest - 1)``, exact, in fewer instructions than a branch per range."""
+    normal, _, _, shift, largest, _, _, _ = _mx_constants(SIGNED)
     if SIGNED:
-        mag = tl.abs(k)
+        bits = (tl.abs(k) << shift) | (k & -2147483648)
     else:
-        mag = k
-    value = tl.where(mag < mantissa, mag.to(tl.float32) * (normal / mantissa),
-                     ((mag + offset) << shift).to(tl.float32, bitcast=True))
-    if SIGNED:
-        value = tl.where(k == -128, float("nan"), tl.where(k < 0, -value, value))
-    else:
-        value = tl.where(k == top + 1, float("inf"), value)
+        bits = k << shift
+    value = bits.to(tl.float32, bitcast=True) * (normal * 2.0**126)
+    if SIGNED:  # code -128
+        value = tl.where(tl.abs(value) > largest, float("nan"), value)
+    else:  # code 255
+        value = tl.where(value > largest, float("inf"), value)
     return value * ((s - 1) << 23).to(tl.float32, bitcast=True)[:, None]
 
 
