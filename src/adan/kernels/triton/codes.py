@@ -10,12 +10,8 @@ import triton.language as tl
 
 from adan.numeric.codes import SIGNED_CODE, UNSIGNED_CODE
 
-__all__ = ["TRITON_BEFORE_3_8", "cast", "expm1", "mix32", "mx_decode", "mx_encode",
-           "mx_nearest", "mx_noise", "noise_word", "round_bf16"]
-
-TRITON_BEFORE_3_8 = (tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
-                     < (3, 8))
-"""Whether the installed Triton is older than 3.8, which lays tiles out differently."""
+__all__ = ["cast", "expm1", "mix32", "mx_decode", "mx_encode", "mx_nearest", "mx_noise",
+           "noise_word", "round_bf16"]
 
 
 @triton.jit
