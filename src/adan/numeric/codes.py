@@ -60,6 +60,8 @@ class MxCode:
         """Code = (float32 bits >> shift) - offset in the normal range."""
         self.sub_offset = lowest << mantissa_bits
         """The same for ``t + normal`` in the subnormal range."""
+        self.largest = 2 + 2 * (top % self.mantissa) / self.mantissa
+        """The largest finite value over the scale (the top code, in the top binade [2, 4))."""
         top_mantissa = (top & (self.mantissa - 1)) + 1
         self.bump = 0x800000 - (top_mantissa << self.shift) + (1 << self.shift) - 1
         """Added to the block maximum's bits before taking its exponent: a mantissa above the
