@@ -416,7 +416,7 @@ def test_an_error_inside_the_compiled_step_does_not_switch_the_kernel_off(monkey
         return run
 
     p = torch.zeros(300)
-    opt = Adan([p], state_dtype="bf16")
+    opt = Adan([p], fused=True)
     p.grad = torch.ones(300)
     opt.warm_up()  # built and checked (in this test or before): only the steps count below
     monkeypatch.setattr(cpu_compiled, "_compiled", flaky)

@@ -13,10 +13,11 @@ from reference import ReferenceAdan, RefGroup
 
 import adan
 from adan import state as adan_state
-from adan.kernels import compact, cpu_compiled
+from adan.kernels import compact, cpu_compiled, cpu_native
 
 TRACK_TOL = {"bf16": 0.02, "int8": 0.06}
-KERNELS = {"compact": compact.compact_adan, "cpu_compiled": cpu_compiled.cpu_compiled_adan}
+KERNELS = {"compact": compact.compact_adan, "cpu_compiled": cpu_compiled.cpu_compiled_adan,
+           "cpu_native": cpu_native.cpu_native_adan}
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))

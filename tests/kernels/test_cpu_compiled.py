@@ -241,16 +241,16 @@ def test_cuda_fused_matches_cpu_foreach():
 def test_the_recompile_limit_never_fails_a_step():
     """Past Dynamo's limit (forced to 1 here; a process that switches torch's default dtype, a
     global state Dynamo guards on, can reach the real one) the step still runs, eagerly, with
-    one warning, and equals the eager path. float16 parameters with bf16 state: a signature no
-    other test compiles."""
+    one warning, and equals the eager path. bfloat16 parameters with bfloat16 state rounded to
+    nearest: a signature no other test compiles."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     results = {}
     with config.patch(**{name: 1}), pytest.warns(RuntimeWarning, match="recompile limit"):
         for fused in (True, False):
             torch.manual_seed(0)
-            p = torch.randn(1000).half()
-            opt = Adan([p], lr=0.01, state_dtype="bf16",
+            p = torch.randn(1000).bfloat16()
+            opt = Adan([p], lr=0.01, state_dtype="param",
                        **(dict(fused=True) if fused else dict(foreach=False)))
             for default in (torch.float32, torch.float64, torch.float32):
                 before = torch.get_default_dtype()
@@ -262,7 +262,7 @@ def test_the_recompile_limit_never_fails_a_step():
                 finally:
                     torch.set_default_dtype(before)
             results[fused] = p
-    # the compiled and eager steps may round a float16 write differently (one ulp)
+    # the compiled and eager steps may round a bfloat16 write differently (one ulp)
     torch.testing.assert_close(results[True], results[False], rtol=1e-2, atol=1e-3)
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from adan import Adan
-from adan.kernels import compact, cpu_compiled, foreach, routing, single
+from adan.kernels import compact, cpu_compiled, cpu_native, foreach, routing, single
 from adan.state.formats import BF16, FORMATS, FP32, INT8, PLAIN
 
-FUSED = {cpu_compiled.cpu_compiled_adan}
+FUSED = {cpu_compiled.cpu_compiled_adan, cpu_native.cpu_native_adan}
 COMPACT_FORMATS = [FP32, BF16, INT8]
 
 
@@ -22,8 +22,9 @@ def _route(fmt=PLAIN, params=None, **options):
 
 @pytest.mark.parametrize("options, fmt, kernel", [
     ({}, PLAIN, foreach.multi_tensor_adan),
-    ({}, INT8, cpu_compiled.cpu_compiled_adan),
-    ({}, BF16, cpu_compiled.cpu_compiled_adan),
+    ({}, INT8, cpu_native.cpu_native_adan),
+    ({}, BF16, cpu_native.cpu_native_adan),
+    ({}, FP32, cpu_native.cpu_native_adan),
     ({"foreach": False}, PLAIN, single.single_tensor_adan),
     ({"foreach": False}, INT8, compact.compact_adan),
     ({"foreach": True}, PLAIN, foreach.multi_tensor_adan),
@@ -31,6 +32,8 @@ def _route(fmt=PLAIN, params=None, **options):
     ({"fused": False}, PLAIN, foreach.multi_tensor_adan),
     ({"fused": False}, INT8, compact.compact_adan),
     ({"fused": True}, PLAIN, cpu_compiled.cpu_compiled_adan),
+    ({"fused": True}, INT8, cpu_native.cpu_native_adan),
+    ({"stochastic_param_rounding": True}, PLAIN, cpu_native.cpu_native_adan),
     ({"differentiable": True}, PLAIN, single.single_tensor_adan),
     ({"stochastic_param_rounding": True, "foreach": False}, PLAIN, compact.compact_adan),
 ])

@@ -7,7 +7,7 @@ compiled :func:`tensor_step` never bakes a hyperparameter into its code.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -154,10 +154,17 @@ def seed_of(state: dict[str, Any]) -> Tensor:
     return _NO_SEED if seed is None else seed
 
 
-def step_scalars(states: list[dict[str, Any]], args: StepArgs) -> tuple[bool, Scalar]:
-    """Whether the step's scalars stay tensors, and the lr to use (a float where they don't)."""
+def step_start(states: list[dict[str, Any]], args: StepArgs
+               ) -> tuple[Literal[True] | Tensor, bool, Scalar] | None:
+    """What a kernel of this module's step starts from: None when the step is skipped (a
+    non-finite gradient factor read on the host); else the decision (True, or a 0-d bool
+    tensor applied on the device), whether the step-dependent scalars stay tensors, and the
+    lr to use (a float where they don't)."""
+    go = step_decision(args)
+    if go is False:
+        return None
     tensor_scalars = use_tensor_scalars(args.capturable, [s["step"] for s in states])
-    return tensor_scalars, scalars_and_lr(args.lr, tensor_scalars)
+    return go, tensor_scalars, scalars_and_lr(args.lr, tensor_scalars)
 
 
 def tensor_views(param: Tensor, grad: Tensor, state: dict[str, Any]
@@ -173,11 +180,11 @@ def compact_adan(
     cache: dict[Any, Any] | None = None,
 ) -> None:
     """Apply one step to every parameter in place, one eager :func:`tensor_step` each."""
-    go = step_decision(args)
-    if go is False:
+    start = step_start(states, args)
+    if start is None:
         return
+    go, tensor_scalars, lr = start
     may_skip = go is not True
-    tensor_scalars, lr = step_scalars(states, args)
     for param, grad, state in zip(params, grads, states, strict=True):
         p, g, buffers, metas = tensor_views(param, grad, state)
         step: Scalar = (step_as(state["step"], p) + 1 if tensor_scalars

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adan.kernels.common import StepArgs, count_step, step_decision, traced
+from adan.kernels.common import StepArgs, count_step, traced
 from adan.kernels.compact import (
     scalar_vector,
     seed_of,
-    step_scalars,
+    step_start,
     tensor_step,
     tensor_views,
 )
@@ -103,11 +103,11 @@ def cpu_compiled_adan(
     cache: dict[Any, Any] | None = None,
 ) -> None:
     """Apply one Adan step to every tensor in place, reading and writing each element once."""
-    go = step_decision(args)
-    if go is False:
+    start = step_start(states, args)
+    if start is None:
         return
+    go, tensor_scalars, lr = start
     may_skip = go is not True
-    tensor_scalars, lr = step_scalars(states, args)
     packs: dict[tuple[Any, ...], list[int]] = {}
     shared: dict[tuple[Any, ...], Tensor] = {}  # with a gradient factor: one per step count
 

@@ -28,6 +28,7 @@ from torch import Tensor
 from adan.kernels.common import BUILDING, Kernel, traced
 from adan.kernels.compact import compact_adan
 from adan.kernels.cpu_compiled import SERIAL_MAX, cpu_compiled_adan, cpu_compiler_missing
+from adan.kernels.cpu_native import PARALLEL_MIN, cpu_native_adan, native_compiler_missing
 from adan.kernels.foreach import multi_tensor_adan
 from adan.kernels.single import single_tensor_adan
 from adan.kernels.verify import Variant, capture_error, capturing, self_check
@@ -43,18 +44,20 @@ and the multi-tensor path below (docs/benchmarks.md, benchmarks/fused_cutoff.py)
 Route = list[tuple[Kernel, list[int]]]
 
 # (device type, compact state?, choice) -> kernel name; "*" matches any device. "cpu-default"
-# sends each tensor by its size; the fused names fall back to their eager twin.
+# sends each tensor by its size; the fused names fall back to their eager twin. Compact state
+# on the CPU takes the hand-written C++ kernel (cpu_native.cpp), which steps it 2-10x faster
+# than Inductor's code for the same step (docs/lowmem.md, "Speed").
 TABLE: dict[tuple[str, bool, str], str] = {
     ("cuda", False, "default"): "triton",
     ("cuda", True, "default"): "triton",
     ("cpu", False, "default"): "cpu-default",
-    ("cpu", True, "default"): "cpu-compiled",
+    ("cpu", True, "default"): "cpu-native",
     ("*", False, "default"): "foreach",
     ("*", True, "default"): "compact",
     ("cuda", False, "fused"): "triton",
     ("cuda", True, "fused"): "triton",
     ("cpu", False, "fused"): "cpu-compiled",
-    ("cpu", True, "fused"): "cpu-compiled",
+    ("cpu", True, "fused"): "cpu-native",
     ("*", False, "eager"): "foreach",
     ("*", True, "eager"): "compact",
     ("*", False, "foreach"): "foreach",
@@ -65,7 +68,8 @@ TABLE: dict[tuple[str, bool, str], str] = {
 
 _EAGER: dict[str, Kernel] = {"foreach": multi_tensor_adan, "compact": compact_adan,
                              "single": single_tensor_adan}
-_FUSED_KIND = {"triton": "triton", "cpu-compiled": "cpu", "cpu-default": "cpu"}
+_FUSED_KIND = {"triton": "triton", "cpu-compiled": "cpu", "cpu-default": "cpu",
+               "cpu-native": "native"}
 
 BACKGROUND = True
 """Build fused kernels off the critical path (tests may turn it off)."""
@@ -159,6 +163,8 @@ def _triton_module() -> Any:
 
 
 def _fused_kernel(kind: str) -> Kernel:
+    if kind == "native":
+        return cpu_native_adan
     return cpu_compiled_adan if kind == "cpu" else _triton_module().triton_adan
 
 
@@ -166,9 +172,12 @@ def _probe(kind: str, device: torch.device, fmt: StateFormat, dtype: torch.dtype
            grad_dtype: torch.dtype, options: dict[str, Any]) -> None:
     """Build and self-check (:mod:`.verify`) on scratch tensors (no user tensor is touched)
     the variants a group with these options steps with: on CPU the serial and the threaded
-    one as its sizes need; for Triton full and partial tiles, aligned and misaligned."""
+    one as its sizes need; for the C++ kernel a partial 8-bit block, a tensor split over threads
+    and a misaligned one; for Triton full and partial tiles, aligned and misaligned."""
     if kind == "cpu":
         sizes, misaligned = [300] * options["serial"] + [SERIAL_MAX] * options["parallel"], []
+    elif kind == "native":
+        sizes, misaligned = [300, PARALLEL_MIN + 37], [45]
     else:
         sizes, misaligned = [_triton_module().BLOCK + 5, 7], [300]
     self_check(_fused_kernel(kind), Variant(kind, device, fmt, dtype, grad_dtype, options), sizes,
@@ -178,6 +187,8 @@ def _probe(kind: str, device: torch.device, fmt: StateFormat, dtype: torch.dtype
 def _unavailable(kind: str) -> str | None:
     if kind == "cpu":
         return cpu_compiler_missing()
+    if kind == "native":
+        return native_compiler_missing()
     try:
         _triton_module()
     except ImportError as exc:
@@ -192,6 +203,8 @@ def _options(kind: str, group: dict[str, Any], params: list[Tensor]) -> dict[str
     if kind == "cpu":
         serial = [real_view(p).numel() < SERIAL_MAX for p in params]
         return dict(common, serial=any(serial), parallel=not all(serial))
+    if kind == "native":
+        return common
     return dict(common, no_prox=group["no_prox"], maximize=group["maximize"],
                 tensor_lr=isinstance(group["lr"], Tensor))
 
@@ -260,7 +273,7 @@ PENDING = RuntimeError("the fused kernel is still being built")
 def build_error(kind: str, device: torch.device, fmt: StateFormat, params: list[Tensor],
                 grads: list[Tensor], options: dict[str, Any], wait: bool = True
                 ) -> BaseException | None:
-    """Build fused kernel ``kind`` ("cpu" or "triton") for these tensors and a group's
+    """Build fused kernel ``kind`` ("cpu", "native" or "triton") for these tensors and a group's
     options, once per process: None when it runs, the error that stopped it, or, without
     ``wait``, :data:`PENDING` while a build started in the background is not done."""
     pending = False

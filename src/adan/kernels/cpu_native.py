@@ -1,0 +1,204 @@
+"""CPU Adan over compact state (bf16, 8-bit, fp32 buffers, rounded parameters) in hand-written
+C++ (``cpu_native.cpp``): one pass per element, 8-bit blocks decoded, updated and encoded in
+registers, the noise hashed in 32-bit words, and the same bits as the eager path
+(:mod:`adan.kernels.compact`).
+
+Inductor compiles the same step from torch operations but keeps temporaries between loops
+(and its noise in int64), which made the 8-bit step 15x the fp32 one (docs/lowmem.md). Each
+variant (dtypes and format) is its own small shared library, compiled by the system's C++
+compiler in about a second, kept in a cache folder keyed by everything that shapes the code,
+and called through :mod:`ctypes` (which releases the GIL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adan.kernels.common import StepArgs, count_step
+from adan.kernels.compact import scalar_vector, seed_of, step_start, tensor_step, tensor_views
+from adan.numeric.codes import SIGNED_CODE, UNSIGNED_CODE, MxCode
+from adan.numeric.scalars import Scalar
+from adan.state.formats import StateFormat, work_dtype
+
+__all__ = ["PARALLEL_MIN", "build", "cache_dir", "cpu_native_adan", "native_compiler_missing"]
+
+SOURCE = Path(__file__).with_name("cpu_native.cpp")
+PARALLEL_MIN = 1 << 17
+"""Tensors from this many elements are split over torch's intra-op threads; below, starting
+threads costs more than it saves."""
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+         "-std=c++17", "-shared", "-fPIC", "-pthread")
+"""No ``-ffast-math`` and no fused multiply-adds: every operation rounds as torch's do (the
+other two let the compiler vectorise a square root and a select, changing no result)."""
+
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def native_compiler_missing() -> str | None:
+    """Why the C++ kernel cannot be built here, or None if it can."""
+    if _compiler() is None:
+        return "no C++ compiler found (g++ or clang++, or $CXX)"
+    return None
+
+
+def cache_dir() -> Path:
+    """Where built variants are kept: ``$ADAN_CACHE_DIR``, else ``adan`` in the user's cache
+    folder."""
+    root = os.environ.get("ADAN_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adan"
+
+
+def _folder() -> Path:
+    """:func:`cache_dir`, or where it cannot be written (a read-only home), a folder of this
+    user's in the temporary directory."""
+    fallback = Path(tempfile.gettempdir()) / f"adan-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    for folder in (cache_dir(), fallback):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    raise RuntimeError(f"no writable folder for the compiled kernel ({cache_dir()}, {fallback})")
+
+
+def _code_defines(prefix: str, code: MxCode) -> list[str]:
+    """One minifloat's constants (:class:`adan.numeric.codes.MxCode`) as the source's macros."""
+    values = dict(SHIFT=code.shift, TOP=code.top, BUMP=code.bump, NEAREST=code.nearest,
+                  NOISE_SHIFT=code.noise_shift, NOISE_HALF=code.noise_half,
+                  NORMAL=f"{code.normal.hex()}f",
+                  UP=f"{(2.0 ** (code.offset // code.mantissa)).hex()}f")
+    return [f"-DADAN_{prefix}_{name}={value}" for name, value in values.items()]
+
+
+def _variant(fmt: StateFormat, param: torch.dtype, grad: torch.dtype, buffer: torch.dtype
+             ) -> tuple[int, int, int, int]:
+    """The variant's codes: parameter, gradient, float buffer, format."""
+    return (_CODES[param], _CODES[grad], _CODES[buffer] if fmt.triton_code == 0 else 0,
+            fmt.triton_code)
+
+
+@functools.cache
+def _machine() -> str:
+    """What the compiled code depends on besides the source and flags: the compiler's version
+    and, for ``-march=native``, the processor's features."""
+    compiler = _compiler()
+    version = subprocess.run([compiler or "", "--version"], capture_output=True, text=True,
+                             check=False).stdout
+    features = ""
+    try:
+        features = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{compiler}\n{version}\n{features}"
+
+
+def _compile(defines: list[str], path: Path) -> None:
+    """Compile the source with ``defines`` into ``path``, atomically (another process sees all
+    of the library or nothing)."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError(native_compiler_missing())
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / path.name
+        done = subprocess.run([compiler, *FLAGS, *defines, str(SOURCE), "-o", str(out)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+        os.replace(out, path)
+
+
+@functools.cache
+def build(variant: tuple[int, int, int, int]) -> Any:
+    """The step function of one variant (:func:`_variant`), compiled unless in the cache."""
+    names = ("P", "G", "B", "FMT")
+    defines = [f"-DADAN_{n}={v}" for n, v in zip(names, variant, strict=True)]
+    defines += _code_defines("S", SIGNED_CODE) + _code_defines("U", UNSIGNED_CODE)
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + tuple(defines)).encode(),
+                                        _machine().encode()])).hexdigest()[:24]
+    name = f"adan_native_{digest}.so"
+    path = cache_dir() / name
+    if not path.exists():
+        path = _folder() / name
+        if not path.exists():
+            _compile(defines, path)
+    library = ctypes.CDLL(str(path))
+    expected = sum(v << (4 * i) for i, v in enumerate(variant))
+    if library.adan_native_variant() != expected:
+        raise RuntimeError(f"{path} holds another variant of the kernel")
+    fn = library.adan_native_step
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] + [ctypes.c_int] * 3
+    return fn
+
+
+def _function(fmt: StateFormat, p: Tensor, g: Tensor, buffers: list[Tensor]) -> Any | None:
+    """The built step for these real views, or None where it does not apply: a tensor that is
+    not dense, a dtype the source has no type for, or float64 parameters (their eager step's
+    square root is MKL's, not always correctly rounded, and the paths must agree)."""
+    if not all(t.is_contiguous() for t in (p, g, *buffers)):
+        return None
+    if p.dtype not in _CODES or p.dtype == torch.float64 or g.dtype not in _CODES:
+        return None
+    if fmt.triton_code == 0 and buffers[0].dtype not in _CODES:
+        return None
+    return build(_variant(fmt, p.dtype, g.dtype, buffers[0].dtype))
+
+
+def cpu_native_adan(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs,
+    cache: dict[Any, Any] | None = None,
+) -> None:
+    """Apply one Adan step to every tensor in place, each in one call of its C++ variant (in
+    the eager step where none applies)."""
+    start = step_start(states, args)
+    if start is None:
+        return
+    go, tensor_scalars, lr = start
+    may_skip = go is not True
+    vectors: dict[tuple[Any, ...], Tensor] = {}
+    threads = torch.get_num_threads()
+    for param, grad, state in zip(params, grads, states, strict=True):
+        p, g, buffers, metas = tensor_views(param, grad, state)
+        step: Scalar = state["step"] + 1 if tensor_scalars else state["step"].item() + 1
+        dtype = work_dtype(param)
+        if tensor_scalars:
+            s = scalar_vector(step, lr, args, dtype, param.device)
+        else:
+            key = (step, dtype)
+            if key not in vectors:
+                vectors[key] = scalar_vector(step, lr, args, dtype, param.device)
+            s = vectors[key]
+        seed = seed_of(state)
+        fn = _function(args.fmt, p, g, buffers)
+        if fn is None or s.device.type != "cpu" or not s.is_contiguous():
+            tensor_step(p, g, buffers, metas, s, seed, args.fmt, args.stochastic_param, may_skip)
+        else:
+            scales = [0 if m is None else m.data_ptr() for m in metas]
+            fn(p.data_ptr(), g.data_ptr(), *(b.data_ptr() for b in buffers), *scales,
+               s.data_ptr(), seed.data_ptr(), p.numel(), args.rounds_param(param.dtype),
+               may_skip, threads if p.numel() >= PARALLEL_MIN else 1)
+        count_step(state, go)
+
