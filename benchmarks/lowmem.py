@@ -67,24 +67,35 @@ def memory(numel: int, device: torch.device | str = "cpu"
     return rows
 
 
+# What ``speed`` times beside the three formats: fp32 state stepped by the C++ kernel of
+# compact state (stochastic_param_rounding=True makes fp32 parameters' state "compact", and
+# rounds nothing for them; CPU only), and torch's fused AdamW, the bandwidth reference.
+SPEED_EXTRA: dict[str, Any] = {
+    "fp32*": lambda ps: _make(ps, "fp32", stochastic_param_rounding=True),
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.02, fused=True),
+}
+
+
 def speed(numel: int, tensors: int, repeats: int, steps: int,
           device: torch.device | str = "cpu") -> dict[str, float]:
     """Median seconds per step of each setting, timed in interleaved rounds (CUDA: with CUDA
     events around each round of ``steps`` steps)."""
     device = torch.device(device)
     torch.manual_seed(0)
-    runs = {}
-    for fmt in STATE_FORMATS:
+    makers: dict[str, Any] = {fmt: (lambda ps, fmt=fmt: _make(ps, fmt)) for fmt in STATE_FORMATS}
+    makers.update((k, v) for k, v in SPEED_EXTRA.items() if k != "fp32*" or device.type == "cpu")
+    runs: dict[str, Any] = {}
+    for name, make in makers.items():
         params = [torch.zeros(numel, device=device, requires_grad=True) for _ in range(tensors)]
         for p in params:
             p.grad = torch.randn(numel, device=device)
-        opt = _make(params, fmt)
+        opt = make(params)
         for _ in range(3):  # warm-up, compilation included
             opt.step()
-        runs[fmt] = opt
-    times: dict[str, list[float]] = {fmt: [] for fmt in STATE_FORMATS}
+        runs[name] = opt
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        for fmt, opt in runs.items():
+        for name, opt in runs.items():
             _sync(device)
             if device.type == "cuda":
                 begin = torch.cuda.Event(enable_timing=True)
@@ -94,13 +105,13 @@ def speed(numel: int, tensors: int, repeats: int, steps: int,
                     opt.step()
                 end.record()
                 end.synchronize()
-                times[fmt].append(begin.elapsed_time(end) / 1e3 / steps)
+                times[name].append(begin.elapsed_time(end) / 1e3 / steps)
                 continue
             start = time.perf_counter()
             for _ in range(steps):
                 opt.step()
-            times[fmt].append((time.perf_counter() - start) / steps)
-    return {fmt: statistics.median(t) for fmt, t in times.items()}
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # The optimizers ``training`` compares: name and a constructor taking the parameters.
@@ -475,8 +486,12 @@ def main(argv: list[str] | None = None) -> int:
         where = (torch.cuda.get_device_name(device) if device.type == "cuda"
                  else f"{torch.get_num_threads()} threads")
         print(f"median step time, {args.tensors} x {args.numel} params, {where}")
-        for fmt, sec in medians.items():
-            print(f"  {fmt:5s} {sec * 1e3:9.2f} ms  x{sec / medians['fp32']:.2f} of fp32")
+        for name, sec in medians.items():
+            print(f"  {name:5s} {sec * 1e3:9.2f} ms  x{sec / medians['fp32']:.2f} of fp32  "
+                  f"x{sec / medians['AdamW']:.2f} of AdamW")
+        if "fp32*" in medians:
+            print("  fp32*: fp32 state stepped by the C++ kernel of compact state "
+                  "(stochastic_param_rounding=True); AdamW: torch's, fused")
     else:
         if args.command == "report":
             results = json.loads(args.out.read_text())
