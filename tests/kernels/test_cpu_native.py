@@ -143,6 +143,21 @@ def test_a_built_variant_is_loaded_from_the_cache(fresh_cache, monkeypatch):
         cpu_native.build(variant)
 
 
+@pytest.mark.parametrize("fmt", [INT8, BF16])
+def test_without_openmp_the_kernel_starts_threads_of_its_own(fresh_cache, monkeypatch, fmt):
+    """A compiler without OpenMP (Apple's clang) builds the kernel with threads of its own:
+    the same bits."""
+    monkeypatch.setattr(cpu_native, "OPENMP", ((),))
+    monkeypatch.setattr(cpu_native, "PARALLEL_MIN", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    numel = 64 * 30 + 7
+    assert_same_bits(_run(compact.compact_adan, fmt, numel, torch.float32, torch.float32, {}),
+                     _run(cpu_native.cpu_native_adan, fmt, numel, torch.float32, torch.float32,
+                          {}))
+    library = next(fresh_cache.glob("adan_native_*.so")).read_bytes()
+    assert b"GOMP_parallel" not in library
+
+
 def test_a_failed_compile_names_the_compiler_error(fresh_cache, monkeypatch):
     monkeypatch.setattr(cpu_native, "SOURCE", fresh_cache / "broken.cpp")
     (fresh_cache / "broken.cpp").write_text("this is not C++\n")

@@ -389,11 +389,21 @@ void adan_native_step(void* p, const void* g, void* m, void* v, void* n, void* p
     body(a, 0, end);
     return;
   }
-  int64_t units = (end + GRAIN - 1) / GRAIN;
-  int64_t per = (units + threads - 1) / threads;
+  const int64_t units = (end + GRAIN - 1) / GRAIN;
+  const int64_t per = (units + threads - 1) / threads;
+#ifdef _OPENMP
+  // torch's own OpenMP runtime (libgomp.so.1, already loaded by torch, is the one this
+  // library links to): its workers, which spin a while after each of torch's parallel ops,
+  // take the parts, rather than threads of ours competing with them for the cores.
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int t = 0; t < threads; t++) {
+    const int64_t lo = t * per * GRAIN, hi = (t + 1) * per * GRAIN;
+    if (lo < end) body(a, lo, hi < end ? hi : end);
+  }
+#else
   std::vector<std::thread> pool;
   for (int t = 1; t < threads && t * per < units; t++) {
-    int64_t lo = t * per * GRAIN, hi = (t + 1) * per * GRAIN;
+    const int64_t lo = t * per * GRAIN, hi = (t + 1) * per * GRAIN;
     try {
       pool.emplace_back(body, std::cref(a), lo, hi < end ? hi : end);
     } catch (...) {  // no thread to be had: this one does that part too
@@ -402,6 +412,7 @@ void adan_native_step(void* p, const void* g, void* m, void* v, void* n, void* p
   }
   body(a, 0, per * GRAIN < end ? per * GRAIN : end);
   for (auto& th : pool) th.join();
+#endif
 }
 
 }  // extern "C"

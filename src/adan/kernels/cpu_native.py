@@ -42,6 +42,10 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-t
 """No ``-ffast-math`` and no fused multiply-adds: every operation rounds as torch's do (the
 other two let the compiler vectorise a square root and a select, changing no result)."""
 
+OPENMP = (("-fopenmp",), ())
+"""With OpenMP the kernel's threads are torch's (the libgomp it loaded); where the compiler
+has none (Apple's clang), threads of its own."""
+
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 
 
@@ -122,9 +126,12 @@ def _compile(defines: list[str], path: Path) -> None:
         raise RuntimeError(native_compiler_missing())
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
-        done = subprocess.run([compiler, *FLAGS, *defines, str(SOURCE), "-o", str(out)],
-                              capture_output=True, text=True, check=False)
-        if done.returncode != 0:
+        for extra in OPENMP:
+            done = subprocess.run([compiler, *FLAGS, *extra, *defines, str(SOURCE), "-o",
+                                   str(out)], capture_output=True, text=True, check=False)
+            if done.returncode == 0:
+                break
+        else:
             raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
         os.replace(out, path)
 
@@ -136,8 +143,9 @@ def build(variant: tuple[int, int, int, int]) -> Any:
     defines = [f"-DADAN_{n}={v}" for n, v in zip(names, variant, strict=True)]
     defines += _code_defines("S", SIGNED_CODE) + _code_defines("U", UNSIGNED_CODE)
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + tuple(defines)).encode(),
-                                        _machine().encode()])).hexdigest()[:24]
+    flags = " ".join((*FLAGS, *defines, repr(OPENMP)))
+    digest = hashlib.sha256(b"\0".join([source, flags.encode(), _machine().encode()])
+                            ).hexdigest()[:24]
     name = f"adan_native_{digest}.so"
     path = cache_dir() / name
     if not path.exists():
