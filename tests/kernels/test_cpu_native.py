@@ -212,3 +212,26 @@ def test_an_error_inside_the_step_does_not_switch_the_kernel_off(monkeypatch):
         else:
             opt.step()
     assert len(calls) == 3 and opt.state[p]["step"].item() == 2
+
+
+def test_a_failed_build_writes_nothing(monkeypatch):
+    """The variants of every tensor are built before any is stepped: a build that fails for the
+    second tensor leaves the first as it was."""
+    build = cpu_native.build
+
+    def fails_for_bf16(variant):
+        if variant[0] == 1:
+            raise RuntimeError("no compiler for this one (test)")
+        return build(variant)
+
+    monkeypatch.setattr(cpu_native, "build", fails_for_bf16)
+    params = [torch.randn(100), torch.randn(100).bfloat16()]
+    states = [{**init_state(p, INT8), "seed": torch.tensor(3)} for p in params]
+    before = [p.clone() for p in params] + [s["step"].clone() for s in states]
+    args = StepArgs(lr=0.01, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.0,
+                    fmt=INT8)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        cpu_native.cpu_native_adan(params, [torch.ones(100), torch.ones(100).bfloat16()],
+                                   states, args)
+    after = params + [s["step"] for s in states]
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))

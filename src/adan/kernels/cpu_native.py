@@ -186,10 +186,15 @@ def cpu_native_adan(
         return
     go, tensor_scalars, lr = start
     may_skip = go is not True
+    # Every variant is looked up (built, if need be) before any tensor is written: a build
+    # that fails leaves the step undone rather than half done.
+    views = [tensor_views(param, grad, state)
+             for param, grad, state in zip(params, grads, states, strict=True)]
+    functions = [_function(args.fmt, p, g, buffers) for p, g, buffers, _ in views]
     vectors: dict[tuple[Any, ...], Tensor] = {}
     threads = torch.get_num_threads()
-    for param, grad, state in zip(params, grads, states, strict=True):
-        p, g, buffers, metas = tensor_views(param, grad, state)
+    for param, state, (p, g, buffers, metas), fn in zip(params, states, views, functions,
+                                                        strict=True):
         step: Scalar = state["step"] + 1 if tensor_scalars else state["step"].item() + 1
         dtype = work_dtype(param)
         if tensor_scalars:
@@ -200,8 +205,7 @@ def cpu_native_adan(
                 vectors[key] = scalar_vector(step, lr, args, dtype, param.device)
             s = vectors[key]
         seed = seed_of(state)
-        fn = _function(args.fmt, p, g, buffers)
-        if fn is None or s.device.type != "cpu" or not s.is_contiguous():
+        if fn is None:
             tensor_step(p, g, buffers, metas, s, seed, args.fmt, args.stochastic_param, may_skip)
         else:
             scales = [0 if m is None else m.data_ptr() for m in metas]
@@ -209,4 +213,3 @@ def cpu_native_adan(
                s.data_ptr(), seed.data_ptr(), p.numel(), args.rounds_param(param.dtype),
                may_skip, threads if p.numel() >= PARALLEL_MIN else 1)
         count_step(state, go)
-
