@@ -34,9 +34,11 @@ from adan.state.formats import StateFormat, work_dtype
 __all__ = ["PARALLEL_MIN", "build", "cache_dir", "cpu_native_adan", "native_compiler_missing"]
 
 SOURCE = Path(__file__).with_name("cpu_native.cpp")
-PARALLEL_MIN = 1 << 17
-"""Tensors from this many elements are split over torch's intra-op threads; below, starting
-threads costs more than it saves."""
+PARALLEL_MIN = 1 << 15
+"""Tensors from this many elements are split over torch's intra-op threads, as torch's own
+operations split theirs (``at::internal::GRAIN_SIZE``): two threads step 8-bit state 1.8x as
+fast from here on (docs/lowmem.md), and a parallel region waits for every thread, which costs
+more than it saves for smaller tensors when the cores are busy."""
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
          "-std=c++17", "-shared", "-fPIC", "-pthread")
 """No ``-ffast-math`` and no fused multiply-adds: every operation rounds as torch's do (the
