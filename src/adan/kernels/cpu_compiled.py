@@ -3,6 +3,8 @@
 :func:`adan.kernels.compact.tensor_step` compiled with dynamic sizes and the hyperparameters in
 a tensor (nothing recompiles for a new lr, step or size), one code object per signature (each
 has its own Dynamo cache and graph limit); small plain-state tensors are packed into one call.
+Routing gives it plain state; compact state takes the hand-written :mod:`.cpu_native`, though
+this kernel steps every format.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ Route = list[tuple[Kernel, list[int]]]
 
 # (device type, compact state?, choice) -> kernel name; "*" matches any device. "cpu-default"
 # sends each tensor by its size; the fused names fall back to their eager twin. Compact state
-# on the CPU takes the hand-written C++ kernel (cpu_native.cpp), which steps it 2-10x faster
+# on the CPU takes the hand-written C++ kernel (cpu_native.cpp), which steps it 5-16x faster
 # than Inductor's code for the same step (docs/lowmem.md, "Speed").
 TABLE: dict[tuple[str, bool, str], str] = {
     ("cuda", False, "default"): "triton",
@@ -171,9 +171,10 @@ def _fused_kernel(kind: str) -> Kernel:
 def _probe(kind: str, device: torch.device, fmt: StateFormat, dtype: torch.dtype,
            grad_dtype: torch.dtype, options: dict[str, Any]) -> None:
     """Build and self-check (:mod:`.verify`) on scratch tensors (no user tensor is touched)
-    the variants a group with these options steps with: on CPU the serial and the threaded
-    one as its sizes need; for the C++ kernel a partial 8-bit block, a tensor split over threads
-    and a misaligned one; for Triton full and partial tiles, aligned and misaligned."""
+    the variants a group with these options steps with: for Inductor's CPU kernel the serial
+    and the threaded one as its sizes need; for the C++ kernel a partial 8-bit block, a tensor
+    split over threads and a misaligned one; for Triton full and partial tiles, aligned and
+    misaligned."""
     if kind == "cpu":
         sizes, misaligned = [300] * options["serial"] + [SERIAL_MAX] * options["parallel"], []
     elif kind == "native":
