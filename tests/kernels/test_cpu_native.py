@@ -235,3 +235,24 @@ def test_a_failed_build_writes_nothing(monkeypatch):
                                    states, args)
     after = params + [s["step"] for s in states]
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
+
+
+def test_a_parameter_moved_to_new_storage_is_stepped_there():
+    """The calls a plan keeps hold the tensors' addresses: a parameter given new storage
+    (``p.data = ...``, which changes no plan key) is found by its address and stepped where
+    it now is, as the eager path steps it, and its old storage is left alone."""
+    runs = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(1000))
+        opt = Adan([p], lr=0.01, state_dtype="int8", fused=fused)
+        gen = torch.Generator().manual_seed(1)
+        for k in range(4):
+            p.grad = torch.randn(1000, generator=gen)
+            if k == 2:
+                old = p.data
+                p.data = p.data.clone()
+            opt.step()
+        runs.append((p.detach().clone(), old))
+    (fused_p, fused_old), (eager_p, eager_old) = runs
+    assert torch.equal(fused_old, eager_old) and torch.equal(fused_p, eager_p)

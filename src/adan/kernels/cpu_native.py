@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import Tensor
 from adan.kernels.common import StepArgs, count_step
 from adan.kernels.compact import scalar_vector, seed_of, step_start, tensor_step, tensor_views
 from adan.numeric.codes import SIGNED_CODE, UNSIGNED_CODE, MxCode
-from adan.numeric.scalars import Scalar
+from adan.numeric.scalars import Scalar, real_view
 from adan.state.formats import StateFormat, work_dtype
 
 __all__ = ["PARALLEL_MIN", "build", "cache_dir", "cpu_native_adan", "native_compiler_missing"]
@@ -177,41 +178,78 @@ def _function(fmt: StateFormat, p: Tensor, g: Tensor, buffers: list[Tensor]) -> 
     return build(_variant(fmt, p.dtype, g.dtype, buffers[0].dtype))
 
 
+@dataclass
+class _Call:
+    """One tensor's call, as far as it lasts between steps of a plan: the built step (None:
+    the eager step), the real views and the addresses of what the step writes besides the
+    gradient, which is a new tensor at most steps."""
+
+    fn: Any | None
+    p: Tensor
+    buffers: list[Tensor]
+    metas: list[Tensor | None]
+    pointers: tuple[int, ...]
+    dtype: torch.dtype
+    rounds: bool
+
+
+def _calls(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+           args: StepArgs) -> list[_Call]:
+    """Every tensor's call, its variant built (if need be) before any tensor is written: a
+    build that fails leaves the step undone rather than half done."""
+    calls = []
+    for param, grad, state in zip(params, grads, states, strict=True):
+        p, g, buffers, metas = tensor_views(param, grad, state)
+        pointers = (p.data_ptr(), *(b.data_ptr() for b in buffers),
+                    *(0 if m is None else m.data_ptr() for m in metas))
+        calls.append(_Call(_function(args.fmt, p, g, buffers), p, buffers, metas, pointers,
+                           work_dtype(param), args.rounds_param(param.dtype)))
+    return calls
+
+
 def cpu_native_adan(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs,
     cache: dict[Any, Any] | None = None,
 ) -> None:
     """Apply one Adan step to every tensor in place, each in one call of its C++ variant (in
-    the eager step where none applies)."""
+    the eager step where none applies). ``cache`` (the plan's) keeps the calls; its owner
+    empties it when the tensors' dtypes, shapes or state change, and the parameters'
+    addresses are checked here."""
     start = step_start(states, args)
     if start is None:
         return
     go, tensor_scalars, lr = start
     may_skip = go is not True
-    # Every variant is looked up (built, if need be) before any tensor is written: a build
-    # that fails leaves the step undone rather than half done.
-    views = [tensor_views(param, grad, state)
-             for param, grad, state in zip(params, grads, states, strict=True)]
-    functions = [_function(args.fmt, p, g, buffers) for p, g, buffers, _ in views]
+    addresses = list(map(Tensor.data_ptr, params))
+    kept = None if cache is None else cache.get("native")
+    if kept is None or kept[0] != addresses or kept[1] != args.fmt:
+        kept = (addresses, args.fmt, _calls(params, grads, states, args))
+        if cache is not None:
+            cache["native"] = kept
     vectors: dict[tuple[Any, ...], Tensor] = {}
     threads = torch.get_num_threads()
-    for param, state, (p, g, buffers, metas), fn in zip(params, states, views, functions,
-                                                        strict=True):
+    for call, grad, state in zip(kept[2], grads, states, strict=True):
         step: Scalar = state["step"] + 1 if tensor_scalars else state["step"].item() + 1
-        dtype = work_dtype(param)
         if tensor_scalars:
-            s = scalar_vector(step, lr, args, dtype, param.device)
+            s = scalar_vector(step, lr, args, call.dtype, grad.device)
         else:
-            key = (step, dtype)
+            key = (step, call.dtype)
             if key not in vectors:
-                vectors[key] = scalar_vector(step, lr, args, dtype, param.device)
+                vectors[key] = scalar_vector(step, lr, args, call.dtype, grad.device)
             s = vectors[key]
         seed = seed_of(state)
-        if fn is None:
-            tensor_step(p, g, buffers, metas, s, seed, args.fmt, args.stochastic_param, may_skip)
+        g = real_view(grad)
+        if call.fn is None:
+            tensor_step(call.p, g, call.buffers, call.metas, s, seed, args.fmt,
+                        args.stochastic_param, may_skip)
         else:
-            scales = [0 if m is None else m.data_ptr() for m in metas]
-            fn(p.data_ptr(), g.data_ptr(), *(b.data_ptr() for b in buffers), *scales,
-               s.data_ptr(), seed.data_ptr(), p.numel(), args.rounds_param(param.dtype),
-               may_skip, threads if p.numel() >= PARALLEL_MIN else 1)
-        count_step(state, go)
+            numel = call.p.numel()
+            call.fn(call.pointers[0], g.data_ptr(), *call.pointers[1:], s.data_ptr(),
+                    seed.data_ptr(), numel, call.rounds, may_skip,
+                    threads if numel >= PARALLEL_MIN else 1)
+    steps = [state["step"] for state in states]
+    if go is True:
+        torch._foreach_add_(steps, 1)
+    else:
+        for state in states:
+            count_step(state, go)
