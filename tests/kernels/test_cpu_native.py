@@ -5,7 +5,9 @@ Its numbers against float64 are checked in test_compact.py (``KERNELS``)."""
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +258,20 @@ def test_a_parameter_moved_to_new_storage_is_stepped_there():
         runs.append((p.detach().clone(), old))
     (fused_p, fused_old), (eager_p, eager_old) = runs
     assert torch.equal(fused_old, eager_old) and torch.equal(fused_p, eager_p)
+
+
+def test_a_read_only_cache_falls_back_to_a_private_temporary_folder(monkeypatch, tmp_path):
+    """A cache folder that cannot be written sends the build to a folder of this user's in
+    the temporary directory; one that others may write to is refused."""
+    locked = tmp_path / "locked"
+    monkeypatch.setenv("ADAN_CACHE_DIR", str(locked))
+    monkeypatch.setattr(cpu_native.tempfile, "gettempdir", lambda: str(tmp_path))
+    access = os.access
+    monkeypatch.setattr(cpu_native.os, "access",
+                        lambda path, mode: Path(path) != locked and access(path, mode))
+    folder = cpu_native._folder()
+    assert folder.parent == tmp_path and folder.name.startswith("adan-")
+    assert not folder.stat().st_mode & 0o077
+    folder.chmod(0o777)
+    with pytest.raises(RuntimeError, match="no writable folder"):
+        cpu_native._folder()

@@ -77,16 +77,26 @@ def cache_dir() -> Path:
 
 def _folder() -> Path:
     """:func:`cache_dir`, or where it cannot be written (a read-only home), a folder of this
-    user's in the temporary directory."""
+    user's in the temporary directory, private to them: in a folder anyone can write to,
+    another user could leave a library of theirs under the name this one loads."""
     fallback = Path(tempfile.gettempdir()) / f"adan-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    for folder in (cache_dir(), fallback):
+    for folder, private in ((cache_dir(), False), (fallback, True)):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError:
             continue
-        if os.access(folder, os.W_OK):
+        if os.access(folder, os.W_OK) and (not private or _private(folder)):
             return folder
-    raise RuntimeError(f"no writable folder for the compiled kernel ({cache_dir()}, {fallback})")
+    raise RuntimeError(f"no writable folder of this user's for the compiled kernel "
+                       f"({cache_dir()}, {fallback})")
+
+
+def _private(folder: Path) -> bool:
+    """Whether ``folder`` is this user's and no one else may write to it."""
+    if not hasattr(os, "getuid"):
+        return True
+    info = folder.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def _code_defines(prefix: str, code: MxCode) -> list[str]:
