@@ -17,7 +17,7 @@ from conftest import allow_grad_dtype
 from reference import ReferenceAdan, RefGroup
 
 from adan import Adan
-from adan.kernels import cpu_compiled
+from adan.kernels import cpu_compiled, cpu_native
 
 PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True),
          "fused": dict(fused=True), "default": {}}
@@ -399,27 +399,32 @@ def test_gradient_dtype_other_than_the_parameters(path):
 # --- 16. an error in a step is not a compiler failure ---------------------------------------
 
 
-def test_an_error_inside_the_compiled_step_does_not_switch_the_kernel_off(monkeypatch):
-    """It reaches the caller, and the next step uses the compiled kernel again: only a kernel
+@pytest.mark.parametrize("module, name, options", [
+    (cpu_compiled, "_compiled", {"fused": True}),  # Inductor's kernel, plain state
+    (cpu_native, "build", {"state_dtype": "int8"}),  # the C++ kernel, compact state
+], ids=["inductor", "c++"])
+def test_an_error_inside_the_fused_step_does_not_switch_the_kernel_off(monkeypatch, module,
+                                                                       name, options):
+    """It reaches the caller, and the next step uses the fused kernel again: only a kernel
     that cannot be built makes the default fall back, and that is decided on scratch tensors."""
     calls = []
-    compiled = cpu_compiled._compiled
+    make = getattr(module, name)
 
-    def flaky(signature, serial):
-        kernel = compiled(signature, serial)
+    def flaky(*key):
+        kernel = make(*key)
 
         def run(*args):
-            calls.append(signature)
+            calls.append(key)
             if len(calls) == 2:
                 raise RuntimeError("out of memory (test)")
             kernel(*args)
         return run
 
     p = torch.zeros(300)
-    opt = Adan([p], fused=True)
+    opt = Adan([p], **options)
     p.grad = torch.ones(300)
     opt.warm_up()  # built and checked (in this test or before): only the steps count below
-    monkeypatch.setattr(cpu_compiled, "_compiled", flaky)
+    monkeypatch.setattr(module, name, flaky)
     for expect_error in (False, True, False):
         p.grad = torch.ones(300)
         if expect_error:
