@@ -1,13 +1,13 @@
 """CPU Adan over compact state (bf16, 8-bit, fp32 buffers, rounded parameters) in hand-written
 C++ (``cpu_native.cpp``): one pass per element, 8-bit blocks decoded, updated and encoded in
-registers, the noise hashed in 32-bit words, and the same bits as the eager path
-(:mod:`adan.kernels.compact`).
+vector registers, the noise hashed in 32-bit words, threads from torch's OpenMP pool, and the
+same bits as the eager path (:mod:`adan.kernels.compact`).
 
 Inductor compiles the same step from torch operations but keeps temporaries between loops
-(and its noise in int64), which made the 8-bit step 15x the fp32 one (docs/lowmem.md). Each
-variant (dtypes and format) is its own small shared library, compiled by the system's C++
-compiler in about a second, kept in a cache folder keyed by everything that shapes the code,
-and called through :mod:`ctypes` (which releases the GIL).
+(and its noise in int64), which made the 8-bit step 15x the fp32 one; this one is 0.9x
+(docs/lowmem.md, "Speed"). Each variant (dtypes and format) is its own small shared library,
+compiled by the system's C++ compiler in about half a second, kept in a cache folder keyed by
+everything that shapes the code, and called through :mod:`ctypes` (which releases the GIL).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 
 
 
 def _compiler() -> str | None:
+    """``$CXX``, else g++ or clang++, where found."""
     for name in (os.environ.get("CXX"), "g++", "clang++"):
         if name and shutil.which(name):
             return name
