@@ -245,3 +245,23 @@ def test_a_read_only_cache_falls_back_to_a_private_temporary_folder(monkeypatch,
     folder.chmod(0o777)
     with pytest.raises(RuntimeError, match="no writable folder"):
         cpu_native._folder()
+
+
+def test_every_float16_value_converts_as_torch_converts_it():
+    """float16 moves by integer operations in the C++ kernel: every finite float16 value as a
+    parameter and a gradient, with float16 state, steps to the eager path's bits (lr 0 keeps
+    the parameters: each is read and written back)."""
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.float16)
+    values = values[torch.isfinite(values)]
+    args = StepArgs(lr=0.0, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.0,
+                    fmt=PLAIN)
+    results = []
+    for kernel in (compact.compact_adan, cpu_native.cpu_native_adan):
+        p, g = values.clone(), values.flip(0).clone()
+        state = {**init_state(p, PLAIN), "seed": torch.tensor(1)}
+        for _ in range(2):
+            kernel([p], [g], [state], args)
+        results.append((p, state))
+    assert_same_bits(*results)
+    assert torch.equal(results[1][0].view(torch.int16), values.view(torch.int16))

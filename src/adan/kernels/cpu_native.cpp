@@ -18,13 +18,13 @@
 
 namespace {
 
-// Element types by code: 0 float, 1 bfloat16 (its bits), 2 float16, 3 double.
+// Element types by code: 0 float, 1 bfloat16 (its bits), 2 float16 (its bits: converted by
+// integer operations, which the compiler vectorises where it does not vectorise _Float16's
+// conversions), 3 double.
 template <int C> struct Type;
 template <> struct Type<0> { using T = float; };
 template <> struct Type<1> { using T = uint16_t; };
-#if ADAN_P == 2 || ADAN_G == 2 || ADAN_B == 2  // only where needed: not every compiler has it
-template <> struct Type<2> { using T = _Float16; };
-#endif
+template <> struct Type<2> { using T = uint16_t; };
 template <> struct Type<3> { using T = double; };
 
 using P = Type<ADAN_P>::T;
@@ -44,10 +44,38 @@ inline uint32_t float_to_bits(float f) {
   return u;
 }
 
+// float16 to float, exactly: the exponent and mantissa moved to a float's place, times
+// 2**112 (a float16 subnormal is then a float subnormal times a power of two); infinity and
+// NaN keep their bits.
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t rest = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  float finite = bits_to_float(rest) * 0x1p112f;
+  uint32_t bits = rest >= (0x7c00u << 13) ? rest | 0x7f800000u : float_to_bits(finite);
+  return bits_to_float(bits | sign);
+}
+
+// float to float16, rounded to nearest even as torch rounds it (NaN to 0x7e00 and its sign):
+// below float16's normal range by adding 0.5 (the float addition rounds at float16's last
+// subnormal bit), above it by adding half a unit less one, plus the kept mantissa's last bit.
+inline uint16_t float_to_half(float f) {
+  uint32_t x = float_to_bits(f);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7fffffffu;
+  uint32_t sub = float_to_bits(bits_to_float(x) + 0.5f) - 0x3f000000u;
+  uint32_t normal = (x + 0xc8000fffu + ((x >> 13) & 1u)) >> 13;  // exponent - 112, rounded
+  uint32_t h = x < 0x38800000u ? sub : normal;
+  h = x >= 0x47800000u ? 0x7c00u : h;  // too large: infinity
+  h = x > 0x7f800000u ? 0x7e00u : h;
+  return static_cast<uint16_t>(h | sign);
+}
+
 // Loads widen exactly, but double to float (rounded to nearest, as torch's .to() rounds).
 template <int C> inline W load(typename Type<C>::T x) {
   if constexpr (C == 1) {
     return static_cast<W>(bits_to_float(static_cast<uint32_t>(x) << 16));
+  } else if constexpr (C == 2) {
+    return half_to_float(x);
   } else {
     return static_cast<W>(x);
   }
@@ -63,6 +91,8 @@ inline uint16_t bf16_nearest(float f) {
 template <int C> inline typename Type<C>::T store(W x) {
   if constexpr (C == 1) {
     return bf16_nearest(static_cast<float>(x));
+  } else if constexpr (C == 2) {
+    return float_to_half(x);
   } else {
     return static_cast<typename Type<C>::T>(x);
   }
