@@ -265,3 +265,10 @@ def test_every_float16_value_converts_as_torch_converts_it():
         results.append((p, state))
     assert_same_bits(*results)
     assert torch.equal(results[1][0].view(torch.int16), values.view(torch.int16))
+
+
+def test_a_call_without_tensors_does_nothing():
+    """As every kernel: an empty part of a group is a call that steps nothing."""
+    args = StepArgs(lr=0.01, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.0,
+                    fmt=INT8)
+    cpu_native.cpu_native_adan([], [], [], args, {})

@@ -259,7 +259,7 @@ def cpu_native_adan(
                     seed.data_ptr(), numel, call.rounds, may_skip,
                     threads if numel >= PARALLEL_MIN else 1)
     steps = [state["step"] for state in states]
-    if go is True:
+    if go is True and steps:
         torch._foreach_add_(steps, 1)
     else:
         for state in states:
