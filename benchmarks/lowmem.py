@@ -77,18 +77,22 @@ SPEED_EXTRA: dict[str, Any] = {
 
 
 def speed(numel: int, tensors: int, repeats: int, steps: int,
-          device: torch.device | str = "cpu") -> dict[str, float]:
-    """Median seconds per step of each setting, timed in interleaved rounds (CUDA: with CUDA
-    events around each round of ``steps`` steps)."""
+          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+          ) -> dict[str, float]:
+    """Median seconds per step of each setting, for parameters of ``dtype``, timed in
+    interleaved rounds (CUDA: with CUDA events around each round of ``steps`` steps)."""
     device = torch.device(device)
     torch.manual_seed(0)
     makers: dict[str, Any] = {fmt: (lambda ps, fmt=fmt: _make(ps, fmt)) for fmt in STATE_FORMATS}
-    makers.update((k, v) for k, v in SPEED_EXTRA.items() if k != "fp32*" or device.type == "cpu")
+    # fp32*: only fp32 parameters have a plain fp32 state to route elsewhere
+    makers.update((k, v) for k, v in SPEED_EXTRA.items()
+                  if k != "fp32*" or (device.type == "cpu" and dtype == torch.float32))
     runs: dict[str, Any] = {}
     for name, make in makers.items():
-        params = [torch.zeros(numel, device=device, requires_grad=True) for _ in range(tensors)]
+        params = [torch.zeros(numel, device=device, dtype=dtype, requires_grad=True)
+                  for _ in range(tensors)]
         for p in params:
-            p.grad = torch.randn(numel, device=device)
+            p.grad = torch.randn(numel, device=device).to(dtype)
         opt = make(params)
         for _ in range(3):  # warm-up, compilation included
             opt.step()
@@ -426,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     spd.add_argument("--tensors", type=int, default=4)
     spd.add_argument("--repeats", type=int, default=7)
     spd.add_argument("--steps", type=int, default=5)
+    spd.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="the parameters' dtype (state fp32 is then float32 buffers)")
     conv = sub.add_parser("convergence", help="char-level GPT, each setting and seed")
     conv.add_argument("--task", choices=list(TASK_LR), default="charlm",
                       help="the char-level GPT or the digits CNN (benchmarks/digits.py)")
@@ -482,10 +488,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"iteration x{with_release['seconds'] / rows[base]['seconds']:.2f}, in the "
                   f"optimizer x{with_release['optimizer'] / rows[base]['optimizer']:.2f}")
     elif args.command == "speed":
-        medians = speed(args.numel, args.tensors, args.repeats, args.steps, device)
+        medians = speed(args.numel, args.tensors, args.repeats, args.steps, device,
+                        getattr(torch, args.dtype))
         where = (torch.cuda.get_device_name(device) if device.type == "cuda"
                  else f"{torch.get_num_threads()} threads")
-        print(f"median step time, {args.tensors} x {args.numel} params, {where}")
+        print(f"median step time, {args.tensors} x {args.numel} {args.dtype} params, {where}")
         for name, sec in medians.items():
             print(f"  {name:5s} {sec * 1e3:9.2f} ms  x{sec / medians['fp32']:.2f} of fp32  "
                   f"x{sec / medians['AdamW']:.2f} of AdamW")

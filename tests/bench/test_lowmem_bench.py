@@ -25,7 +25,16 @@ def test_speed_mode_runs_on_cpu(capsys):
             "--steps", "1"]
     assert lowmem.main(argv) == 0
     out = capsys.readouterr().out
-    assert "median step time, 1 x 1000 params" in out and "x1.00 of fp32" in out
+    assert "median step time, 1 x 1000 float32 params" in out and "x1.00 of fp32" in out
+    assert "fp32*" in out and "x1.00 of AdamW" in out
+
+
+def test_speed_mode_takes_the_parameters_dtype(capsys):
+    argv = ["speed", "--device", "cpu", "--numel", "1000", "--tensors", "1", "--repeats", "1",
+            "--steps", "1", "--dtype", "float16"]
+    assert lowmem.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 x 1000 float16 params" in out and "int8" in out and "fp32*" not in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
