@@ -134,7 +134,10 @@ p.grad = torch.ones_like(p)
 opt = Adan([p], lr=0.01)
 opt.step()
 assert all(t.daemon for t in threading.enumerate() if t.name == "adan-build")
+build = next(iter(routing._builds.values()))
 while not routing._children:  # the compile subprocess has started
+    if build.done.is_set():  # a clear failure rather than a wait without end
+        raise SystemExit("the build ended without starting its compile subprocess")
     time.sleep(0.05)
 atexit.register(lambda: print("groups", *(c.pid for c in routing._children)))
 """
