@@ -13,7 +13,7 @@ from conftest import allow_grad_dtype, assert_matches_reference, run_pair
 from reference import ReferenceAdan, RefGroup
 
 from adan import Adan
-from adan.kernels import cpu_compiled, foreach, routing
+from adan.kernels import compact, cpu_compiled, foreach, routing
 from adan.kernels.common import StepArgs
 from adan.kernels.compact import LR, scalar_vector
 from adan.state.formats import PLAIN
@@ -271,7 +271,7 @@ def test_shared_scalar_vectors_are_those_of_their_exact_values():
     own hook) are looked up by the values' bits: lr 0.0 and -0.0 get their own."""
     args = StepArgs(lr=0.0, beta1=0.9, beta2=0.8, beta3=0.7, eps=1e-8, weight_decay=0.1)
     for lr in (0.0, -0.0, 0.0, 1e-3):
-        shared = cpu_compiled._shared_scalars(3.0, lr, args, torch.float32, torch.device("cpu"))
+        shared = compact.shared_scalars(3.0, lr, args, torch.float32, torch.device("cpu"))
         assert torch.equal(shared, scalar_vector(3.0, lr, args, torch.float32,
                                                  torch.device("cpu")))
         assert math.copysign(1.0, float(shared[LR])) == math.copysign(1.0, lr)

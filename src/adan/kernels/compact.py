@@ -7,6 +7,7 @@ compiled :func:`tensor_step` never bakes a hyperparameter into its code.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Literal
 
 import torch
@@ -56,6 +57,42 @@ def scalar_vector(step: Scalar, lr: Scalar, args: StepArgs, dtype: torch.dtype,
     if args.grad_factor is not None:
         out[FACTOR] = out[FACTOR] * args.grad_factor.to(device=device, dtype=dtype)
     return out
+
+
+# Scalar vectors of recent calls, by their exact inputs: gradient release calls a kernel once
+# per tensor, and the tensors of one step share a vector instead of each building its own.
+_SCALARS: dict[tuple[Any, ...], Tensor] = {}
+_SCALARS_MAX = 64
+
+
+def shared_scalars(step: Scalar, lr: Scalar, args: StepArgs, dtype: torch.dtype,
+                   device: torch.device) -> Tensor:
+    """:func:`scalar_vector` of numbers (no gradient factor), kept for the next call of the
+    same values (kernels only read it); keyed by the floats' bits, so 0.0 and -0.0 differ."""
+    key = (struct.pack("<7d", step, lr, *args.betas, args.eps, args.weight_decay),
+           args.no_prox, args.maximize, dtype, device)
+    vector = _SCALARS.get(key)
+    if vector is None:
+        if len(_SCALARS) >= _SCALARS_MAX:
+            _SCALARS.clear()
+        vector = _SCALARS[key] = scalar_vector(step, lr, args, dtype, device)
+    return vector
+
+
+def step_vector(step: Scalar, lr: Scalar, args: StepArgs, dtype: torch.dtype,
+                device: torch.device, tensor_scalars: bool,
+                vectors: dict[tuple[Any, ...], Tensor]) -> Tensor:
+    """A fused kernel's scalar vector for one tensor, built as seldom as it can be: anew where
+    the scalars stay tensors; with a gradient factor once per step count and dtype of the call
+    (``vectors``, the call's own); else kept between calls (:func:`shared_scalars`)."""
+    if tensor_scalars:
+        return scalar_vector(step, lr, args, dtype, device)
+    if args.grad_factor is None:
+        return shared_scalars(step, lr, args, dtype, device)
+    key = (step, dtype, device)
+    if key not in vectors:
+        vectors[key] = scalar_vector(step, lr, args, dtype, device)
+    return vectors[key]
 
 
 def adan_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, n: Tensor, prev: Tensor,

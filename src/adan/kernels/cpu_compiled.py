@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import struct
 import types
 import warnings
 from collections.abc import Callable
@@ -23,9 +22,9 @@ from torch import Tensor
 
 from adan.kernels.common import StepArgs, count_step, traced
 from adan.kernels.compact import (
-    scalar_vector,
     seed_of,
     step_start,
+    step_vector,
     tensor_step,
     tensor_views,
 )
@@ -39,10 +38,6 @@ PACK_MAX = 1 << 16
 # Calls below this many elements run single-threaded: forking OpenMP threads costs more than
 # the work (milliseconds when the machine is busy).
 SERIAL_MAX = 1 << 18
-# Scalar vectors of recent calls, by their exact inputs: gradient release calls the kernel once
-# per tensor, and the tensors of one step share a vector instead of each building its own.
-_SCALARS: dict[tuple[Any, ...], Tensor] = {}
-_SCALARS_MAX = 64
 
 
 @functools.cache
@@ -80,21 +75,6 @@ def _run(p: Tensor, g: Tensor, buffers: list[Tensor], metas: list[Tensor | None]
         tensor_step(*call)
 
 
-def _shared_scalars(step: Scalar, lr: Scalar, args: StepArgs, dtype: torch.dtype,
-                    device: torch.device) -> Tensor:
-    """:func:`scalar_vector` of numbers (no gradient factor), kept for the next call of the
-    same values (the kernel only reads it); keyed by the floats' bits, so 0.0 and -0.0
-    differ."""
-    key = (struct.pack("<7d", step, lr, *args.betas, args.eps, args.weight_decay),
-           args.no_prox, args.maximize, dtype, device)
-    vector = _SCALARS.get(key)
-    if vector is None:
-        if len(_SCALARS) >= _SCALARS_MAX:
-            _SCALARS.clear()
-        vector = _SCALARS[key] = scalar_vector(step, lr, args, dtype, device)
-    return vector
-
-
 @functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=5)
@@ -111,17 +91,10 @@ def cpu_compiled_adan(
     go, tensor_scalars, lr = start
     may_skip = go is not True
     packs: dict[tuple[Any, ...], list[int]] = {}
-    shared: dict[tuple[Any, ...], Tensor] = {}  # with a gradient factor: one per step count
+    vectors: dict[tuple[Any, ...], Tensor] = {}
 
     def scalars(step: Scalar, dtype: torch.dtype, device: torch.device) -> Tensor:
-        if tensor_scalars:
-            return scalar_vector(step, lr, args, dtype, device)
-        if args.grad_factor is None:
-            return _shared_scalars(step, lr, args, dtype, device)
-        key = (step, dtype, device)
-        if key not in shared:
-            shared[key] = scalar_vector(step, lr, args, dtype, device)
-        return shared[key]
+        return step_vector(step, lr, args, dtype, device, tensor_scalars, vectors)
 
     for i, (param, grad, state) in enumerate(zip(params, grads, states, strict=True)):
         p, g, buffers, metas = tensor_views(param, grad, state)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from adan.kernels.common import StepArgs, count_step
-from adan.kernels.compact import scalar_vector, seed_of, step_start, tensor_step, tensor_views
+from adan.kernels.compact import seed_of, step_start, step_vector, tensor_step, tensor_views
 from adan.numeric.codes import SIGNED_CODE, UNSIGNED_CODE, MxCode
 from adan.numeric.scalars import Scalar, real_view
 from adan.state.formats import StateFormat, work_dtype
@@ -241,13 +241,7 @@ def cpu_native_adan(
     threads = torch.get_num_threads()
     for call, grad, state in zip(kept[2], grads, states, strict=True):
         step: Scalar = state["step"] + 1 if tensor_scalars else state["step"].item() + 1
-        if tensor_scalars:
-            s = scalar_vector(step, lr, args, call.dtype, grad.device)
-        else:
-            key = (step, call.dtype)
-            if key not in vectors:
-                vectors[key] = scalar_vector(step, lr, args, call.dtype, grad.device)
-            s = vectors[key]
+        s = step_vector(step, lr, args, call.dtype, grad.device, tensor_scalars, vectors)
         seed = seed_of(state)
         g = real_view(grad)
         if call.fn is None:
