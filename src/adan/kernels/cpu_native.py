@@ -233,13 +233,13 @@ def cpu_native_adan(
     may_skip = go is not True
     addresses = list(map(Tensor.data_ptr, params))
     kept = None if cache is None else cache.get("native")
-    if kept is None or kept[0] != addresses or kept[1] != args.fmt:
-        kept = (addresses, args.fmt, _calls(params, grads, states, args))
+    if kept is None or kept[0] != addresses:
+        kept = (addresses, _calls(params, grads, states, args))
         if cache is not None:
             cache["native"] = kept
     vectors: dict[tuple[Any, ...], Tensor] = {}
     threads = torch.get_num_threads()
-    for call, grad, state in zip(kept[2], grads, states, strict=True):
+    for call, grad, state in zip(kept[1], grads, states, strict=True):
         step: Scalar = state["step"] + 1 if tensor_scalars else state["step"].item() + 1
         s = step_vector(step, lr, args, call.dtype, grad.device, tensor_scalars, vectors)
         seed = seed_of(state)
