@@ -67,8 +67,11 @@ def _short(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def capturing() -> bool:
-    """Whether this thread's current CUDA stream is capturing a graph (False without CUDA)."""
+def capturing(device: torch.device | None = None) -> bool:
+    """Whether this thread's current CUDA stream is capturing a graph (False without CUDA);
+    with ``device``, whether work on it is being captured (False for a device not CUDA's)."""
+    if device is not None and device.type != "cuda":
+        return False
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 

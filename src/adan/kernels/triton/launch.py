@@ -32,6 +32,7 @@ from adan.kernels.triton.device import (
     NCOL,
     _adan_kernel,
 )
+from adan.kernels.verify import capturing
 from adan.numeric.scalars import decay_factors, log_beta, real_view
 from adan.state.formats import BUFFER_KEYS
 from adan.state.lifecycle import device_mismatch
@@ -101,11 +102,6 @@ RECAPTURE = ("a second CUDA graph capture with new values for the Triton kernel'
              "step since the last capture: capture reads host memory reserved at an eager step "
              "and never allocates pinned memory. Run one eager step (on a side stream, as "
              "torch's recipe does) before each capture")
-
-
-def capturing(device: torch.device) -> bool:
-    """Whether work on ``device`` is being captured into a CUDA graph."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _device_guard(device: torch.device) -> contextlib.AbstractContextManager[Any]:
