@@ -1,11 +1,11 @@
 """Compile the CUDA kernel for a Hopper GPU (sm_90) without one, with the ptxas that ships with
 Triton, and print per variant, as JSON, what the PTX and the SASS (from the bundled
-``cuobjdump``) hold: wide accesses, spills (local memory in the PTX, and local loads and
-stores in the SASS, where ptxas spills under a register cap), registers, shared memory, the
-CTAs of 8 warps an SM can hold, SASS instructions per element of a tile and barriers per
-tile. Run by
-test_cuda_triton_build.py in a process of its own: the tests' process runs Triton in
-interpreter mode, which compiles nothing.
+``cuobjdump``) hold: wide accesses, float operations that may not round as IEEE's, spills
+(local memory in the PTX, and local loads and stores in the SASS, where ptxas spills under a
+register cap), registers, shared memory, the CTAs of 8 warps an SM can hold, SASS
+instructions per element of a tile and barriers per tile. Run by test_cuda_triton_build.py
+in a process of its own: the tests' process runs Triton in interpreter mode, which compiles
+nothing.
 
     python tests/kernels/triton_build.py [VARIANT ...]
 """
@@ -119,9 +119,19 @@ def build(param: str, state: str, fmt: int, no_prox: bool, maximize: bool, facto
     ptx = kernel.asm["ptx"]
     return {"ld_v4": ptx.count("ld.global.v4"), "st_v4": ptx.count("st.global.v4"),
             "local": ptx.count(".local"), "cubin_bytes": len(kernel.asm["cubin"]),
+            "not_ieee": not_ieee(ptx),
             "barrier_before_atomic": barrier_before_atomic(ptx),
             "warps": options["num_warps"],
             **sass_figures(kernel.asm["cubin"], options["num_warps"])}
+
+
+def not_ieee(ptx: str) -> list[str]:
+    """The PTX's float instructions that may not round as IEEE's operations do, which the CPU
+    paths compute: approximate divisions, square roots and reciprocals, and multiplies, adds
+    and subtractions without ``.rn`` (which ptxas may contract into a fused multiply-add)."""
+    ops = re.findall(
+        r"\b((?:div|sqrt|rcp|rsqrt|mul|add|sub|fma|ex2|lg2)(?:\.[a-z0-9]+)*\.f(?:32|64))\b", ptx)
+    return sorted({op for op in ops if ".rn." not in op})
 
 
 def barrier_before_atomic(ptx: str) -> bool:

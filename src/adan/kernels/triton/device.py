@@ -209,7 +209,8 @@ def _adan_kernel(
                 nesterov = g + diff * beta2
                 n = n * beta3 + nesterov * nesterov * omb3
                 denom = tl.sqrt_rn(n) * ibc3 + eps
-                update = (m * ibc1 + v * b2bc2) / denom
+                # (`/` is an approximate division on a GPU: IEEE's, as the CPU paths divide)
+                update = tl.math.div_rn(m * ibc1 + v * b2bc2, denom)
                 new = p * keep - update * scale
 
                 # Rounding noise (StateFormat.noise): bfloat16 16 bits per buffer (two words'

@@ -57,15 +57,18 @@ EDGE_TILE = TILE // 2
 :data:`TILE`, so that its masks and scalar addresses fit in :data:`REGISTER_CAP` registers."""
 
 
-def launch_options(fmt: int, masked: bool, aligned: bool = True) -> dict[str, int]:
+def launch_options(fmt: int, masked: bool, aligned: bool = True) -> dict[str, Any]:
     """The tile (``TILE``), ``num_warps`` and ``maxnreg`` of a launch variant: :data:`TILE`
     for aligned full tiles, the bulk of the work (capped at :data:`REGISTER_CAP` registers
     with 8-bit state, the compiler's choice else), :data:`EDGE_TILE` capped for the others,
-    so that every variant runs 2 CTAs of NUM_WARPS per SM without spilling."""
+    so that every variant runs 2 CTAs of NUM_WARPS per SM without spilling. Every variant
+    compiles without contracting a multiply and an add into one rounding (ptxas's default,
+    which the CPU paths do not do), so that the GPU computes the CPU paths' bits."""
     if aligned and not masked:
-        return {"TILE": TILE, "num_warps": NUM_WARPS,
+        return {"TILE": TILE, "num_warps": NUM_WARPS, "enable_fp_fusion": False,
                 **({"maxnreg": REGISTER_CAP} if fmt == FMT_INT8 else {})}
-    return {"TILE": EDGE_TILE, "num_warps": NUM_WARPS, "maxnreg": REGISTER_CAP}
+    return {"TILE": EDGE_TILE, "num_warps": NUM_WARPS, "maxnreg": REGISTER_CAP,
+            "enable_fp_fusion": False}
 
 
 # (state key, its column, its 8-bit block data's column) of the four buffers, in table order
