@@ -5,7 +5,7 @@
 What a step costs the host besides launching the kernel: the plan check, the gradient factor
 and the address-table check of :mod:`adan.kernels.triton`, over GPT-2's 148 tensors
 (shapes scaled down: sizes do not matter to the host). The kernel is routed to for every
-tensor and its launch replaced by a no-op, so the figure excludes Triton's own launch cost
+tensor and its launches replaced by no-ops, so the figure excludes Triton's own launch cost
 (measured on a GPU by ``python -m benchmarks speed --device cuda``, column ``host ms``). On a
 CPU the clipping norm also computes, so ``--clip`` overstates its host cost. ``--set-to-none``
 gives every parameter a new gradient tensor before each step, as ``zero_grad(set_to_none=True)``
@@ -43,6 +43,7 @@ def main() -> None:
     opts = parser.parse_args()
 
     launch._adan_kernel = _NoLaunch()  # type: ignore[assignment]
+    launch._scalars_kernel = _NoLaunch()  # type: ignore[assignment]
     def to_triton(group: Any, fmt: Any, params: list[torch.Tensor], *rest: Any) -> Any:
         return [(launch.triton_adan, list(range(len(params))))]
 

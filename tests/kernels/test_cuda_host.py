@@ -106,15 +106,18 @@ def test_every_launch_runs_inside_the_guard(monkeypatch):
         inside.pop()
 
     class Kernel:
+        def __init__(self, real):
+            self.real = real
+
         def __getitem__(self, grid):
             def run(*args, **kwargs):
                 launched.append(list(inside))
-                return real[grid](*args, **kwargs)
+                return self.real[grid](*args, **kwargs)
             return run
 
-    real = launch._adan_kernel
     monkeypatch.setattr(launch, "_device_guard", guard)
-    monkeypatch.setattr(launch, "_adan_kernel", Kernel())
+    monkeypatch.setattr(launch, "_adan_kernel", Kernel(launch._adan_kernel))
+    monkeypatch.setattr(launch, "_scalars_kernel", Kernel(launch._scalars_kernel))
     p = torch.zeros(launch.BLOCK + 3)
     p.grad = torch.ones_like(p)
     opt = Adan([p], lr=0.01)
@@ -122,7 +125,7 @@ def test_every_launch_runs_inside_the_guard(monkeypatch):
     assert launched and all(guards == [p.device] for guards in launched)
     launched.clear()
     opt.step()
-    assert launched == [[p.device], [p.device]]  # the full and the partial tile
+    assert launched == [[p.device]] * 3  # the step's scalars, the full and the partial tile
 
 
 @needs_interpreter
@@ -188,7 +191,7 @@ def test_what_a_capture_used_outlives_a_re_plan(capture):
         opt.step()
     captured = _plan(opt)
     part = captured.parts[0]
-    alive = [weakref.ref(t) for t in (part.table, part.counters, part.grads.device,
+    alive = [weakref.ref(t) for t in (part.table, part.counters, part.grads.device, part.scalars,
                                       captured.hyper.device, *(t for _, t in part.tiles))]
     captured_ref = weakref.ref(captured)
     del captured, part

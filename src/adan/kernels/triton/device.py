@@ -21,7 +21,7 @@ from adan.kernels.triton.codes import (
 
 __all__ = ["COL_M", "COL_META_M", "COL_META_N", "COL_META_PREV", "COL_META_V", "COL_N",
            "COL_NUMEL", "COL_PARAM", "COL_PREV", "COL_SEED", "COL_STEP", "COL_V", "FMT_BF16",
-           "FMT_FLOAT", "FMT_INT8", "NCOL"]
+           "FMT_FLOAT", "FMT_INT8", "NCOL", "NSCALAR"]
 
 # The state format (the kernel's FMT): :attr:`adan.state.formats.StateFormat.triton_code`.
 FMT_FLOAT: tl.constexpr = tl.constexpr(0)  # buffers in a float dtype (S_DT)
@@ -45,6 +45,16 @@ COL_META_N: tl.constexpr = tl.constexpr(9)
 COL_META_PREV: tl.constexpr = tl.constexpr(10)
 COL_SEED: tl.constexpr = tl.constexpr(11)
 NCOL: tl.constexpr = tl.constexpr(12)
+
+# The step's scalars of each tensor, NSCALAR float32 per tensor (8: 32-byte rows): the bias
+# corrections 1 / (1 - b1**k), b2 / (1 - b2**k), 1 / sqrt(1 - b3**k), then the factors of the
+# parameter and of the update (adan.numeric.scalars.decay_factors).
+_SC_IBC1: tl.constexpr = tl.constexpr(0)
+_SC_B2BC2: tl.constexpr = tl.constexpr(1)
+_SC_IBC3: tl.constexpr = tl.constexpr(2)
+_SC_KEEP: tl.constexpr = tl.constexpr(3)
+_SC_SCALE: tl.constexpr = tl.constexpr(4)
+NSCALAR: tl.constexpr = tl.constexpr(8)
 
 
 @triton.jit
@@ -120,17 +130,53 @@ def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, 
 
 
 @triton.jit
-def _adan_kernel(
-    table, tiles, grads, counters, factor_ptr, lr_ptr, hyper,
-    keep_value, scale_value, beta1, omb1, beta2, omb2, beta3, omb3, eps,
-    P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, STEP_DT: tl.constexpr,
-    FMT: tl.constexpr, NO_PROX: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_FACTOR: tl.constexpr, LR_ON_DEVICE: tl.constexpr, SR_PARAM: tl.constexpr,
-    ALIGNED: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
-    QBLOCK: tl.constexpr,
+def _scalars_kernel(
+    table, count, scalars, lr_ptr, hyper, keep_value, scale_value,
+    STEP_DT: tl.constexpr, NO_PROX: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    """One tile of one tensor per program: load, Adan's step in float32, store. ``hyper``
-    holds float64 ``log(b1), log(b2), log(b3), b2, weight_decay``."""
+    """The step's scalars of ``count`` tensors (a row of ``scalars`` each, from their step
+    counts before this step), in float64 and rounded once, as adan.kernels.compact does: once
+    per step, where every program of the step would compute them in float64. ``hyper`` holds
+    float64 ``log(b1), log(b2), log(b3), b2, weight_decay``."""
+    t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    mask = t < count
+    step_ptr = tl.load(table + t * NCOL + COL_STEP, mask=mask, other=0)
+    k = tl.load(step_ptr.to(tl.pointer_type(STEP_DT)), mask=mask, other=0).to(tl.float32) + 1.0
+    k64 = k.to(tl.float64)
+    out = scalars + t * NSCALAR
+    tl.store(out + _SC_IBC1, (1.0 / -expm1(k64 * tl.load(hyper))).to(tl.float32), mask=mask)
+    tl.store(out + _SC_B2BC2,
+             (tl.load(hyper + 3) / -expm1(k64 * tl.load(hyper + 1))).to(tl.float32), mask=mask)
+    tl.store(out + _SC_IBC3, (1.0 / tl.sqrt(-expm1(k64 * tl.load(hyper + 2)))).to(tl.float32),
+             mask=mask)
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr).to(tl.float64)
+        if NO_PROX:
+            keep = (1.0 - lr * tl.load(hyper + 4)).to(tl.float32)
+            scale = lr.to(tl.float32)
+        else:
+            keep64 = 1.0 / (1.0 + lr * tl.load(hyper + 4))
+            keep = keep64.to(tl.float32)
+            scale = (lr * keep64).to(tl.float32)
+    else:
+        keep = keep_value
+        scale = scale_value
+    tl.store(out + _SC_KEEP, tl.full((ROWS,), 0.0, tl.float32) + keep, mask=mask)
+    tl.store(out + _SC_SCALE, tl.full((ROWS,), 0.0, tl.float32) + scale, mask=mask)
+
+
+@triton.jit
+def _adan_kernel(
+    table, tiles, grads, counters, factor_ptr, scalars,
+    beta1, omb1, beta2, omb2, beta3, omb3, eps,
+    P_DT: tl.constexpr, G_DT: tl.constexpr, S_DT: tl.constexpr, STEP_DT: tl.constexpr,
+    FMT: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_FACTOR: tl.constexpr,
+    SR_PARAM: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+    TILE: tl.constexpr, QBLOCK: tl.constexpr,
+):
+    """One tile of one tensor per program: load, Adan's step in float32, store; the step's
+    scalars from ``scalars``, which :func:`_scalars_kernel` wrote before this launch."""
     # Vector accesses promised to the compiler, in elements: 16 bytes; with 8-bit codes 4
     # elements, so that code tiles take the float32 tiles' layout (4 per thread) and a block
     # stays in one warp rather than the compiler converting between layouts.
@@ -152,23 +198,12 @@ def _adan_kernel(
         factor = -factor
 
     if go:
-        # The step's scalars, in float64 and rounded once (as adan.kernels.compact does).
-        k64 = k.to(tl.float64)
-        ibc1 = (1.0 / -expm1(k64 * tl.load(hyper))).to(tl.float32)
-        b2bc2 = (tl.load(hyper + 3) / -expm1(k64 * tl.load(hyper + 1))).to(tl.float32)
-        ibc3 = (1.0 / tl.sqrt(-expm1(k64 * tl.load(hyper + 2)))).to(tl.float32)
-        if LR_ON_DEVICE:
-            lr = tl.load(lr_ptr).to(tl.float64)
-            if NO_PROX:
-                keep = (1.0 - lr * tl.load(hyper + 4)).to(tl.float32)
-                scale = lr.to(tl.float32)
-            else:
-                keep64 = 1.0 / (1.0 + lr * tl.load(hyper + 4))
-                keep = keep64.to(tl.float32)
-                scale = (lr * keep64).to(tl.float32)
-        else:
-            keep = keep_value
-            scale = scale_value
+        sc = scalars + t * NSCALAR
+        ibc1 = tl.load(sc + _SC_IBC1)
+        b2bc2 = tl.load(sc + _SC_B2BC2)
+        ibc3 = tl.load(sc + _SC_IBC3)
+        keep = tl.load(sc + _SC_KEEP)
+        scale = tl.load(sc + _SC_SCALE)
 
         SUBTILES: tl.constexpr = BLOCK // TILE
         EXTRA_ROW: tl.constexpr = 1 if FMT == FMT_INT8 else 0

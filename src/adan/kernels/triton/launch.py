@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -30,15 +31,17 @@ from adan.kernels.triton.device import (
     COL_V,
     FMT_INT8,
     NCOL,
+    NSCALAR,
     _adan_kernel,
+    _scalars_kernel,
 )
 from adan.kernels.verify import capturing
 from adan.numeric.scalars import decay_factors, log_beta, real_view
 from adan.state.formats import BUFFER_KEYS
 from adan.state.lifecycle import device_mismatch
 
-__all__ = ["BLOCK", "NUM_WARPS", "QBLOCK", "TILE", "launch_options", "triton_adan",
-           "triton_unsupported"]
+__all__ = ["BLOCK", "NUM_WARPS", "QBLOCK", "SCALAR_OPTIONS", "SCALAR_ROWS", "TILE",
+           "launch_options", "triton_adan", "triton_unsupported"]
 
 BLOCK = 4096
 """Elements per program."""
@@ -55,6 +58,12 @@ predicts")."""
 EDGE_TILE = TILE // 2
 """Elements a program of a partial tile or of a misaligned tensor updates at a time: half of
 :data:`TILE`, so that its masks and scalar addresses fit in :data:`REGISTER_CAP` registers."""
+
+
+SCALAR_ROWS = 128
+"""Tensors per program of the step scalars' launch."""
+SCALAR_OPTIONS: dict[str, Any] = {"num_warps": 4, "enable_fp_fusion": False}
+"""Its compile options (no contraction, as the CPU paths compute the scalars)."""
 
 
 def launch_options(fmt: int, masked: bool, aligned: bool = True) -> dict[str, Any]:
@@ -172,8 +181,8 @@ def _upload(values: list[Any], dtype: torch.dtype, device: torch.device) -> Tens
 @dataclass
 class _Part:
     """The tensors of one launch signature (dtypes, alignment): positions among the call's
-    tensors, the address table, the tiles of each kind, the completion counters and the
-    gradients' addresses."""
+    tensors, the address table, the tiles of each kind, the completion counters, the
+    gradients' addresses and the step's scalars of each tensor."""
 
     signature: tuple[Any, ...]
     members: list[int]
@@ -181,6 +190,7 @@ class _Part:
     tiles: list[tuple[bool, Tensor]]
     counters: Tensor
     grads: _Staging
+    scalars: Tensor
 
 
 @dataclass
@@ -279,7 +289,9 @@ def _build(params: list[Tensor], grads: list[Tensor], grad_ptrs: list[int],
                            _upload([a for i in members for a in rows[i]], torch.int64, device),
                            _tiles([rows[i][COL_NUMEL] for i in members], device),
                            torch.zeros(len(members), dtype=torch.int32, device=device),
-                           _Staging(len(members), torch.int64, device)))
+                           _Staging(len(members), torch.int64, device),
+                           torch.empty(len(members) * NSCALAR.value, dtype=torch.float32,
+                                       device=device)))
     return _Plan(params=[p.data_ptr() for p in params],
                  aligned_grads=[_aligned(a) for a in grad_ptrs], parts=parts,
                  hyper=_Staging(5, torch.float64, device), keepalive=[no_seed])
@@ -289,8 +301,9 @@ def triton_adan(
     params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], args: StepArgs,
     cache: dict[Any, Any] | None = None,
 ) -> None:
-    """Apply one step to every tensor in place: one launch per part (dtypes, alignment and
-    tile kind), on the tensors' device (all on one: the caller splits by device).
+    """Apply one step to every tensor in place: per part (dtypes, alignment), one launch that
+    computes its tensors' step scalars, then one per tile kind, on the tensors' device (all
+    on one: the caller splits by device).
 
     Every tensor must pass :func:`triton_unsupported`; the selector routes others elsewhere.
     ``cache`` keeps the plan: its owner empties it when the tensors' dtypes, shapes or
@@ -340,16 +353,19 @@ def triton_adan(
             addresses = part.grads.put(grad_ptrs if len(part.members) == len(params)
                                        else [grad_ptrs[i] for i in part.members])
             state_dtype = s_dtype if not args.fmt.quantized else torch.float32
-            lr_tensor = part.counters if lr is None else lr
+            count = len(part.members)
+            _scalars_kernel[(triton.cdiv(count, SCALAR_ROWS),)](
+                part.table, count, part.scalars, part.scalars if lr is None else lr, hyper,
+                keep, scale, STEP_DT=_TL_DTYPES[step_dtype], NO_PROX=args.no_prox,
+                LR_ON_DEVICE=lr is not None, ROWS=SCALAR_ROWS, **SCALAR_OPTIONS)
             for masked, tiles in part.tiles:
                 _adan_kernel[(tiles.shape[0] // 2,)](
                     part.table, tiles, addresses, part.counters,
-                    part.counters if factor is None else factor, lr_tensor, hyper,
-                    keep, scale, b1, 1 - b1, b2, 1 - b2, b3, 1 - b3, args.eps,
+                    part.counters if factor is None else factor, part.scalars,
+                    b1, 1 - b1, b2, 1 - b2, b3, 1 - b3, args.eps,
                     P_DT=_TL_DTYPES[p_dtype], G_DT=_TL_DTYPES[g_dtype],
                     S_DT=_TL_DTYPES[state_dtype], STEP_DT=_TL_DTYPES[step_dtype],
-                    FMT=fmt, NO_PROX=args.no_prox, MAXIMIZE=args.maximize,
-                    HAS_FACTOR=factor is not None, LR_ON_DEVICE=lr is not None,
+                    FMT=fmt, MAXIMIZE=args.maximize, HAS_FACTOR=factor is not None,
                     SR_PARAM=args.rounds_param(p_dtype), ALIGNED=aligned, MASKED=masked,
                     BLOCK=BLOCK, QBLOCK=QBLOCK, **launch_options(fmt, masked, aligned),
                 )
