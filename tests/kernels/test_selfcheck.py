@@ -255,4 +255,5 @@ def test_the_eager_kernels_pass_the_check(kernel, fmt, dtype):
     copies must not be the tensors themselves, included)."""
     options = dict(factor=True, maximize=True, no_prox=True, tensor_lr=True)
     variant = verify.Variant("eager", torch.device("cpu"), fmt, dtype, dtype, options)
-    verify.self_check(kernel, variant, [adan_triton.BLOCK + 5, 7], misaligned=[300])
+    verify.self_check(kernel, variant, [adan_triton.BLOCK + 5, 7],
+                      misaligned=[adan_triton.BLOCK + 300])

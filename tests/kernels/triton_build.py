@@ -108,7 +108,8 @@ def build(param: str, state: str, fmt: int, maximize: bool, factor: bool, sr_par
     constants = dict(P_DT=DTYPES[param], G_DT=DTYPES[param], S_DT=DTYPES[state],
                      STEP_DT=tl.float32, FMT=fmt, MAXIMIZE=maximize, HAS_FACTOR=factor,
                      SR_PARAM=sr_param, ALIGNED=aligned, MASKED=masked, BLOCK=BLOCK,
-                     TILE=options.pop("TILE"), QBLOCK=QBLOCK)  # in the kernel's order
+                     TILE=options.pop("TILE"), QBLOCK=QBLOCK,
+                     COMPILED=True)  # in the kernel's order
     return _figures(_compile(_adan_kernel, ARGS, constants, options), options["num_warps"])
 
 

@@ -174,13 +174,14 @@ def _probe(kind: str, device: torch.device, fmt: StateFormat, dtype: torch.dtype
     the variants a group with these options steps with: for Inductor's CPU kernel the serial
     and the threaded one as its sizes need; for the C++ kernel a partial 8-bit block, a tensor
     split over threads and a misaligned one; for Triton full and partial tiles, aligned and
-    misaligned."""
+    misaligned (each a kernel of its own)."""
     if kind == "cpu":
         sizes, misaligned = [300] * options["serial"] + [SERIAL_MAX] * options["parallel"], []
     elif kind == "native":
         sizes, misaligned = [300, PARALLEL_MIN + 37], [45]
     else:
-        sizes, misaligned = [_triton_module().BLOCK + 5, 7], [300]
+        block = _triton_module().BLOCK
+        sizes, misaligned = [block + 5, 7], [block + 300]
     self_check(_fused_kernel(kind), Variant(kind, device, fmt, dtype, grad_dtype, options), sizes,
                misaligned)
 

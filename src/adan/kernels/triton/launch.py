@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 from adan.kernels.common import CAPTURED, StepArgs
 from adan.kernels.triton.device import (
@@ -60,6 +61,9 @@ EDGE_TILE = TILE // 2
 :data:`TILE`, so that its masks and scalar addresses fit in :data:`REGISTER_CAP` registers."""
 
 
+COMPILED = not isinstance(_adan_kernel, InterpretedFunction)
+"""The kernel is compiled for a GPU, not run by Triton's interpreter (``TRITON_INTERPRET=1``
+when it was defined): its compiled full tiles move 8-bit scale bytes by inline PTX."""
 SCALAR_ROWS = 128
 """Tensors per program of the step scalars' launch."""
 SCALAR_OPTIONS: dict[str, Any] = {"num_warps": 4, "enable_fp_fusion": False}
@@ -367,5 +371,6 @@ def triton_adan(
                     S_DT=_TL_DTYPES[state_dtype], STEP_DT=_TL_DTYPES[step_dtype],
                     FMT=fmt, MAXIMIZE=args.maximize, HAS_FACTOR=factor is not None,
                     SR_PARAM=args.rounds_param(p_dtype), ALIGNED=aligned, MASKED=masked,
-                    BLOCK=BLOCK, QBLOCK=QBLOCK, **launch_options(fmt, masked, aligned),
+                    BLOCK=BLOCK, QBLOCK=QBLOCK, COMPILED=COMPILED,
+                    **launch_options(fmt, masked, aligned),
                 )
