@@ -96,27 +96,41 @@ def _st(ptr, x, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _load_scales(row, meta_col: tl.constexpr, qrow, qmask, DIRECT: tl.constexpr):
-    """A tile's scale bytes (int32, 2 where ``qmask`` is off). ``DIRECT`` (a compiled full
-    tile): every thread reads its rows' bytes by inline PTX, in the rows' own layout, where
-    ``tl.load`` would take a layout of the compiler's choosing and move the bytes into the
-    rows' through shared memory (two barriers per buffer and tile)."""
-    if DIRECT:
+def _load_scales(row, meta_col: tl.constexpr, qrow, qmask, MASKED: tl.constexpr,
+                 COMPILED: tl.constexpr):
+    """A tile's scale bytes (int32, 2 where ``qmask`` is off). Compiled, every thread reads
+    its rows' bytes by inline PTX, in the rows' own layout, where ``tl.load`` would take a
+    layout of the compiler's choosing and move the bytes into the rows' through shared memory
+    (two barriers per buffer and tile); the interpreter cannot run PTX."""
+    if COMPILED:
         addr = tl.load(row + meta_col) + qrow
-        return tl.inline_asm_elementwise("ld.global.u8 $0, [$1];", "=r,l", [addr],
-                                         dtype=tl.int32, is_pure=True, pack=1)
+        if MASKED:
+            return tl.inline_asm_elementwise(
+                "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $2, 0;\n\tmov.u32 $0, 2;\n\t"
+                "@p ld.global.u8 $0, [$1];\n\t}", "=r,l,r", [addr, qmask.to(tl.int32)],
+                dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("ld.global.u8 $0, [$1];", "=r,l", [addr],
+                                             dtype=tl.int32, is_pure=True, pack=1)
     else:
         return tl.load(_col(row, meta_col, tl.uint8, 0) + qrow, mask=qmask, other=2).to(tl.int32)
 
 
 @triton.jit
-def _store_scales(row, meta_col: tl.constexpr, qrow, qmask, scales, DIRECT: tl.constexpr):
-    """Store a tile's scale bytes (:func:`_load_scales`; by each thread that holds a row, all
-    writing the same byte)."""
-    if DIRECT:
+def _store_scales(row, meta_col: tl.constexpr, qrow, qmask, scales, MASKED: tl.constexpr,
+                  COMPILED: tl.constexpr):
+    """Store a tile's scale bytes (as :func:`_load_scales` reads them; every thread that holds
+    a row writes the same byte)."""
+    if COMPILED:
         addr = tl.load(row + meta_col) + qrow
-        tl.inline_asm_elementwise("st.global.u8 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                                  [addr, scales], dtype=tl.int32, is_pure=False, pack=1)
+        if MASKED:
+            tl.inline_asm_elementwise(
+                "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $3, 0;\n\t"
+                "@p st.global.u8 [$1], $2;\n\tmov.u32 $0, 0;\n\t}", "=r,l,r,r",
+                [addr, scales, qmask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise("st.global.u8 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                                      [addr, scales], dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.store(_col(row, meta_col, tl.uint8, 0) + qrow, scales.to(tl.uint8), mask=qmask)
 
@@ -124,14 +138,14 @@ def _store_scales(row, meta_col: tl.constexpr, qrow, qmask, scales, DIRECT: tl.c
 @triton.jit
 def _load(row, col: tl.constexpr, meta_col: tl.constexpr, offs, mask, qrow, qmask,
           S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr, VEC: tl.constexpr,
-          MASKED: tl.constexpr, DIRECT: tl.constexpr):
+          MASKED: tl.constexpr, COMPILED: tl.constexpr):
     """Decode one state buffer's tile to float32 (masked elements read as 0)."""
     if FMT == FMT_INT8:
         if SIGNED:
             codes = _ld(_col(row, col, tl.int8, VEC) + offs, mask, MASKED)
         else:
             codes = _ld(_col(row, col, tl.uint8, VEC) + offs, mask, MASKED)
-        scales = _load_scales(row, meta_col, qrow, qmask, DIRECT)
+        scales = _load_scales(row, meta_col, qrow, qmask, MASKED, COMPILED)
         return mx_decode(codes.to(tl.int32), scales, SIGNED)
     else:
         return _ld(_col(row, col, S_DT, VEC) + offs, mask, MASKED).to(tl.float32)
@@ -140,7 +154,7 @@ def _load(row, col: tl.constexpr, meta_col: tl.constexpr, offs, mask, qrow, qmas
 @triton.jit
 def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, qmask, noise,
            S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr, VEC: tl.constexpr,
-           MASKED: tl.constexpr, DIRECT: tl.constexpr):
+           MASKED: tl.constexpr, COMPILED: tl.constexpr):
     """Encode a float32 tile into one state buffer (see :mod:`adan.numeric.codes` for the codes)."""
     if FMT == FMT_INT8:
         k, scales = mx_encode(x, noise, SIGNED)
@@ -148,7 +162,7 @@ def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, 
             _st(_col(row, col, tl.int8, VEC) + offs, k.to(tl.int8), mask, MASKED)
         else:
             _st(_col(row, col, tl.uint8, VEC) + offs, k.to(tl.uint8), mask, MASKED)
-        _store_scales(row, meta_col, qrow, qmask, scales, DIRECT)
+        _store_scales(row, meta_col, qrow, qmask, scales, MASKED, COMPILED)
     elif FMT == FMT_BF16:
         _st(_col(row, col, tl.bfloat16, VEC) + offs, round_bf16(x, noise), mask, MASKED)
     else:
@@ -208,7 +222,6 @@ def _adan_kernel(
     # elements, so that code tiles take the float32 tiles' layout (4 per thread) and a block
     # stays in one warp rather than the compiler converting between layouts.
     VEC: tl.constexpr = (4 if FMT == FMT_INT8 else 16) if ALIGNED else 0
-    DIRECT: tl.constexpr = COMPILED and not MASKED  # scale bytes by PTX (_load_scales)
     pid = tl.program_id(0)
     t = tl.load(tiles + 2 * pid).to(tl.int64)
     tile = tl.load(tiles + 2 * pid + 1).to(tl.int64)
@@ -257,13 +270,13 @@ def _adan_kernel(
                 g_ptr = _ptr(grads, tl.load(grads + t), G_DT, VEC) + offs
                 g = _ld(g_ptr, mask, MASKED).to(tl.float32) * factor
                 m = _load(row, COL_M, COL_META_M, offs, mask, qrow, qmask, S_DT, FMT,
-                          True, VEC, MASKED, DIRECT)
+                          True, VEC, MASKED, COMPILED)
                 v = _load(row, COL_V, COL_META_V, offs, mask, qrow, qmask, S_DT, FMT,
-                          True, VEC, MASKED, DIRECT)
+                          True, VEC, MASKED, COMPILED)
                 n = _load(row, COL_N, COL_META_N, offs, mask, qrow, qmask, S_DT, FMT,
-                          False, VEC, MASKED, DIRECT)
+                          False, VEC, MASKED, COMPILED)
                 prev = _load(row, COL_PREV, COL_META_PREV, offs, mask, qrow, qmask, S_DT, FMT,
-                             True, VEC, MASKED, DIRECT)
+                             True, VEC, MASKED, COMPILED)
                 prev = tl.where(k == 1.0, g, prev)  # g_0 := g_1: the first difference is zero
 
                 diff = g - prev
@@ -289,13 +302,13 @@ def _adan_kernel(
                     noise = (mx_noise(w0, True), mx_noise(w0 >> 10, True),
                              mx_noise(w0 >> 20, False), mx_nearest(True))
                 _store(row, COL_M, COL_META_M, m, offs, mask, qrow, qmask, noise[0], S_DT, FMT,
-                       True, VEC, MASKED, DIRECT)
+                       True, VEC, MASKED, COMPILED)
                 _store(row, COL_V, COL_META_V, v, offs, mask, qrow, qmask, noise[1], S_DT, FMT,
-                       True, VEC, MASKED, DIRECT)
+                       True, VEC, MASKED, COMPILED)
                 _store(row, COL_N, COL_META_N, n, offs, mask, qrow, qmask, noise[2], S_DT, FMT,
-                       False, VEC, MASKED, DIRECT)
+                       False, VEC, MASKED, COMPILED)
                 _store(row, COL_PREV, COL_META_PREV, g, offs, mask, qrow, qmask, noise[3], S_DT,
-                       FMT, True, VEC, MASKED, DIRECT)
+                       FMT, True, VEC, MASKED, COMPILED)
                 if SR_PARAM:
                     word = noise_word(index, key, 2)
                     _st(p_ptr, round_bf16(new, (word & 65535).to(tl.int32)), mask, MASKED)
