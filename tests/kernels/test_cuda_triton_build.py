@@ -97,11 +97,14 @@ def _wide_accesses(variant: str) -> tuple[int, int]:
     """16-byte loads and stores per thread of an aligned full program (4096 elements in two
     tiles, 256 threads: 8 elements each per tile): the parameter, the gradient (of the
     parameter's dtype here) and the four buffers, each read once and (the gradient aside)
-    written once. 8-bit codes take 4-byte accesses, so that their tiles keep the float32
-    tiles' layout (a block in one warp): 4 elements per access, so that of 2-byte parameters
-    and gradients is 8 bytes wide."""
+    written once. A thread's accesses are 16 bytes of the widest dtype, so that every tensor
+    of a tile has one layout: a narrower dtype's are narrower (the 8 bytes of 4 bf16 beside
+    float32). 8-bit codes take 4-byte accesses, so that their tiles keep the float32 tiles'
+    layout (a block in one warp): 4 elements per access, so that of 2-byte parameters and
+    gradients is 8 bytes wide."""
     param, state, fmt = VARIANTS[variant][:3]
-    per_tile = {k: (8 * b // 16) if fmt != 2 or b == 4 else 0 for k, b in BYTES.items()}
+    widest = 4 if fmt == 2 else max(BYTES[param], BYTES[state])
+    per_tile = {k: (8 * b // 16) if b == widest else 0 for k, b in BYTES.items()}
     buffers = 0 if fmt == 2 else 4 * per_tile[state]
     return 2 * (2 * per_tile[param] + buffers), 2 * (per_tile[param] + buffers)
 

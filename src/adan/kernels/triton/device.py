@@ -218,10 +218,14 @@ def _adan_kernel(
     """One tile of one tensor per program: load, Adan's step in float32, store; the step's
     scalars from ``scalars``, which :func:`_scalars_kernel` wrote before this launch.
     ``COMPILED``: not run by Triton's interpreter, which cannot run inline PTX."""
-    # Vector accesses promised to the compiler, in elements: 16 bytes; with 8-bit codes 4
-    # elements, so that code tiles take the float32 tiles' layout (4 per thread) and a block
-    # stays in one warp rather than the compiler converting between layouts.
-    VEC: tl.constexpr = (4 if FMT == FMT_INT8 else 16) if ALIGNED else 0
+    # Vector accesses promised to the compiler, in elements: 16 bytes of the widest dtype,
+    # so that every tensor of a tile takes one layout (a thread's elements in 16-byte
+    # accesses of the widest, narrower ones in narrower accesses) rather than the compiler
+    # converting between layouts through shared memory; with 8-bit codes 4 elements, so that
+    # code tiles take the float32 tiles' layout and a block stays in one warp.
+    WIDEST: tl.constexpr = max(P_DT.primitive_bitwidth, G_DT.primitive_bitwidth,
+                               S_DT.primitive_bitwidth) // 8
+    VEC: tl.constexpr = (4 if FMT == FMT_INT8 else 16 // WIDEST) if ALIGNED else 0
     pid = tl.program_id(0)
     t = tl.load(tiles + 2 * pid).to(tl.int64)
     tile = tl.load(tiles + 2 * pid + 1).to(tl.int64)
