@@ -26,7 +26,7 @@ GPU_TRITON = "3.6.0"
 later versions': built too, in a virtual environment of its own."""
 
 SCRIPT = Path(__file__).with_name("triton_build.py")
-from triton_build import SCALAR_VARIANTS, TILES, VARIANTS  # noqa: E402  (needs Triton)
+from triton_build import SCALAR_VARIANTS, TILES, VARIANTS, executed  # noqa: E402  (needs Triton)
 
 LAUNCHES = [v + t for v in VARIANTS for t in TILES]
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -153,6 +153,37 @@ def test_8bit_state_moves_scale_bytes_without_shared_memory(built, launch):
     per program, 34 in a partial one) stall every warp of the block. What is left: the
     completion counter's barrier, and with Triton 3.9 one more."""
     assert built[launch]["barriers"] <= 3
+
+
+# A made-up SASS listing (cuobjdump's layout): a slow path's call site, a branch around work
+# that a skipped step takes, an unconditional branch, a predicated exit, then the subroutine.
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   ISETP.GT.U32.AND P0, PT, R6, 0x727fffff, PT ;
+        /*0020*/              @!P0 BRA 0x0070 ;
+        /*0030*/                   IMAD.MOV.U32 R6, RZ, RZ, R76 ;
+        /*0040*/                   MOV R16, 0x60 ;
+        /*0050*/                   CALL.REL.NOINC 0x0100 ;
+        /*0060*/                   BRA 0x0080 ;
+        /*0070*/                   FMUL.FTZ R51, R76, R81 ;
+        /*0080*/              @!P1 BRA 0x00b0 ;
+        /*0090*/                   FADD R2, R2, R3 ;
+        /*00a0*/                   BRA 0x00c0 ;
+        /*00b0*/                   FADD R4, R4, R5 ;
+        /*00c0*/               @P2 EXIT ;
+        /*00d0*/                   STG.E desc[UR4][R2.64], R0 ;
+        /*00e0*/                   EXIT ;
+        /*00f0*/                   BRA 0xf0;
+        /*0100*/                   FFMA R6, R6, R6, R6 ;
+        /*0110*/                   RET.REL.NODEC R16 0x0 ;
+"""
+
+
+def test_the_executed_count_follows_the_common_path():
+    """Past the slow path's call (MOV, ISETP, BRA, then FMUL), through the work a skipped step
+    would branch around (BRA not taken, FADD, BRA taken), to the first unconditional EXIT
+    (the predicated one, its STG and the EXIT): 10, where the listing holds 18."""
+    assert executed(_SASS) == 10
 
 
 def test_fp32_full_tiles_within_96_registers(built):
