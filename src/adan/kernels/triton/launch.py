@@ -63,7 +63,7 @@ EDGE_TILE = TILE // 2
 
 COMPILED = not isinstance(_adan_kernel, InterpretedFunction)
 """The kernel is compiled for a GPU, not run by Triton's interpreter (``TRITON_INTERPRET=1``
-when it was defined): its compiled full tiles move 8-bit scale bytes by inline PTX."""
+when it was defined): compiled, it moves 8-bit scale bytes by inline PTX."""
 SCALAR_ROWS = 128
 """Tensors per program of the step scalars' launch."""
 SCALAR_OPTIONS: dict[str, Any] = {"num_warps": 4, "enable_fp_fusion": False}
