@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adan.kernels.common import StepArgs, count_step, traced
+from adan.kernels.common import StepArgs, count_steps, traced
 from adan.kernels.compact import (
     seed_of,
     step_start,
@@ -125,8 +125,7 @@ def cpu_compiled_adan(
             torch._foreach_copy_(lists[k], [chunk.view(x.shape) for chunk, x
                                             in zip(packed[k].split(sizes), lists[k], strict=True)])
     # Counted last, so a kernel that fails to build leaves the step counts as they were.
-    for state in states:
-        count_step(state, go)
+    count_steps(states, go)
 
 
 def cpu_compiler_missing() -> str | None:

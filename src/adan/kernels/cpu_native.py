@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adan.kernels.common import StepArgs, count_step
+from adan.kernels.common import StepArgs, count_steps
 from adan.kernels.compact import seed_of, step_start, step_vector, tensor_step, tensor_views
 from adan.numeric.codes import SIGNED_CODE, UNSIGNED_CODE, MxCode
 from adan.numeric.scalars import Scalar, real_view
@@ -252,9 +252,4 @@ def cpu_native_adan(
             call.fn(call.pointers[0], g.data_ptr(), *call.pointers[1:], s.data_ptr(),
                     seed.data_ptr(), numel, call.rounds, may_skip,
                     threads if numel >= PARALLEL_MIN else 1)
-    steps = [state["step"] for state in states]
-    if go is True and steps:
-        torch._foreach_add_(steps, 1)
-    else:
-        for state in states:
-            count_step(state, go)
+    count_steps(states, go)
