@@ -25,11 +25,70 @@ def levels(signed: bool) -> tuple[int, int]:
     return (127, 3) if signed else (255, 4)
 
 
+BIAS = {True: 135, False: 142}
+"""A block's scale is ``2**(s - BIAS)`` (docs/lowmem.md)."""
+LOWEST = {True: 9, False: 16}
+RESERVED = {True: 127, False: 248}
+"""The level (:func:`code_levels`) of a non-finite value: signed NaN, n +inf."""
+
+
 def grid(signed: bool) -> np.ndarray:
-    """The magnitudes of codes 0, 1, ... relative to the block scale (docs/lowmem.md): the
-    subnormals k/2**mb * 2**emin, then (1 + j/2**mb) * 2**e for each exponent up to the [2, 4)
-    binade: e4m3 (mb 3, emin -13) for signed buffers, e5m3 (mb 3, emin -29, the top code
-    reserved) for n."""
+    """The magnitudes of codes 0, 1, ... over the block scale (docs/lowmem.md): the
+    subnormals k/8 * 2**emin, then (1 + j/8) * 2**e per exponent: FP8 E4M3 (emin -6, up to
+    448, code 0x7F reserved) for signed buffers, float16's top byte (e5m3: emin -14, up to
+    61440, codes from 0xF8 reserved) for n."""
+    emin, top = (-6, 127) if signed else (-14, 248)
+    values = [k / 8 * 2.0**emin for k in range(8)]
+    values += [(1 + j / 8) * 2.0**e for e in range(emin, 16) for j in range(8)]
+    return np.array(values[:top])
+
+
+def code_levels(codes, signed: bool) -> np.ndarray:
+    """Stored codes (a tensor or array of int8 or uint8) as integer levels: signed sign and
+    magnitude as +-magnitude (negative zero is 0, NaN codes 127), unsigned as they are."""
+    k = np.asarray(codes.cpu().numpy() if isinstance(codes, torch.Tensor) else codes)
+    k = k.astype(np.int64).ravel() & 0xFF
+    if not signed:
+        return k
+    mag = k & 0x7F
+    return np.where(((k & 0x80) != 0) & (mag != 127), -mag, mag)
+
+
+def _scale_byte(block: np.ndarray, top: float, bias: int, lowest: int, highest: int) -> int:
+    """The smallest ``s`` with the block's largest finite magnitude * 2**(bias - s) at most
+    ``top``, within [lowest, highest]."""
+    biggest = float(np.abs(block[np.isfinite(block)]).max(initial=0.0))
+    if biggest == 0:
+        return lowest
+    s = int(np.ceil(bias + np.log2(biggest / top))) - 1
+    while biggest * 2.0 ** (bias - s) > top:
+        s += 1
+    return min(max(s, lowest), highest)
+
+
+def block_exponent(block: np.ndarray, signed: bool) -> int:
+    """The block's scale byte ``s``: the smallest with (largest finite magnitude) *
+    2**(BIAS - s) at most the top code, at least LOWEST."""
+    return _scale_byte(block, grid(signed)[-1], BIAS[signed], LOWEST[signed], 255)
+
+
+def _blockwise(x: np.ndarray, code_block) -> tuple[np.ndarray, np.ndarray]:
+    """``code_block(block) -> (codes, s)`` over the blocks of ``x`` (flat, float64): one per
+    started block, plus one (a block past the end is empty when none is partial)."""
+    flat = x.ravel().astype(np.float64)
+    codes = np.zeros(flat.size, dtype=np.int64)
+    exps = []
+    for start in range(0, flat.size + 1, MX_BLOCK):
+        block = flat[start:start + MX_BLOCK]
+        k, s = code_block(block)
+        codes[start:start + block.size] = k
+        exps.append(s)
+    return codes, np.array(exps)
+
+
+def grid_v2(signed: bool) -> np.ndarray:
+    """Version 2's code magnitudes over its scale ``2**(s - 128)`` (two's complement e4m3 up
+    to 3.75, -128 reserved; e5m3 up to 3.5, 255 reserved)."""
     mb, emin = (3, -13) if signed else (3, -29)
     steps = 2**mb
     values = [k / steps * 2.0**emin for k in range(steps)]
@@ -37,30 +96,22 @@ def grid(signed: bool) -> np.ndarray:
     return np.array(values[:128] if signed else values[:255])
 
 
-def block_exponent(block: np.ndarray, signed: bool) -> int:
-    """The block's scale byte ``s``: the smallest with (largest finite magnitude) *
-    2**(128 - s) at most the top code, within [2, 254]."""
-    mag = np.abs(block[np.isfinite(block)])
-    top = grid(signed)[-1]
-    biggest = float(mag.max(initial=0.0))
-    if biggest == 0:
-        return 2
-    s = int(np.ceil(128 + np.log2(biggest / top))) - 1
-    while biggest * 2.0 ** (128 - s) > top:
-        s += 1
-    return min(max(s, 2), 254)
-
-
 def decode(state: dict, key: str, signed: bool, shape: tuple[int, ...]) -> np.ndarray:
-    """A buffer as float64: minifloat codes k mean sign * grid[|k|] * 2**(s - 128) (-128 NaN,
-    unsigned 255 +inf); old power codes scale*(k/127)^3 (signed) or scale*(k/255)^4, except
-    each block's top element, stored exactly in its meta row (scale, top, position)."""
+    """A buffer as float64: codes mean sign * grid[level] * 2**(s - BIAS) (NaN, +inf reserved);
+    version 2 (``int8_codes == 2``) sign * grid_v2[|k|] * 2**(s - 128); old power codes
+    scale*(k/127)^3 (signed) or scale*(k/255)^4, except each block's top element, stored
+    exactly in its meta row (scale, top, position)."""
     if key + "_exp" in state:
-        k = state[key].cpu().numpy().astype(np.int64).ravel()
-        s = np.repeat(state[key + "_exp"].cpu().numpy().astype(np.int64), MX_BLOCK)[: k.size]
-        g = grid(signed)
-        special = k == (-128 if signed else 255)
-        values = np.sign(k) * g[np.where(special, 0, np.abs(k))] * 2.0 ** (s - 128)
+        s = np.repeat(state[key + "_exp"].cpu().numpy().astype(np.int64), MX_BLOCK)
+        if state.get("int8_codes") == 2:
+            k = state[key].cpu().numpy().astype(np.int64).ravel()
+            g, bias, reserved = grid_v2(signed), 128, (-128 if signed else 255)
+        else:
+            k = code_levels(state[key], signed)
+            g, bias, reserved = grid(signed), BIAS[signed], RESERVED[signed]
+        s = s[: k.size]
+        special = k == reserved
+        values = np.sign(k) * g[np.where(special, 0, np.abs(k))] * 2.0 ** (s - bias)
         values[special] = np.nan if signed else np.inf
         return values.reshape(shape)
     if key + "_meta" not in state:
@@ -76,30 +127,45 @@ def decode(state: dict, key: str, signed: bool, shape: tuple[int, ...]) -> np.nd
 
 
 def encode(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest minifloat code per element (ties away from zero; signed subnormal codes
-    towards zero) and the blocks' scale bytes
-    (one per started block, plus one; a block past the end has 2); a non-finite element takes
-    the reserved code and a nonzero n at least code 1."""
-    flat = x.ravel().astype(np.float64)
+    """Nearest code per element as levels (:func:`code_levels`; ties: signed to the even
+    code, n away from zero) and the blocks' scale bytes (one per started block, plus one; a
+    block past the end has LOWEST); a non-finite element takes the reserved level and a
+    nonzero n at least 1."""
     g = grid(signed)
-    codes = np.zeros(flat.size, dtype=np.int64)
-    exps = []
-    for start in range(0, flat.size + 1, MX_BLOCK):
-        block = flat[start:start + MX_BLOCK]
+
+    def code_block(block: np.ndarray) -> tuple[np.ndarray, int]:
         s = block_exponent(block, signed)
-        exps.append(s)
         with np.errstate(invalid="ignore"):
-            t = np.abs(block) * 2.0 ** (128 - s)
+            t = np.abs(block) * 2.0 ** (BIAS[signed] - s)
+        hi = np.clip(np.searchsorted(g, t), 1, g.size - 1)
+        below, above = t - g[hi - 1], g[hi] - t
+        if signed:
+            k = np.where(below < above, hi - 1, np.where(below > above, hi, hi - hi % 2))
+        else:
+            k = np.maximum(np.where(below >= above, hi, hi - 1), block > 0)
+        k = np.where(block < 0, -k, k)
+        return np.where(np.isfinite(block), k, RESERVED[signed]), s
+
+    return _blockwise(x, code_block)
+
+
+def encode_v2(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Version 2's nearest codes (ties away from zero; signed subnormal codes towards zero)
+    and scale bytes (finite values only), as its checkpoints hold them."""
+    g = grid_v2(signed)
+
+    def code_block(block: np.ndarray) -> tuple[np.ndarray, int]:
+        s = _scale_byte(block, g[-1], 128, 2, 254)
+        t = np.abs(block) * 2.0 ** (128 - s)
         hi = np.clip(np.searchsorted(g, t), 1, g.size - 1)
         k = np.where(t - g[hi - 1] >= g[hi] - t, hi, hi - 1)
-        if signed:  # subnormal codes round towards zero
+        if signed:
             k = np.where(t < g[8], np.floor(t / g[1]).astype(np.int64), k)
-        if not signed:
+        else:
             k = np.maximum(k, block > 0)
-        k = np.where(block < 0, -k, k)
-        codes[start:start + block.size] = np.where(np.isfinite(block), k,
-                                                   -128 if signed else 255)
-    return codes, np.array(exps)
+        return np.where(block < 0, -k, k), s
+
+    return _blockwise(x, code_block)
 
 
 def encode_power(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -130,13 +196,6 @@ def encode_power(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
     return codes, np.array(meta)
 
 
-def assert_codes_close(got: torch.Tensor, want: np.ndarray, mismatch: float = 0.01) -> None:
-    """Codes agree within one level, and differ in at most ``mismatch`` of the elements
-    (rounding boundaries; stochastic rounding picks either neighbour: pass 1.0)."""
-    diff = np.abs(got.cpu().numpy().astype(np.int64).ravel() - want)
-    assert diff.max(initial=0) <= 1 and (diff > 0).mean() <= mismatch
-
-
 def assert_rounds(state: dict, key: str, signed: bool, want: np.ndarray,
                   terms: np.ndarray | float = 0.0) -> None:
     """The stored buffer holds ``want`` rounded to one of its two neighbouring code values.
@@ -151,8 +210,7 @@ def assert_rounds(state: dict, key: str, signed: bool, want: np.ndarray,
     exps_got = state[key + "_exp"].cpu().numpy().astype(np.int64)
     assert np.abs(exps_got - exps).max() <= 1 and (exps_got != exps).mean() <= 0.01, key
     same = np.repeat(exps_got == exps, MX_BLOCK)[: codes.size]
-    got = state[key].cpu().numpy().astype(np.int64).ravel()
-    diff = np.abs(got - codes)[same]
+    diff = np.abs(code_levels(state[key], signed) - codes)[same]
     assert diff.max(initial=0) <= 1, key
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from codes import MX_BLOCK, encode, grid
+from codes import BIAS, MX_BLOCK, block_exponent, code_levels, encode, grid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,23 +39,25 @@ def test_nearest_codes_are_the_twins(numel: int, seed: int, signed: bool):
     codes, scales = mx_encode(x, signed)
     want_codes, want_scales = encode(x.double().numpy(), signed)
     np.testing.assert_array_equal(scales.numpy(), want_scales)
-    diff = np.abs(codes.numpy().astype(np.int64) - want_codes)
+    diff = np.abs(code_levels(codes, signed) - want_codes)
     assert diff.max(initial=0) <= 1 and (diff > 0).mean() <= 0.01  # float32 ties
 
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(signed: bool):
     torch.manual_seed(0)
-    x = torch.linspace(0.01, 3.0, 2 * MX_BLOCK)  # scale byte 128: t = x
+    x = torch.linspace(0.01, 3.0, 2 * MX_BLOCK)  # every value in the codes' normal range
     x[0] = 3.5
     if signed:
         x = x * torch.where(torch.arange(x.numel()) % 2 == 0, 1.0, -1.0)
     draws = torch.stack([roundtrip(x, signed, random_noise(x.shape, signed))
                          for _ in range(4000)]).double().numpy()
-    g = grid(signed)
     xs = x.double().numpy()
-    hi = np.clip(np.searchsorted(g, np.abs(xs)), 1, g.size - 1)
-    lo_v, hi_v = g[hi - 1] * np.sign(xs), g[hi] * np.sign(xs)
+    unit = np.repeat([2.0 ** (block_exponent(xs[i:i + MX_BLOCK], signed) - BIAS[signed])
+                      for i in range(0, xs.size, MX_BLOCK)], MX_BLOCK)
+    g = grid(signed)
+    hi = np.clip(np.searchsorted(g, np.abs(xs) / unit), 1, g.size - 1)
+    lo_v, hi_v = g[hi - 1] * np.sign(xs) * unit, g[hi] * np.sign(xs) * unit
     assert np.all((draws == lo_v) | (draws == hi_v) | (draws == xs))
     stderr = np.abs(hi_v - lo_v) * 0.5 / np.sqrt(4000)
     # 10 random bits: a bias of at most 2**-11 of a code gap beside the sampling error

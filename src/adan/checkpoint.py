@@ -16,7 +16,14 @@ from adan.checks import check_group, check_release, check_same_max_grad_norm
 from adan.numeric.codes import META, mx_blocks, num_blocks
 from adan.numeric.scalars import real_view
 from adan.state.dtensor import local
-from adan.state.formats import BUFFER_KEYS, BUFFERS, CODES_KEY, MX_CODES, storage_format
+from adan.state.formats import (
+    BUFFER_KEYS,
+    BUFFERS,
+    CODES_KEY,
+    MX2_CODES,
+    MX_CODES,
+    storage_format,
+)
 from adan.state.lifecycle import convert_state, step_dtype
 from adan.state.sharded import check_loaded_sharding, dequantize_for_saving, localize
 
@@ -115,8 +122,9 @@ def _as_step(value: Any) -> float | None:
 def check_saved_state(saved: Any, param: Tensor) -> str | None:
     """What is wrong with a saved per-parameter state for ``param``, or None if it can load.
 
-    Accepted: any storage format (it is converted on load), 8-bit codes of this version or
-    the power codes of before (``<buffer>_meta``), and a number or tensor ``step``.
+    Accepted: any storage format (it is converted on load), 8-bit codes of this version, of
+    version 2 or the power codes of before (``<buffer>_meta``), and a number or tensor
+    ``step``.
     """
     if not isinstance(saved, dict):
         return f"its state is a {type(saved).__name__}, not a dict"
@@ -136,9 +144,9 @@ def check_saved_state(saved: Any, param: Tensor) -> str | None:
         return (f"its 'seed' is {seed!r}; the stochastic-rounding seed is a 1-element int64 "
                 "tensor")
     codes = saved.get(CODES_KEY, MX_CODES)
-    if codes != MX_CODES:
+    if codes not in (MX_CODES, MX2_CODES):
         return (f"its 8-bit codes are {codes!r}, which this version cannot read (it reads "
-                f"{MX_CODES!r} and the older power codes)")
+                f"{MX_CODES!r}, {MX2_CODES!r} and the older power codes)")
     wanted = list(BUFFER_KEYS if step > 0 else BUFFER_KEYS[:3])
     missing = [k for k in wanted if k not in saved]
     if missing:

@@ -7,7 +7,16 @@ import io
 import numpy as np
 import pytest
 import torch
-from codes import KEYS, MX_BLOCK, check_kernel_step, decode, encode, encode_power
+from codes import (
+    KEYS,
+    MX_BLOCK,
+    check_kernel_step,
+    code_levels,
+    decode,
+    encode,
+    encode_power,
+    encode_v2,
+)
 from conftest import initial_params, run_pair
 from reference import ReferenceAdan, RefGroup
 
@@ -47,11 +56,12 @@ def test_optimizer_tracks_float64_adan(fmt, opts):
                                        atol=TRACK_TOL[fmt] * moved + 1e-5)
 
 
-def assert_nearest_codes(state: dict, key: str, codes: np.ndarray, exps: np.ndarray) -> None:
+def assert_nearest_codes(state: dict, key: str, signed: bool, codes: np.ndarray,
+                         exps: np.ndarray) -> None:
     """The state's 8-bit ``key`` holds the NumPy twin's nearest codes (but where float32's
     rounding of a value at a tie between codes picks the other) and its scale bytes."""
     np.testing.assert_array_equal(state[key + "_exp"].numpy(), exps, err_msg=key)
-    diff = np.abs(state[key].numpy().astype(np.int64).ravel() - codes)
+    diff = np.abs(code_levels(state[key], signed) - codes)
     assert diff.max(initial=0) <= 1 and (diff > 0).mean() <= 0.01, key
 
 
@@ -113,7 +123,7 @@ def test_state_converts_on_load(src, dst):
             source = decode(s, key, signed, tuple(p.shape))
             if dst == "int8":
                 codes, exps = encode(source, signed)
-                assert_nearest_codes(s2, key, codes, exps)
+                assert_nearest_codes(s2, key, signed, codes, exps)
             else:
                 dtype = torch.float32 if dst == "fp32" else torch.bfloat16
                 assert s2[key].dtype == dtype and s2[key].shape == p.shape
@@ -125,31 +135,47 @@ def test_state_converts_on_load(src, dst):
     assert all(torch.isfinite(p).all() for p in model2.parameters())
 
 
-def test_old_power_code_state_loads_into_the_minifloats():
-    """A checkpoint of the 8-bit power codes of before (codes and ``_meta`` rows of 3 floats
-    per 256-block, no record) loads: decoded, then encoded as the new codes, nearest."""
+def _old_entry(entry: dict, rng: np.random.Generator, version: str) -> None:
+    """Replace ``entry``'s float32 buffers by the 8-bit codes of an older version, of values
+    near theirs: version 2's minifloats (with a block scale set by an outlier, so that
+    subnormal codes occur) or the power codes (``<buffer>_meta`` rows, no record)."""
+    for key, signed in KEYS:
+        value = entry[key].double().numpy() * rng.uniform(0.5, 2.0, entry[key].shape)
+        if not signed:
+            value = np.abs(value)
+        dtype = torch.int8 if signed else torch.uint8
+        if version == "2":
+            value[..., :1] *= 1e4
+            codes, exps = encode_v2(value, signed)
+            entry[key + "_exp"] = torch.tensor(exps, dtype=torch.uint8)
+            entry["int8_codes"] = 2
+        else:
+            codes, meta = encode_power(value, signed)
+            entry[key + "_meta"] = torch.tensor(meta.reshape(-1), dtype=torch.float32)
+        entry[key] = torch.tensor(codes.reshape(value.shape)).to(dtype)
+
+
+@pytest.mark.parametrize("version", ["2", "power codes"])
+def test_older_8bit_state_loads_into_the_current_codes(version):
+    """A checkpoint of the version-2 minifloats (two's complement e4m3 and e5m3 over
+    ``2**(s - 128)``, ``int8_codes == 2``) or of the power codes before them (``_meta`` rows
+    of 3 floats per 256-block) loads: decoded, then encoded as the current codes, nearest."""
     model, opt = train("fp32")
     old = saved(opt)
     rng = np.random.default_rng(1)
     for entry in old["state"].values():
-        for key, signed in KEYS:
-            value = entry[key].double().numpy() * rng.uniform(0.5, 2.0, entry[key].shape)
-            if not signed:
-                value = np.abs(value)
-            codes, meta = encode_power(value, signed)
-            dtype = torch.int8 if signed else torch.uint8
-            entry[key] = torch.tensor(codes.reshape(value.shape)).to(dtype)
-            entry[key + "_meta"] = torch.tensor(meta.reshape(-1), dtype=torch.float32)
+        _old_entry(entry, rng, version)
     model2, opt2 = train("int8", steps=0)
     model2.load_state_dict(model.state_dict())
     opt2.load_state_dict(old)
     for pid, p2 in enumerate(model2.parameters()):
         s2 = opt2.state[p2]
-        assert s2["int8_codes"] == 2 and not any(k.endswith("_meta") for k in s2)
+        assert s2["int8_codes"] == 3 and not any(k.endswith("_meta") for k in s2)
         for key, signed in KEYS:
             source = decode(old["state"][pid], key, signed, tuple(p2.shape))
+            assert np.all(np.isfinite(source)) and np.any(source != 0)
             codes, exps = encode(source.astype(np.float32), signed)
-            assert_nearest_codes(s2, key, codes, exps)
+            assert_nearest_codes(s2, key, signed, codes, exps)
             assert s2[key + "_exp"].numel() == p2.numel() // MX_BLOCK + 1
     opt2.zero_grad()
     model2(torch.randn(4, 20)).sum().backward()

@@ -398,28 +398,35 @@ def _assert_same_bits_as_the_cpu_compact_path(device, fmt):
 
 
 @triton.jit
-def _mx_kernel(x_ptr, noise_ptr, codes_ptr, scales_ptr, out_ptr, SIGNED: tl.constexpr):
+def _mx_kernel(x_ptr, noise_ptr, codes_ptr, scales_ptr, out_ptr, SIGNED: tl.constexpr,
+               NOISE: tl.constexpr, COMPILED: tl.constexpr):
     # (annotated `tl.constexpr`, which Triton 3.6 recognises in a string annotation)
     rows = tl.program_id(0) * 8 + tl.arange(0, 8)
     offs = rows[:, None] * 32 + tl.arange(0, 32)[None, :]
-    k, s = codes.mx_encode(tl.load(x_ptr + offs), tl.load(noise_ptr + offs), SIGNED)
+    k, s = codes.mx_encode(tl.load(x_ptr + offs), tl.load(noise_ptr + offs), SIGNED, NOISE,
+                           COMPILED)
+    if SIGNED:
+        k = k.to(tl.int8)
+    else:
+        k = k.to(tl.uint8)
     tl.store(codes_ptr + offs, k)
     tl.store(scales_ptr + rows, s)
-    tl.store(out_ptr + offs, codes.mx_decode(k, s, SIGNED))
+    tl.store(out_ptr + offs, codes.mx_decode(k, s, SIGNED, COMPILED))
 
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_codes_are_those_of_the_cpu_at_every_boundary(device, signed):
     """The kernel's 8-bit encoder and decoder give adan.numeric.codes' bits: at every code
     value and one float32 step either side of it, across the subnormal codes, with the
-    smallest, a random and the largest noise, in blocks of every scale (tiny ones near
-    1e-39 and huge ones), and blocks with zeros, infinities and NaNs."""
-    from adan.numeric.codes import mx_decode, mx_encode
+    smallest, a random and the largest noise and without noise, in blocks of every scale
+    (tiny ones near 1e-39 and huge ones), and blocks with zeros, infinities and NaNs."""
+    from adan.numeric.codes import mx_code, mx_decode, mx_encode
     gen = torch.Generator().manual_seed(0)
-    levels = torch.arange(0 if not signed else -127, 255 if not signed else 128)
-    levels = levels.to(torch.uint8 if not signed else torch.int8)
+    levels = torch.arange(256).to(torch.uint8)
+    levels = levels.view(torch.int8) if signed else levels
     scales = torch.full((levels.numel() // 32 + 1,), 128, dtype=torch.uint8)
     c = mx_decode(levels, scales, levels.shape, signed=signed)
+    c = c[torch.isfinite(c)]
     t = torch.cat([c, torch.nextafter(c, torch.zeros(())), torch.nextafter(c, c * 2 + 1)])
     t = t[torch.randperm(t.numel(), generator=gen)]
     blocks = [t, t * 2.0**-140, t * 2.0**120, torch.randn(256, generator=gen) * 1e-39,
@@ -429,20 +436,24 @@ def test_codes_are_those_of_the_cpu_at_every_boundary(device, signed):
     x = torch.cat([x, torch.zeros(-x.numel() % 256)])
     if not signed:
         x = x.abs()
-    for noise in (torch.zeros_like(x, dtype=torch.int32),
-                  torch.full_like(x, 0xFFFFF, dtype=torch.int32),
-                  torch.randint(0, 1 << 20, x.shape, generator=gen, dtype=torch.int32)):
+    code = mx_code(signed)
+    draws = (torch.zeros_like(x, dtype=torch.int32), torch.full_like(x, 1023, dtype=torch.int32),
+             torch.randint(0, 1024, x.shape, generator=gen, dtype=torch.int32))
+    for noise in [code.noise(r) for r in draws] + ([None] if signed else []):
         want_codes, want_scales = mx_encode(x, signed, noise)
         want = mx_decode(want_codes, want_scales, x.shape, signed=signed)
-        got_codes = torch.empty(x.shape, dtype=torch.int32, device=device)
+        got_codes = torch.empty(x.shape, dtype=want_codes.dtype, device=device)
         got_scales = torch.empty(x.numel() // 32, dtype=torch.int32, device=device)
         out = torch.empty_like(x, device=device)
-        _mx_kernel[(x.numel() // 256,)](x.to(device), noise.to(device), got_codes, got_scales,
-                                        out, SIGNED=signed)
-        assert torch.equal(got_codes.cpu(), want_codes.to(torch.int32))
+        _mx_kernel[(x.numel() // 256,)](
+            x.to(device), (torch.zeros_like(x, dtype=torch.int32) if noise is None else noise
+                           ).to(device), got_codes, got_scales, out, SIGNED=signed,
+            NOISE=noise is not None, COMPILED=launch.COMPILED)
+        assert torch.equal(got_codes.cpu(), want_codes)
         assert torch.equal(got_scales.cpu(), want_scales[:-1].to(torch.int32))
         assert torch.equal(out.cpu().nan_to_num(), want.nan_to_num())
         assert torch.equal(out.cpu().isnan(), want.isnan())
+        assert torch.equal(out.cpu().signbit(), want.signbit())
 
 
 def test_replaced_state_tensors_are_followed(device):

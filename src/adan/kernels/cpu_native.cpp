@@ -4,8 +4,8 @@
 // Built by adan.kernels.cpu_native for one variant at a time:
 //   ADAN_P, ADAN_G, ADAN_B  parameter, gradient and float-buffer element types (codes below)
 //   ADAN_FMT                0 float buffers of type ADAN_B, 1 bfloat16 rounded stochastically,
-//                           2 the 8-bit block minifloats (adan.numeric.codes)
-//   the minifloats' constants (ADAN_S_*, ADAN_U_*: signed and unsigned codes) from MxCode.
+//                           2 the 8-bit block codes (adan.numeric.codes)
+//   the codes' constants (ADAN_S_*, ADAN_U_*: signed and unsigned codes) from MxCode.
 // Compiled with -ffp-contract=off and without -ffast-math: every float operation is IEEE's,
 // rounded once, as torch's eager kernels round it.
 
@@ -218,7 +218,7 @@ inline int64_t extent(int64_t numel) { return numel; }
 
 #else
 
-// The 8-bit block minifloats: blocks of 32, each decoded, updated and encoded in local arrays
+// The 8-bit block codes: blocks of 32, each decoded, updated and encoded in local arrays
 // (vector registers and the L1 cache).
 constexpr int BLOCK = 32;
 constexpr int64_t GRAIN = BLOCK;
@@ -227,39 +227,50 @@ constexpr int64_t GRAIN = BLOCK;
 inline int64_t extent(int64_t numel) { return (numel / BLOCK + 1) * BLOCK; }
 
 struct Code {
-  int32_t shift, top, bump;
-  uint32_t nearest, noise_shift, noise_half;
-  float normal, up;
+  int32_t bias, lowest, bump, reserved;
+  uint32_t nearest, noise_offset;
 };
 
-constexpr Code SIGNED = {ADAN_S_SHIFT, ADAN_S_TOP, ADAN_S_BUMP, ADAN_S_NEAREST,
-                         ADAN_S_NOISE_SHIFT, ADAN_S_NOISE_HALF, ADAN_S_NORMAL, ADAN_S_UP};
-constexpr Code UNSIGNED = {ADAN_U_SHIFT, ADAN_U_TOP, ADAN_U_BUMP, ADAN_U_NEAREST,
-                           ADAN_U_NOISE_SHIFT, ADAN_U_NOISE_HALF, ADAN_U_NORMAL, ADAN_U_UP};
+constexpr Code SIGNED = {ADAN_S_BIAS, ADAN_S_LOWEST, ADAN_S_BUMP, ADAN_S_RESERVED,
+                         ADAN_S_NEAREST, ADAN_S_NOISE_OFFSET};
+constexpr Code UNSIGNED = {ADAN_U_BIAS, ADAN_U_LOWEST, ADAN_U_BUMP, ADAN_U_RESERVED,
+                           ADAN_U_NEAREST, ADAN_U_NOISE_OFFSET};
+
+// 2**e as a float, from its bits (e within float's normal range).
+inline float pow2(int32_t e) { return bits_to_float(static_cast<uint32_t>(e + 127) << 23); }
 
 // adan.numeric.codes.mx_decode_rows for one block.
 template <bool SIGN>
 inline void decode(const void* codes, uint8_t scale, W* out) {
   constexpr Code c = SIGN ? SIGNED : UNSIGNED;
-  const float factor = bits_to_float(static_cast<uint32_t>(scale - 1) << 23);
+  const float factor = pow2(scale - c.bias);
   for (int j = 0; j < BLOCK; j++) {
-    // A code's bits placed where a float32's go, times 2**(lowest binade - 1): exactly the
-    // normal and the subnormal values (a float32 subnormal times a power of two); then the
-    // block's scale, rounded once as the reference rounds it.
+    uint32_t k = static_cast<const uint8_t*>(codes)[j];
     float value;
     if constexpr (SIGN) {
-      int32_t k = static_cast<const int8_t*>(codes)[j];
-      uint32_t mag = static_cast<uint32_t>(k < 0 ? -k : k);
-      uint32_t sign = static_cast<uint32_t>(k) & 0x80000000u;
-      value = bits_to_float((mag << c.shift) | sign) * c.up * factor;
-      value = k == -128 ? NAN : value;
+      // E4M3: the magnitude's bits at a float's bit 20 times 2**120, exactly (its
+      // subnormals a float subnormal times a power of two); 0x7F is NaN.
+      uint32_t mag = k & 0x7fu;
+      value = bits_to_float((mag << 20) | ((k & 0x80u) << 24)) * 0x1p120f;
+      value = mag == 0x7fu ? NAN : value;
     } else {
-      uint32_t k = static_cast<const uint8_t*>(codes)[j];
-      value = bits_to_float(k << c.shift) * c.up * factor;
-      value = k == static_cast<uint32_t>(c.top + 1) ? INFINITY : value;
+      value = half_to_float(static_cast<uint16_t>(k << 7));  // n: a float16's top byte
     }
-    out[j] = value;
+    out[j] = value * factor;
   }
+}
+
+// A finite float to E4M3, rounded to nearest even and saturated at 448 as torch's
+// float8_e4m3fn conversion and a GPU's cvt.satfinite round it: in E4M3's normal range by the
+// float's bits, below it by adding 2**23 to |y| * 2**9 (the float addition rounds at E4M3's
+// last subnormal bit).
+inline uint8_t to_e4m3(float y) {
+  uint32_t bits = float_to_bits(y);
+  uint32_t a = bits & 0x7fffffffu;
+  uint32_t normal = ((a + 0x7ffffu + ((a >> 20) & 1u)) >> 20) - (120u << 3);
+  uint32_t sub = float_to_bits(bits_to_float(a) * 512.0f + 0x1p23f) - 0x4b000000u;
+  uint32_t mag = a >= 0x3c800000u ? normal : sub;
+  return static_cast<uint8_t>((mag < 0x7eu ? mag : 0x7eu) | ((bits >> 24) & 0x80u));
 }
 
 // adan.numeric.codes.mx_encode_rows for one block; ``word`` the elements' noise words and
@@ -282,30 +293,33 @@ inline uint8_t encode(const W* x, const uint32_t* word, int part, void* codes) {
     }
   }
   int32_t s = static_cast<int32_t>(top + c.bump) >> 23;
-  s = s < 2 ? 2 : (s > 254 ? 254 : s);
-  const float down = bits_to_float(static_cast<uint32_t>(255 - s) << 23);
-  // Times 2**(1 - lowest binade) the normal codes' bits are a float32's shifted by the code's
-  // mantissa bits, and the subnormal codes are float32 subnormals, rounded as the reference's
-  // ``t + normal`` is: one expression for every code (as the Triton kernel computes it).
-  constexpr float to_code = 0x1p-126f / c.normal;
-  for (int j = 0; j < BLOCK; j++) {
-    uint32_t bits = float_to_bits(x[j]) & 0x7fffffffu;
-    bool finite = bits < 0x7f800000u;
-    float t = bits_to_float(bits) * down;  // a non-finite element's code is replaced below
-    uint32_t y = float_to_bits(t * to_code);
-    uint32_t add = part < 0 ? c.nearest
-                            : (((word[j] >> (10 * part)) & 0x3ffu) << c.noise_shift) | c.noise_half;
-    uint32_t rounded = y + add;
-    if constexpr (SIGN) rounded = y < 0x800000u ? y : rounded;  // subnormals towards zero
-    int32_t k = static_cast<int32_t>(rounded >> c.shift);
-    k = k > c.top ? c.top : k;
-    if constexpr (SIGN) {  // x < 0 ? -k : k (k is 0 for -0.0)
-      int32_t sign = static_cast<int32_t>(float_to_bits(x[j])) >> 31;
-      int32_t code = finite ? (k ^ sign) - sign : -128;
-      static_cast<int8_t*>(codes)[j] = static_cast<int8_t>(code);
-    } else {
+  s = s < c.lowest ? c.lowest : s;
+  if constexpr (SIGN) {
+    const float up = pow2(c.bias - s);
+    for (int j = 0; j < BLOCK; j++) {
+      bool finite = (float_to_bits(x[j]) & 0x7fffffffu) < 0x7f800000u;
+      float y = x[j] * up;
+      if (part >= 0) {  // stochastically, but towards zero below E4M3's normal range
+        uint32_t add = (((word[j] >> (10 * part)) & 0x3ffu) << 10) + c.noise_offset;
+        float noised = bits_to_float(float_to_bits(y) + add);
+        y = std::fabs(y) >= 0x1p-6f ? noised : std::trunc(y * 512.0f) * 0x1p-9f;
+      }
+      static_cast<uint8_t*>(codes)[j] = finite ? to_e4m3(y) : static_cast<uint8_t>(c.reserved);
+    }
+  } else {
+    // |x| * 2**(30 - s) in two exact steps: then the code is its bits shifted right by 20,
+    // the subnormal codes being float subnormals (as the Triton kernel computes it).
+    const float down = pow2(c.bias - 6 - s);
+    for (int j = 0; j < BLOCK; j++) {
+      uint32_t bits = float_to_bits(x[j]) & 0x7fffffffu;
+      bool finite = bits < 0x7f800000u;
+      float t = bits_to_float(bits) * down;  // a non-finite element's code is replaced below
+      uint32_t y = float_to_bits(t * 0x1p-106f);
+      uint32_t add = part < 0 ? c.nearest
+                              : (((word[j] >> (10 * part)) & 0x3ffu) << 10) + c.noise_offset;
+      int32_t k = static_cast<int32_t>((y + add) >> 20);
       int32_t positive = x[j] > 0;
-      int32_t code = finite ? (k > positive ? k : positive) : 255;
+      int32_t code = finite ? (k > positive ? k : positive) : c.reserved;
       static_cast<uint8_t*>(codes)[j] = static_cast<uint8_t>(code);
     }
   }

@@ -101,11 +101,9 @@ def _private(folder: Path) -> bool:
 
 
 def _code_defines(prefix: str, code: MxCode) -> list[str]:
-    """One minifloat's constants (:class:`adan.numeric.codes.MxCode`) as the source's macros."""
-    values = dict(SHIFT=code.shift, TOP=code.top, BUMP=code.bump, NEAREST=code.nearest,
-                  NOISE_SHIFT=code.noise_shift, NOISE_HALF=code.noise_half,
-                  NORMAL=f"{code.normal.hex()}f",
-                  UP=f"{(2.0 ** (code.offset // code.mantissa)).hex()}f")
+    """One code's constants (:class:`adan.numeric.codes.MxCode`) as the source's macros."""
+    values = dict(BIAS=code.bias, LOWEST=code.lowest, BUMP=code.bump, RESERVED=code.reserved,
+                  NEAREST=code.nearest, NOISE_OFFSET=f"{code.noise_offset & 0xFFFFFFFF}u")
     return [f"-DADAN_{prefix}_{name}={value}" for name, value in values.items()]
 
 

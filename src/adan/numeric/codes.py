@@ -1,16 +1,19 @@
-"""Compact number codes for optimizer state: 8-bit block minifloats, bf16 rounding, noise.
+"""Compact number codes for optimizer state: 8-bit block codes, bf16 rounding, noise.
 
 The 8-bit state (docs/lowmem.md, "8-bit codes") keeps blocks of :data:`MX_BLOCK` elements,
-each with one byte ``s``, the block's power-of-two scale ``2**(s - 128)``, and per element
-an 8-bit minifloat of the element over that scale: signed buffers sign + e4m3 (code -128
-means NaN), the never-negative second moment e5m3 (code 255 means +inf). Encoding and
-decoding are float bit manipulations and exact multiplications by powers of two, so every
-path (eager, compiled, the Triton kernel) computes the same bits. The power codes of before
-(:func:`dequantize_blockwise`) are kept only to decode old checkpoints.
+each with one byte ``s``, the block's power-of-two scale, and per element an 8-bit float of
+the element over that scale: signed buffers OCP FP8 E4M3 (torch's ``float8_e4m3fn``: sign and
+magnitude, code 0x7F means NaN), the never-negative second moment e5m3, the top byte of a
+float16 (code 0xF8 means +inf). Both decode by a conversion a GPU does in hardware, and every
+path (eager, compiled, C++, the Triton kernel) computes the same bits: encoding and decoding
+are exact multiplications by powers of two, bit manipulation and one IEEE rounding. The codes
+of before (version 2, :func:`mx2_decode`, and the power codes, :func:`dequantize_blockwise`)
+are kept only to decode old checkpoints.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -22,6 +25,7 @@ __all__ = [
     "META",
     "MX_BLOCK",
     "dequantize_blockwise",
+    "mx2_decode",
     "mx_blocks",
     "mx_decode",
     "mx_decode_rows",
@@ -34,54 +38,49 @@ __all__ = [
 ]
 
 MX_BLOCK = 32
-"""Elements per block of the 8-bit minifloats (one scale byte each: 1/32 B per element)."""
+"""Elements per block of the 8-bit codes (one scale byte each: 1/32 B per element)."""
 
 
 class MxCode:
-    """The constants of one 8-bit minifloat (``exponent_bits``, ``mantissa_bits``, with
-    subnormals) over a block scale whose top binade is [2, 4); ``top`` the largest finite
-    code, the next reserved for a non-finite value."""
+    """One 8-bit code over its block's scale ``2**(s - bias)``: ``s`` the biased float32
+    exponent of the block's largest finite magnitude plus ``bump`` (a mantissa above the top
+    code's moves the block a binade up, so that nothing saturates), at least ``lowest`` (the
+    scale and its inverse stay normal float32); ``top`` the largest finite code, ``reserved``
+    the code of a non-finite value."""
 
-    def __init__(self, exponent_bits: int, mantissa_bits: int, top: int) -> None:
-        self.top = top
-        self.mantissa = 1 << mantissa_bits
-        """Codes per binade; the codes below it are the subnormals k/mantissa * normal."""
-        self.shift = 23 - mantissa_bits
-        """float32 bits dropped by a code."""
-        self.nearest = 1 << (self.shift - 1)
-        """The addend that rounds to nearest: half of the last kept bit."""
-        self.noise_shift = self.shift - 10
-        self.noise_half = 1 << (self.shift - 11)
-        """10 random bits go at the top of the dropped bits, plus half of their last."""
-        lowest = 130 - 2**exponent_bits  # float32's biased exponent of the lowest normal binade
-        self.normal = 2.0 ** (lowest - 127)
-        """The smallest normal value."""
-        self.offset = (lowest - 1) << mantissa_bits
-        """Code = (float32 bits >> shift) - offset in the normal range."""
-        self.sub_offset = lowest << mantissa_bits
-        """The same for ``t + normal`` in the subnormal range."""
-        self.largest = 2 + 2 * (top % self.mantissa) / self.mantissa
-        """The largest finite value over the scale (the top code, in the top binade [2, 4))."""
-        top_mantissa = (top & (self.mantissa - 1)) + 1
-        self.bump = 0x800000 - (top_mantissa << self.shift) + (1 << self.shift) - 1
-        """Added to the block maximum's bits before taking its exponent: a mantissa above the
-        top code's moves the block to the next binade, so that nothing saturates."""
+    def __init__(self, bias: int, lowest: int, bump: int, top: int, reserved: int,
+                 largest: float, step: float, nearest: int, noise_offset: int) -> None:
+        self.bias, self.lowest, self.bump = bias, lowest, bump
+        self.top, self.reserved = top, reserved
+        self.largest = largest
+        """The top code's value over the scale."""
+        self.step = step
+        """The subnormal codes' spacing over the scale."""
+        self.nearest = nearest
+        """The addend to a value's bits that rounds it to nearest."""
+        self.noise_offset = noise_offset
 
     def noise(self, random10: Tensor) -> Tensor:
-        """The rounding addend of 10 random bits: at the top of the dropped bits, plus half of
-        their last, so that rounding up has the probability of the dropped fraction."""
-        return (random10 << self.noise_shift) | self.noise_half
+        """The rounding addend of 10 random bits, added to the bits of a value whose code
+        drops 20 of them: signed codes are then rounded to nearest (even) by the conversion,
+        so the addend is centred, from -1/2 to 1/2 of a code gap in 1024 steps; n's code
+        truncates, so it is 1/2048 to 2047/2048 of a gap. Either way a value rounds up with
+        the probability of its fraction of the gap, to within 2**-11."""
+        return (random10 << 10) + self.noise_offset
 
 
-SIGNED_CODE = MxCode(4, 3, 127)
-"""Signed buffers (m, v, prev): sign + e4m3 magnitude, 2**-16 .. 3.75 times the scale; their
-subnormal codes (below 2**-13, reached next to outliers) round towards zero."""
-UNSIGNED_CODE = MxCode(5, 3, 254)
-"""The second moment n: e5m3, 2**-32 .. 3.5 times the scale; a nonzero n keeps code >= 1."""
+SIGNED_CODE = MxCode(bias=135, lowest=9, bump=0x1FFFFF, top=0x7E, reserved=0x7F,
+                     largest=448.0, step=2.0**-9, nearest=0, noise_offset=0x200 - 0x80000)
+"""m, v, prev: FP8 E4M3 over ``2**(s - 135)``: subnormals ``k * 2**-9``, then 8 codes per
+binade up to 448 (the top binade [256, 512) holds the block's largest); 0x7F NaN."""
+UNSIGNED_CODE = MxCode(bias=142, lowest=16, bump=0xFFFFF, top=0xF7, reserved=0xF8,
+                       largest=61440.0, step=2.0**-17, nearest=0x80000, noise_offset=0x200)
+"""n: e5m3, a float16's top byte, over ``2**(s - 142)``: subnormals ``k * 2**-17``, then 8
+codes per binade up to 61440 (top binade [2**15, 2**16)); 0xF8 (float16 +inf) +inf."""
 
 
 def mx_code(signed: bool) -> MxCode:
-    """The minifloat of a signed or an unsigned buffer."""
+    """The code of a signed or an unsigned buffer."""
     return SIGNED_CODE if signed else UNSIGNED_CODE
 
 
@@ -96,6 +95,11 @@ def mx_rows(flat: Tensor) -> Tensor:
     the extra row keeps the row count above 1 for every size (one compiled graph)."""
     rows = mx_blocks(flat.numel()) + 1
     return F.pad(flat, (0, rows * MX_BLOCK - flat.numel())).view(rows, MX_BLOCK)
+
+
+def pow2(exponent: Tensor) -> Tensor:
+    """``2**exponent`` (int32, within float32's normal range) as float32, from its bits."""
+    return ((exponent + 127) << 23).view(torch.float32)
 
 
 def mx_noise(word: Tensor, index: int) -> Tensor | None:
@@ -120,27 +124,33 @@ def mx_encode_rows(rows: Tensor, signed: bool, noise: Tensor | None = None
                    ) -> tuple[Tensor, Tensor]:
     """The codes (int8 or uint8, shaped as ``rows``) of float32 ``rows`` (one block each) and
     their uint8 scale bytes; ``noise`` (int32 addends from :func:`mx_noise`, shaped as
-    ``rows``) rounds stochastically, else to nearest (signed subnormal codes towards zero).
-    The scale comes from the block's largest finite magnitude; a non-finite element takes
-    the reserved code and changes nothing else."""
+    ``rows``) rounds stochastically, else to nearest. The scale comes from the block's
+    largest finite magnitude; a non-finite element takes the reserved code and changes
+    nothing else.
+
+    Signed: ``y = x * 2**(135 - s)``, the noise added to its bits, converted to E4M3 rounding
+    to nearest even; below E4M3's normal range (``|y| < 2**-6``, values under 2**-15 of the
+    block's largest, which only an outlier's neighbours reach) m and v take no noise and
+    round towards zero (docs/lowmem.md, "Outliers"). n: the noise added to the bits of
+    ``y = |x| * 2**(30 - s)`` (two exact multiplications), whose bits shifted right by 20
+    are the code, subnormal codes included; a nonzero n keeps code 1 or more."""
     code = mx_code(signed)
     finite = torch.isfinite(rows)
     mag = torch.where(finite, rows.abs(), 0.0)
     top = mag.amax(dim=1, keepdim=True)
-    s = ((top.view(torch.int32) + code.bump) >> 23).clamp(2, 254)
-    t = mag * ((255 - s) << 23).view(torch.float32)  # mag * 2**(128 - s), exact
-    sub = t < code.normal
-    y = torch.where(sub, t + code.normal, t)
-    add = code.nearest if noise is None else noise
-    if signed:  # towards zero: a rare round-up there would be many times the value
-        add = torch.where(sub, 0, add)
-    k = ((y.view(torch.int32) + add) >> code.shift) - torch.where(sub, code.sub_offset,
-                                                                  code.offset)
-    k = k.clamp(max=code.top)
+    s = ((top.view(torch.int32) + code.bump) >> 23).clamp(min=code.lowest)
     if signed:
-        codes = torch.where(finite, torch.where(rows < 0, -k, k), -128).to(torch.int8)
+        y = rows * pow2(code.bias - s)
+        if noise is not None:  # (a NaN's bits take no noise: no integer overflow)
+            bits = (y.view(torch.int32) + noise).view(torch.float32)
+            y = torch.where(y.abs() >= 2.0**-6, bits, torch.trunc(y * 512.0) * 2.0**-9)
+        y = torch.where(finite, y, torch.nan)
+        codes = y.to(torch.float8_e4m3fn).view(torch.int8)
     else:
-        codes = torch.where(finite, torch.maximum(k, (rows > 0).to(k.dtype)), 255)
+        t = mag * pow2(code.bias - 6 - s)  # exact; then into float32's subnormal range
+        y = (t * 2.0**-106).view(torch.int32)
+        k = (y + (code.nearest if noise is None else noise)) >> 20
+        codes = torch.where(finite, torch.maximum(k, (rows > 0).to(k.dtype)), code.reserved)
         codes = codes.to(torch.uint8)
     return codes, s.reshape(-1).to(torch.uint8)
 
@@ -153,18 +163,37 @@ def mx_decode(codes: Tensor, scales: Tensor, shape: torch.Size | tuple[int, ...]
 
 
 def mx_decode_rows(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
-    """The float32 values of ``codes`` (any shape, flat order) as :func:`mx_rows` of them."""
+    """The float32 values of ``codes`` (any shape, flat order) as :func:`mx_rows` of them:
+    E4M3 (signed) or float16 (n, the code shifted into its top byte) to float32, exactly,
+    times the block's scale, exactly."""
     code = mx_code(signed)
-    k = mx_rows(codes.reshape(-1).to(torch.int32))
-    mag = k.abs() if signed else k
-    normal = ((mag + code.offset) << code.shift).view(torch.float32)
-    value = torch.where(mag < code.mantissa, mag.float() * (code.normal / code.mantissa), normal)
+    k = mx_rows(codes.reshape(-1))
     if signed:
-        value = torch.where(k == -128, torch.nan, torch.where(k < 0, -value, value))
+        value = k.view(torch.float8_e4m3fn).float()
     else:
-        value = torch.where(k == code.top + 1, torch.inf, value)
-    s = F.pad(scales.reshape(-1).to(torch.int32), (0, 1), value=2)  # mx_rows' extra row
-    return value * ((s - 1) << 23).view(torch.float32)[:, None]  # * 2**(s - 128), exact
+        value = (k.to(torch.int16) << 7).view(torch.float16).float()
+    s = F.pad(scales.reshape(-1).to(torch.int32), (0, 1), value=code.lowest)  # the extra row
+    return value * pow2(s - code.bias)[:, None]
+
+
+# The 8-bit codes of version 2 (decoded only, from checkpoints): two's complement sign +
+# e4m3 (-128 NaN) and e5m3 (255 +inf) over 2**(s - 128), top binade [2, 4), the code's bits
+# at a float32's bit 20 times 2**offset (subnormals as float32 subnormals).
+_MX2 = {True: (113, -128, math.nan), False: (97, 255, math.inf)}
+
+
+def mx2_decode(codes: Tensor, scales: Tensor, shape: torch.Size | tuple[int, ...], *,
+               signed: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Decode a version-2 buffer (codes and scale bytes) into a ``dtype`` tensor of
+    ``shape``."""
+    offset, reserved, special = _MX2[signed]
+    k = mx_rows(codes.reshape(-1).to(torch.int32))
+    bits = ((k.abs() << 20) | (k & -0x80000000)) if signed else k << 20
+    value = bits.view(torch.float32) * 2.0**offset
+    value = torch.where(k == reserved, special, value)
+    s = F.pad(scales.reshape(-1).to(torch.int32), (0, 1), value=2)
+    value = value * ((s - 1) << 23).view(torch.float32)[:, None]  # * 2**(s - 128)
+    return value.reshape(-1)[: codes.numel()].view(shape).to(dtype)
 
 
 # The power codes of before (decoded only, from old checkpoints): blocks of BLOCK elements

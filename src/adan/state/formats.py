@@ -15,6 +15,7 @@ from torch import Tensor
 from adan.numeric.codes import (
     MX_BLOCK,
     dequantize_blockwise,
+    mx2_decode,
     mx_blocks,
     mx_code,
     mx_decode,
@@ -29,8 +30,8 @@ from adan.numeric.scalars import real_view
 from adan.state.dtensor import local
 
 __all__ = ["BF16", "BLOCK_SUFFIXES", "BUFFERS", "BUFFER_KEYS", "CODES_KEY", "FORMATS", "FP32",
-           "INT8", "MX_CODES", "PLAIN", "StateFormat", "decode", "normalize_state_dtype",
-           "storage_format", "work_dtype"]
+           "INT8", "MX2_CODES", "MX_CODES", "PLAIN", "StateFormat", "decode",
+           "normalize_state_dtype", "storage_format", "work_dtype"]
 
 BUFFERS = (("exp_avg", True), ("exp_avg_diff", True), ("exp_avg_sq", False), ("prev_grad", True))
 """(state key, signed code?) of the four buffers, in the order every kernel uses them."""
@@ -40,8 +41,11 @@ CODES_KEY = "int8_codes"
 """The per-parameter state entry (an int, as torch's state dict tools keep it) naming the
 version of the 8-bit codes its buffers hold; state without it holds the power codes of
 before (version 1) if it has ``<buffer>_meta`` tensors."""
-MX_CODES = 2
-"""Version 2: the 8-bit block minifloats (:mod:`adan.numeric.codes`), ``<buffer>_exp`` scales."""
+MX_CODES = 3
+"""Version 3: the 8-bit block codes (:mod:`adan.numeric.codes`: FP8 E4M3 and n's e5m3),
+``<buffer>_exp`` scales."""
+MX2_CODES = 2
+"""Version 2: the minifloats of before (two's complement e4m3 and e5m3, decoded only)."""
 BLOCK_SUFFIXES = ("_exp", "_meta")
 """Suffixes of the block data beside 8-bit buffers: the minifloats' scales, the old power
 codes' meta rows (loaded only)."""
@@ -193,7 +197,8 @@ class _Int8(StateFormat):
         state = super().new_buffers(param)
         rows = mx_blocks(real_view(param).numel())
         for key in BUFFER_KEYS:
-            state[key + "_exp"] = torch.full((rows,), 2, dtype=torch.uint8, device=param.device)
+            state[key + "_exp"] = torch.full((rows,), mx_code(False).lowest, dtype=torch.uint8,
+                                             device=param.device)
         return state
 
     def encode(self, value: Tensor, param: Tensor, signed: bool) -> dict[str, Tensor]:
@@ -221,12 +226,12 @@ class _Int8(StateFormat):
 
     def store_error(self, x: Tensor, param: Tensor, signed: bool) -> Tensor:
         """:attr:`tolerance` times the value, plus the fixed gap of the subnormal codes (the
-        smallest normal / 8 times the block's scale, itself at most half its largest finite
-        magnitude), plus float32 rounding."""
+        code's subnormal step times the block's scale, over which its largest finite
+        magnitude is at least half the top code's value), plus float32 rounding."""
         code = mx_code(signed)
         mag = x.abs().float().reshape(-1)
         top = mx_rows(torch.where(torch.isfinite(mag), mag, 0.0)).amax(dim=1, keepdim=True)
-        floor = (top * (code.normal / code.mantissa)).expand(-1, MX_BLOCK)
+        floor = (top * (2 * code.step / code.largest)).expand(-1, MX_BLOCK)
         info = torch.finfo(torch.float32)
         bound = mag * (self.tolerance + info.eps) + floor.reshape(-1)[: mag.numel()] + info.tiny
         return bound.view(x.shape)
@@ -304,6 +309,8 @@ def decode(state: dict[str, Any], key: str, signed: bool, param: Tensor,
     shape = real_view(param).shape
     scales = state.get(key + "_exp")
     if scales is not None:
+        if state.get(CODES_KEY) == MX2_CODES:
+            return mx2_decode(state[key], scales, shape, signed=signed, dtype=dtype)
         return INT8.load(state[key], scales, shape, signed, dtype)
     meta = state.get(key + "_meta")
     if meta is not None:  # the power codes of before

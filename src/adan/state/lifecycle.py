@@ -85,6 +85,8 @@ def convert_state(state: dict[str, Any], param: Tensor, fmt: StateFormat) -> Non
     shard = local(param)
     for key, signed in BUFFERS:
         view = {k: local(v) for k, v in state.items() if k.startswith(key)}
+        if CODES_KEY in state:
+            view[CODES_KEY] = state[CODES_KEY]
         value = decode(view, key, signed, shard, torch.float64)
         for suffix in BLOCK_SUFFIXES:
             state.pop(key + suffix, None)

@@ -1,6 +1,6 @@
 """Device twins of the number codes: ``@triton.jit`` functions that compute what
 :mod:`adan.numeric.codes` and :mod:`adan.kernels.compact` compute (rounding noise, the 8-bit
-block minifloats, bfloat16 rounding, the float64 ``expm1`` of the bias corrections) in the
+block codes, bfloat16 rounding, the float64 ``expm1`` of the bias corrections) in the
 same expressions."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import triton.language as tl
 
 from adan.numeric.codes import SIGNED_CODE, UNSIGNED_CODE
 
-__all__ = ["cast", "expm1", "mix32", "mx_decode", "mx_encode", "mx_nearest", "mx_noise",
-           "noise_word", "round_bf16"]
+__all__ = ["cast", "expm1", "mix32", "mx_decode", "mx_encode", "mx_noise", "noise_word",
+           "round_bf16"]
 
 
 @triton.jit
@@ -43,96 +43,110 @@ def noise_word(index, key, WORD: tl.constexpr):
     return mix32(index + base)
 
 
-# The constants of adan.numeric.codes.MxCode for the signed and the unsigned minifloat, and
-# the largest finite value of each over its scale (its top binade is [2, 4)): the reserved
-# code, decoded as the others are, gives the next value up.
-_S_NORMAL: tl.constexpr = tl.constexpr(SIGNED_CODE.normal)
-_S_TOP: tl.constexpr = tl.constexpr(SIGNED_CODE.top)
+# The constants of adan.numeric.codes.MxCode for the signed and the unsigned code.
+_S_BIAS: tl.constexpr = tl.constexpr(SIGNED_CODE.bias)
+_S_LOWEST: tl.constexpr = tl.constexpr(SIGNED_CODE.lowest)
 _S_BUMP: tl.constexpr = tl.constexpr(SIGNED_CODE.bump)
-_S_SHIFT: tl.constexpr = tl.constexpr(SIGNED_CODE.shift)
-_S_LARGEST: tl.constexpr = tl.constexpr(SIGNED_CODE.largest)
-_S_NEAREST: tl.constexpr = tl.constexpr(SIGNED_CODE.nearest)
-_S_NOISE_SHIFT: tl.constexpr = tl.constexpr(SIGNED_CODE.noise_shift)
-_S_NOISE_HALF: tl.constexpr = tl.constexpr(SIGNED_CODE.noise_half)
-_U_NORMAL: tl.constexpr = tl.constexpr(UNSIGNED_CODE.normal)
-_U_TOP: tl.constexpr = tl.constexpr(UNSIGNED_CODE.top)
+_S_RESERVED: tl.constexpr = tl.constexpr(SIGNED_CODE.reserved)
+_S_NOISE_OFFSET: tl.constexpr = tl.constexpr(SIGNED_CODE.noise_offset)
+_U_BIAS: tl.constexpr = tl.constexpr(UNSIGNED_CODE.bias)
+_U_LOWEST: tl.constexpr = tl.constexpr(UNSIGNED_CODE.lowest)
 _U_BUMP: tl.constexpr = tl.constexpr(UNSIGNED_CODE.bump)
-_U_SHIFT: tl.constexpr = tl.constexpr(UNSIGNED_CODE.shift)
-_U_LARGEST: tl.constexpr = tl.constexpr(UNSIGNED_CODE.largest)
-_U_NEAREST: tl.constexpr = tl.constexpr(UNSIGNED_CODE.nearest)
-_U_NOISE_SHIFT: tl.constexpr = tl.constexpr(UNSIGNED_CODE.noise_shift)
-_U_NOISE_HALF: tl.constexpr = tl.constexpr(UNSIGNED_CODE.noise_half)
+_U_RESERVED: tl.constexpr = tl.constexpr(UNSIGNED_CODE.reserved)
+_U_NOISE_OFFSET: tl.constexpr = tl.constexpr(UNSIGNED_CODE.noise_offset)
 
 
 @triton.jit
-def _mx_constants(SIGNED: tl.constexpr):
-    """The attributes of :class:`adan.numeric.codes.MxCode` (normal, top, bump, shift, then
-    the largest finite value, then nearest, noise_shift, noise_half) of a minifloat."""
-    if SIGNED:
-        return (_S_NORMAL, _S_TOP, _S_BUMP, _S_SHIFT, _S_LARGEST, _S_NEAREST, _S_NOISE_SHIFT,
-                _S_NOISE_HALF)
-    else:
-        return (_U_NORMAL, _U_TOP, _U_BUMP, _U_SHIFT, _U_LARGEST, _U_NEAREST, _U_NOISE_SHIFT,
-                _U_NOISE_HALF)
+def _pow2(e):
+    """``2**e`` (int32, within float32's normal range) as float32, from its bits (callers
+    write ``-s + BIAS``: the interpreter's constexpr minus a tensor is not a tensor)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def mx_noise(word, SIGNED: tl.constexpr):
     """The rounding addend of 10 random bits (the low ones of int32 ``word``), as
     :meth:`adan.numeric.codes.MxCode.noise`."""
-    _, _, _, _, _, _, noise_shift, noise_half = _mx_constants(SIGNED)
-    return ((word & 0x3FF) << noise_shift) + noise_half  # (+: one add with the code's bits)
+    if SIGNED:
+        return ((word & 0x3FF) << 10) + _S_NOISE_OFFSET
+    else:
+        return ((word & 0x3FF) << 10) + _U_NOISE_OFFSET
 
 
 @triton.jit
-def mx_nearest(SIGNED: tl.constexpr):
-    """The rounding addend that rounds to nearest."""
-    _, _, _, _, _, nearest, _, _ = _mx_constants(SIGNED)
-    return nearest
+def _trunc(x, COMPILED: tl.constexpr):
+    """``x`` rounded towards zero to an integer, its sign kept (-0.0 above -1), as
+    ``torch.trunc`` (``|x| < 2**31`` where it is used)."""
+    if COMPILED:
+        return tl.inline_asm_elementwise("cvt.rzi.f32.f32 $0, $1;", "=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = x.to(tl.int32).to(tl.float32)
+        return tl.where(x.to(tl.int32, bitcast=True) < 0, -tl.abs(r), r)
 
 
 @triton.jit
-def mx_encode(x, noise, SIGNED: tl.constexpr):
-    """Codes (int32) of a ``(rows, 32)`` float32 tile and each row's scale byte ``s`` (int32),
-    as :func:`adan.numeric.codes.mx_encode`: one max per row over a warp's 8 threads, then bit
-    arithmetic; ``noise`` the int32 addends (a NaN never reaches min/max). Scaling ``t`` by
-    ``2**(1 - lowest)`` makes the subnormal codes float32 subnormals, rounded as ``t + normal``
-    is, so that one expression gives every code (docs/triton.md)."""
-    normal, top, bump, shift, _, _, _, _ = _mx_constants(SIGNED)
+def _to_e4m3(y, COMPILED: tl.constexpr):
+    """float32 ``y`` as E4M3 codes (int8), rounded to nearest even, saturated at 448 (as
+    torch's conversion and the GPU's ``satfinite`` do): compiled, by the GPU's conversion (two
+    values per instruction); in the interpreter, whose float8 conversion is its own, by bits
+    as adan's C++ kernel does."""
+    if COMPILED:
+        return y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.int8, bitcast=True)
+    else:
+        bits = y.to(tl.int32, bitcast=True)
+        a = bits & 0x7FFFFFFF
+        normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)
+        sub = (a.to(tl.float32, bitcast=True) * 512.0 + 8388608.0).to(tl.int32, bitcast=True)
+        k = tl.minimum(tl.where(a >= 0x3C800000, normal, sub - 0x4B000000), 0x7E)  # saturated
+        k = tl.where(a > 0x7F800000, _S_RESERVED, k)
+        return (k | ((bits >> 24) & 0x80)).to(tl.int8)
+
+
+@triton.jit
+def mx_encode(x, noise, SIGNED: tl.constexpr, NOISE: tl.constexpr, COMPILED: tl.constexpr):
+    """Codes (int8 signed, int32 unsigned) of a ``(rows, 32)`` float32 tile and each row's
+    scale byte ``s`` (int32), as :func:`adan.numeric.codes.mx_encode`: one max per row over a
+    warp's 8 threads, then a multiplication and, signed, the conversion to E4M3 (two values
+    per instruction on a GPU), n by bits; ``noise`` the int32 addends if ``NOISE`` (a NaN
+    never reaches min/max)."""
     finite = tl.abs(x) < float("inf")
     mag = tl.where(finite, tl.abs(x), 0.0)
-    s = (tl.max(mag, axis=1).to(tl.int32, bitcast=True) + bump) >> 23
-    s = tl.minimum(tl.maximum(s, 2), 254)
-    t = mag * ((255 - s) << 23).to(tl.float32, bitcast=True)[:, None]
-    y = (t * (2.0**-126 / normal)).to(tl.int32, bitcast=True)
-    rounded = y + noise
+    top = tl.max(mag, axis=1).to(tl.int32, bitcast=True)
     if SIGNED:
-        rounded = tl.where(y < 0x800000, y, rounded)
-    k = tl.minimum(rounded >> shift, top)
-    if SIGNED:
-        k = tl.where(finite, tl.where(x < 0, -k, k), -128)
+        s = tl.maximum((top + _S_BUMP) >> 23, _S_LOWEST)
+        y = x * _pow2(-s + _S_BIAS)[:, None]
+        if NOISE:  # stochastically, but towards zero below E4M3's normal range
+            noised = (y.to(tl.int32, bitcast=True) + noise).to(tl.float32, bitcast=True)
+            low = _trunc(tl.where(tl.abs(y) < 2.0**-6, y, 0.0) * 512.0, COMPILED) * 2.0**-9
+            y = tl.where(tl.abs(y) >= 2.0**-6, noised, low)
+        return _to_e4m3(tl.where(finite, y, float("nan")), COMPILED), s
     else:
-        k = tl.where(finite, tl.maximum(k, (x > 0).to(tl.int32)), 255)
-    return k, s
+        s = tl.maximum((top + _U_BUMP) >> 23, _U_LOWEST)
+        t = mag * _pow2(-s + (_U_BIAS - 6))[:, None]
+        y = (t * 2.0**-106).to(tl.int32, bitcast=True)
+        k = (y + noise) >> 20
+        return tl.where(finite, tl.maximum(k, (x > 0).to(tl.int32)), _U_RESERVED), s
 
 
 @triton.jit
-def mx_decode(k, s, SIGNED: tl.constexpr):
-    """The float32 values of codes ``k`` (int32, ``(rows, 32)``) under their rows' scale
-    bytes ``s`` (int32), as :func:`adan.numeric.codes.mx_decode` computes them: the code's
-    magnitude shifted into a float32's bits (a subnormal one below ``normal``), times
-    ``2**(lowest - 1)``, exact, in fewer instructions than a branch per range."""
-    normal, _, _, shift, largest, _, _, _ = _mx_constants(SIGNED)
+def mx_decode(k, s, SIGNED: tl.constexpr, COMPILED: tl.constexpr):
+    """The float32 values of codes ``k`` (int8 signed, uint8 unsigned, ``(rows, 32)``) under
+    their rows' scale bytes ``s`` (int32), as :func:`adan.numeric.codes.mx_decode` computes
+    them: E4M3 by the GPU's conversion (by bits in the interpreter), n as a float16's top
+    byte, then times the scale; every step exact."""
     if SIGNED:
-        bits = (tl.abs(k) << shift) | (k & -2147483648)
+        if COMPILED:
+            value = k.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            kk = k.to(tl.int32) & 0xFF
+            mag = kk & 0x7F
+            value = ((mag << 20) | ((kk & 0x80) << 24)).to(tl.float32, bitcast=True) * 2.0**120
+            value = tl.where(mag == _S_RESERVED, float("nan"), value)
+        return value * _pow2(s - _S_BIAS)[:, None]
     else:
-        bits = k << shift
-    value = bits.to(tl.float32, bitcast=True) * (normal * 2.0**126)
-    if SIGNED:  # code -128
-        value = tl.where(tl.abs(value) > largest, float("nan"), value)
-    else:  # code 255
-        value = tl.where(value > largest, float("inf"), value)
-    return value * ((s - 1) << 23).to(tl.float32, bitcast=True)[:, None]
+        value = (k.to(tl.int16) << 7).to(tl.float16, bitcast=True).to(tl.float32)
+        return value * _pow2(s - _U_BIAS)[:, None]
 
 
 @triton.jit

@@ -13,7 +13,6 @@ from adan.kernels.triton.codes import (
     mix32,
     mx_decode,
     mx_encode,
-    mx_nearest,
     mx_noise,
     noise_word,
     round_bf16,
@@ -146,7 +145,7 @@ def _load(row, col: tl.constexpr, meta_col: tl.constexpr, offs, mask, qrow, qmas
         else:
             codes = _ld(_col(row, col, tl.uint8, VEC) + offs, mask, MASKED)
         scales = _load_scales(row, meta_col, qrow, qmask, MASKED, COMPILED)
-        return mx_decode(codes.to(tl.int32), scales, SIGNED)
+        return mx_decode(codes, scales, SIGNED, COMPILED)
     else:
         return _ld(_col(row, col, S_DT, VEC) + offs, mask, MASKED).to(tl.float32)
 
@@ -154,10 +153,12 @@ def _load(row, col: tl.constexpr, meta_col: tl.constexpr, offs, mask, qrow, qmas
 @triton.jit
 def _store(row, col: tl.constexpr, meta_col: tl.constexpr, x, offs, mask, qrow, qmask, noise,
            S_DT: tl.constexpr, FMT: tl.constexpr, SIGNED: tl.constexpr, VEC: tl.constexpr,
-           MASKED: tl.constexpr, COMPILED: tl.constexpr):
-    """Encode a float32 tile into one state buffer (see :mod:`adan.numeric.codes` for the codes)."""
+           MASKED: tl.constexpr, COMPILED: tl.constexpr, NOISE: tl.constexpr):
+    """Encode a float32 tile into one state buffer (see :mod:`adan.numeric.codes` for the
+    codes), rounded with ``noise`` if ``NOISE`` (8-bit codes; bfloat16 always), else to
+    nearest."""
     if FMT == FMT_INT8:
-        k, scales = mx_encode(x, noise, SIGNED)
+        k, scales = mx_encode(x, noise, SIGNED, NOISE, COMPILED)
         if SIGNED:
             _st(_col(row, col, tl.int8, VEC) + offs, k.to(tl.int8), mask, MASKED)
         else:
@@ -304,15 +305,15 @@ def _adan_kernel(
                 elif FMT == FMT_INT8:
                     w0 = noise_word(index, key, 0).to(tl.int32, bitcast=True)
                     noise = (mx_noise(w0, True), mx_noise(w0 >> 10, True),
-                             mx_noise(w0 >> 20, False), mx_nearest(True))
+                             mx_noise(w0 >> 20, False), 0)
                 _store(row, COL_M, COL_META_M, m, offs, mask, qrow, qmask, noise[0], S_DT, FMT,
-                       True, VEC, MASKED, COMPILED)
+                       True, VEC, MASKED, COMPILED, True)
                 _store(row, COL_V, COL_META_V, v, offs, mask, qrow, qmask, noise[1], S_DT, FMT,
-                       True, VEC, MASKED, COMPILED)
+                       True, VEC, MASKED, COMPILED, True)
                 _store(row, COL_N, COL_META_N, n, offs, mask, qrow, qmask, noise[2], S_DT, FMT,
-                       False, VEC, MASKED, COMPILED)
+                       False, VEC, MASKED, COMPILED, True)
                 _store(row, COL_PREV, COL_META_PREV, g, offs, mask, qrow, qmask, noise[3], S_DT,
-                       FMT, True, VEC, MASKED, COMPILED)
+                       FMT, True, VEC, MASKED, COMPILED, False)
                 if SR_PARAM:
                     word = noise_word(index, key, 2)
                     _st(p_ptr, round_bf16(new, (word & 65535).to(tl.int32)), mask, MASKED)
