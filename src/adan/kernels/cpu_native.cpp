@@ -247,30 +247,33 @@ inline void decode(const void* codes, uint8_t scale, W* out) {
   for (int j = 0; j < BLOCK; j++) {
     uint32_t k = static_cast<const uint8_t*>(codes)[j];
     float value;
-    if constexpr (SIGN) {
-      // E4M3: the magnitude's bits at a float's bit 20 times 2**120, exactly (its
-      // subnormals a float subnormal times a power of two); 0x7F is NaN.
-      uint32_t mag = k & 0x7fu;
-      value = bits_to_float((mag << 20) | ((k & 0x80u) << 24)) * 0x1p120f;
-      value = mag == 0x7fu ? NAN : value;
+    // The code's bits at a float's bit 20, times a power of two, exactly (a subnormal code
+    // is a float subnormal times a power of two): E4M3 (0x7F NaN) times 2**120; n, a
+    // float16's top byte (0xF8 +inf), times 2**112.
+    if constexpr (SIGN) {  // the byte at the top, moved down 4 keeping the sign: bit 20 up
+      int32_t top = static_cast<int32_t>(k << 24) >> 4;
+      value = bits_to_float(static_cast<uint32_t>(top) & 0x87ffffffu) * 0x1p120f;
+      value = std::fabs(value) > 448.0f ? NAN : value;  // 0x7F and 0xFF decode to 480
     } else {
-      value = half_to_float(static_cast<uint16_t>(k << 7));  // n: a float16's top byte
+      value = bits_to_float(k << 20) * 0x1p112f;
+      value = k >= 0xf8u ? INFINITY : value;
     }
     out[j] = value * factor;
   }
 }
 
-// A finite float to E4M3, rounded to nearest even and saturated at 448 as torch's
-// float8_e4m3fn conversion and a GPU's cvt.satfinite round it: in E4M3's normal range by the
-// float's bits, below it by adding 2**23 to |y| * 2**9 (the float addition rounds at E4M3's
-// last subnormal bit).
-inline uint8_t to_e4m3(float y) {
-  uint32_t bits = float_to_bits(y);
-  uint32_t a = bits & 0x7fffffffu;
-  uint32_t normal = ((a + 0x7ffffu + ((a >> 20) & 1u)) >> 20) - (120u << 3);
-  uint32_t sub = float_to_bits(bits_to_float(a) * 512.0f + 0x1p23f) - 0x4b000000u;
-  uint32_t mag = a >= 0x3c800000u ? normal : sub;
-  return static_cast<uint8_t>((mag < 0x7eu ? mag : 0x7eu) | ((bits >> 24) & 0x80u));
+// E4M3's magnitude code of a float's magnitude bits ``a`` in E4M3's normal range (2**-6 and
+// up, at most 448 plus half a code gap), rounded to nearest even as torch's float8_e4m3fn
+// conversion and a GPU's cvt round it: the exponent rebiased from float's 127 to E4M3's 7
+// in the same addition.
+inline uint32_t e4m3_normal(uint32_t a) {
+  return (a + (0x7ffffu - (120u << 23)) + ((a >> 20) & 1u)) >> 20;
+}
+
+// The same below E4M3's normal range: adding 2**23 to |y| * 2**9 rounds at E4M3's last
+// subnormal bit.
+inline uint32_t e4m3_subnormal(uint32_t a) {
+  return float_to_bits(bits_to_float(a) * 512.0f + 0x1p23f) - 0x4b000000u;
 }
 
 // adan.numeric.codes.mx_encode_rows for one block; ``word`` the elements' noise words and
@@ -297,14 +300,21 @@ inline uint8_t encode(const W* x, const uint32_t* word, int part, void* codes) {
   if constexpr (SIGN) {
     const float up = pow2(c.bias - s);
     for (int j = 0; j < BLOCK; j++) {
-      bool finite = (float_to_bits(x[j]) & 0x7fffffffu) < 0x7f800000u;
-      float y = x[j] * up;
+      uint32_t y = float_to_bits(x[j] * up);  // finite where x is (it is at most 448)
+      uint32_t a = y & 0x7fffffffu;
+      bool finite = a < 0x7f800000u;
+      uint32_t mag;
       if (part >= 0) {  // stochastically, but towards zero below E4M3's normal range
         uint32_t add = (((word[j] >> (10 * part)) & 0x3ffu) << 10) + c.noise_offset;
-        float noised = bits_to_float(float_to_bits(y) + add);
-        y = std::fabs(y) >= 0x1p-6f ? noised : std::trunc(y * 512.0f) * 0x1p-9f;
+        // (a signed conversion, which has a vector instruction, of a value under 8)
+        bool normal = a >= 0x3c800000u;
+        float sub = bits_to_float(normal ? 0u : a) * 512.0f;
+        mag = normal ? e4m3_normal(a + add) : static_cast<uint32_t>(static_cast<int32_t>(sub));
+      } else {
+        mag = a >= 0x3c800000u ? e4m3_normal(a) : e4m3_subnormal(a);
       }
-      static_cast<uint8_t*>(codes)[j] = finite ? to_e4m3(y) : static_cast<uint8_t>(c.reserved);
+      uint32_t code = finite ? mag | ((y >> 24) & 0x80u) : static_cast<uint32_t>(c.reserved);
+      static_cast<uint8_t*>(codes)[j] = static_cast<uint8_t>(code);
     }
   } else {
     // |x| * 2**(30 - s) in two exact steps: then the code is its bits shifted right by 20,
