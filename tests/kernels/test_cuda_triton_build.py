@@ -190,15 +190,16 @@ def test_fp32_full_tiles_within_96_registers(built):
     assert built["fp32-param"]["registers"] <= 96
 
 
-def test_int8_kernel_does_not_grow(built):
-    """The 8-bit kernel (block minifloats) is above its target of 160 SASS instructions per
-    element that a full tile runs (docs/benchmarks.md): its current figures are a bound, so
-    it only improves. (In the code, predicated instructions uncounted until 2026-12-07: 546
-    before the power codes' blocks were laid out one per warp, 400 after; the minifloats took
-    it to 248, 242 with Triton 3.6; their coding without a branch per range, to 205, 204 with
-    3.6. Executed, predicated ones counted: 201 then; IEEE's division and no contraction, the
-    CPU paths' bits, and the step's scalars computed once per step rather than in every
-    program, to 190; the scale bytes read and written by inline PTX, to 183.)"""
-    assert built["fp32-int8-options"]["executed_per_elem"] <= 184
-    assert built["fp32-int8-options"]["instr_per_elem"] <= 210
+def test_int8_kernel_meets_its_target(built):
+    """The 8-bit kernel's full tiles of float32 parameters run at most 160 SASS instructions
+    per element (the target of docs/benchmarks.md; bandwidth-bound on an H100), with and
+    without every option. (In the code, predicated instructions uncounted until 2026-12-07:
+    546 with the power codes' first layout, 400 after, 248 with the minifloats, 205 without a
+    branch per range. Executed, predicated ones counted: 201 then; IEEE's division and no
+    contraction, the CPU paths' bits, and the step's scalars once per step, to 190; the
+    scale bytes by inline PTX, to 183; the FP8 codes of version 3, which a GPU converts in
+    hardware, two per instruction, to 154.)"""
+    for variant in ("fp32-int8", "fp32-int8-options"):
+        assert built[variant]["executed_per_elem"] <= 160, (variant, built["triton"])
+    assert built["fp32-int8-options"]["instr_per_elem"] <= 180
     assert built["fp32-int8-options"]["registers"] <= 128

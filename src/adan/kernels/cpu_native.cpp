@@ -304,12 +304,9 @@ inline uint8_t encode(const W* x, const uint32_t* word, int part, void* codes) {
       uint32_t a = y & 0x7fffffffu;
       bool finite = a < 0x7f800000u;
       uint32_t mag;
-      if (part >= 0) {  // stochastically, but towards zero below E4M3's normal range
+      if (part >= 0) {  // stochastically, but zero below E4M3's normal range
         uint32_t add = (((word[j] >> (10 * part)) & 0x3ffu) << 10) + c.noise_offset;
-        // (a signed conversion, which has a vector instruction, of a value under 8)
-        bool normal = a >= 0x3c800000u;
-        float sub = bits_to_float(normal ? 0u : a) * 512.0f;
-        mag = normal ? e4m3_normal(a + add) : static_cast<uint32_t>(static_cast<int32_t>(sub));
+        mag = a >= 0x3c800000u ? e4m3_normal(a + add) : 0u;
       } else {
         mag = a >= 0x3c800000u ? e4m3_normal(a) : e4m3_subnormal(a);
       }

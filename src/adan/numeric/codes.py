@@ -49,13 +49,14 @@ class MxCode:
     the code of a non-finite value."""
 
     def __init__(self, bias: int, lowest: int, bump: int, top: int, reserved: int,
-                 largest: float, step: float, nearest: int, noise_offset: int) -> None:
+                 largest: float, floor: float, nearest: int, noise_offset: int) -> None:
         self.bias, self.lowest, self.bump = bias, lowest, bump
         self.top, self.reserved = top, reserved
         self.largest = largest
         """The top code's value over the scale."""
-        self.step = step
-        """The subnormal codes' spacing over the scale."""
+        self.floor = floor
+        """The largest coding error below the normal range, over the scale: where signed
+        buffers rounded stochastically are zero (2**-6), n's subnormal step."""
         self.nearest = nearest
         """The addend to a value's bits that rounds it to nearest."""
         self.noise_offset = noise_offset
@@ -70,11 +71,11 @@ class MxCode:
 
 
 SIGNED_CODE = MxCode(bias=135, lowest=9, bump=0x1FFFFF, top=0x7E, reserved=0x7F,
-                     largest=448.0, step=2.0**-9, nearest=0, noise_offset=0x200 - 0x80000)
+                     largest=448.0, floor=2.0**-6, nearest=0, noise_offset=0x200 - 0x80000)
 """m, v, prev: FP8 E4M3 over ``2**(s - 135)``: subnormals ``k * 2**-9``, then 8 codes per
 binade up to 448 (the top binade [256, 512) holds the block's largest); 0x7F NaN."""
 UNSIGNED_CODE = MxCode(bias=142, lowest=16, bump=0xFFFFF, top=0xF7, reserved=0xF8,
-                       largest=61440.0, step=2.0**-17, nearest=0x80000, noise_offset=0x200)
+                       largest=61440.0, floor=2.0**-17, nearest=0x80000, noise_offset=0x200)
 """n: e5m3, a float16's top byte, over ``2**(s - 142)``: subnormals ``k * 2**-17``, then 8
 codes per binade up to 61440 (top binade [2**15, 2**16)); 0xF8 (float16 +inf) +inf."""
 
@@ -129,9 +130,10 @@ def mx_encode_rows(rows: Tensor, signed: bool, noise: Tensor | None = None
     nothing else.
 
     Signed: ``y = x * 2**(135 - s)``, the noise added to its bits, converted to E4M3 rounding
-    to nearest even; below E4M3's normal range (``|y| < 2**-6``, values under 2**-15 of the
-    block's largest, which only an outlier's neighbours reach) m and v take no noise and
-    round towards zero (docs/lowmem.md, "Outliers"). n: the noise added to the bits of
+    to nearest even; below E4M3's normal range (``|y| < 2**-6``, values under 2**-14.8 of the
+    block's largest, which only an outlier's neighbours reach) m and v are zero of their sign
+    (docs/lowmem.md, "Outliers"); without noise the conversion rounds there too. n: the
+    noise added to the bits of
     ``y = |x| * 2**(30 - s)`` (two exact multiplications), whose bits shifted right by 20
     are the code, subnormal codes included; a nonzero n keeps code 1 or more."""
     code = mx_code(signed)
@@ -143,7 +145,7 @@ def mx_encode_rows(rows: Tensor, signed: bool, noise: Tensor | None = None
         y = rows * pow2(code.bias - s)
         if noise is not None:  # (a NaN's bits take no noise: no integer overflow)
             bits = (y.view(torch.int32) + noise).view(torch.float32)
-            y = torch.where(y.abs() >= 2.0**-6, bits, torch.trunc(y * 512.0) * 2.0**-9)
+            y = torch.where(y.abs() >= 2.0**-6, bits, y * 0.0)
         y = torch.where(finite, y, torch.nan)
         codes = y.to(torch.float8_e4m3fn).view(torch.int8)
     else:

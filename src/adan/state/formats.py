@@ -225,13 +225,13 @@ class _Int8(StateFormat):
         self._write(buffer, scales, codes.reshape(-1)[: buffer.numel()], new, go)
 
     def store_error(self, x: Tensor, param: Tensor, signed: bool) -> Tensor:
-        """:attr:`tolerance` times the value, plus the fixed gap of the subnormal codes (the
-        code's subnormal step times the block's scale, over which its largest finite
-        magnitude is at least half the top code's value), plus float32 rounding."""
+        """:attr:`tolerance` times the value, plus the fixed error below the normal codes
+        (``MxCode.floor`` times the block's scale, over which its largest finite magnitude
+        is at least half the top code's value), plus float32 rounding."""
         code = mx_code(signed)
         mag = x.abs().float().reshape(-1)
         top = mx_rows(torch.where(torch.isfinite(mag), mag, 0.0)).amax(dim=1, keepdim=True)
-        floor = (top * (2 * code.step / code.largest)).expand(-1, MX_BLOCK)
+        floor = (top * (2 * code.floor / code.largest)).expand(-1, MX_BLOCK)
         info = torch.finfo(torch.float32)
         bound = mag * (self.tolerance + info.eps) + floor.reshape(-1)[: mag.numel()] + info.tiny
         return bound.view(x.shape)

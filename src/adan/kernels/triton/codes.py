@@ -74,18 +74,6 @@ def mx_noise(word, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _trunc(x, COMPILED: tl.constexpr):
-    """``x`` rounded towards zero to an integer, its sign kept (-0.0 above -1), as
-    ``torch.trunc`` (``|x| < 2**31`` where it is used)."""
-    if COMPILED:
-        return tl.inline_asm_elementwise("cvt.rzi.f32.f32 $0, $1;", "=r,r", [x],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        r = x.to(tl.int32).to(tl.float32)
-        return tl.where(x.to(tl.int32, bitcast=True) < 0, -tl.abs(r), r)
-
-
-@triton.jit
 def _to_e4m3(y, COMPILED: tl.constexpr):
     """float32 ``y`` as E4M3 codes (int8), rounded to nearest even, saturated at 448 (as
     torch's conversion and the GPU's ``satfinite`` do): compiled, by the GPU's conversion (two
@@ -116,10 +104,9 @@ def mx_encode(x, noise, SIGNED: tl.constexpr, NOISE: tl.constexpr, COMPILED: tl.
     if SIGNED:
         s = tl.maximum((top + _S_BUMP) >> 23, _S_LOWEST)
         y = x * _pow2(-s + _S_BIAS)[:, None]
-        if NOISE:  # stochastically, but towards zero below E4M3's normal range
+        if NOISE:  # stochastically, but zero below E4M3's normal range
             noised = (y.to(tl.int32, bitcast=True) + noise).to(tl.float32, bitcast=True)
-            low = _trunc(tl.where(tl.abs(y) < 2.0**-6, y, 0.0) * 512.0, COMPILED) * 2.0**-9
-            y = tl.where(tl.abs(y) >= 2.0**-6, noised, low)
+            y = tl.where(tl.abs(y) >= 2.0**-6, noised, y * 0.0)
         return _to_e4m3(tl.where(finite, y, float("nan")), COMPILED), s
     else:
         s = tl.maximum((top + _U_BUMP) >> 23, _U_LOWEST)
