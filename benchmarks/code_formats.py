@@ -5,9 +5,10 @@
 
 ``--real`` measures on real Adan state instead (the digits CNN of ``benchmarks/digits.py``
 after ``--steps`` steps with float32 state): the relative RMS error of each buffer rounded to
-nearest by the old power codes (256-blocks, top kept exactly) and by block minifloats with a
-power-of-two scale per block of 32, 64 or 128 (``adan.numeric.codes``), n's error in
-``sqrt(n)``; it chose the 8-bit format's block size and minifloats (docs/lowmem.md).
+nearest by the old power codes (256-blocks, top kept exactly), by block minifloats with a
+power-of-two scale per block of 32, 64 or 128, and by the package's codes
+(``adan.numeric.codes``), n's error in ``sqrt(n)``; it chose the 8-bit format's block size
+and minifloats (docs/lowmem.md). Run from the repository root with ``PYTHONPATH=.``.
 
 A minifloat's code can be chosen from the float's bits (a shift, an add, a clamp), which is
 what an 8-bit kernel near 160 instructions per element would need; the power codes need a
@@ -102,6 +103,15 @@ def power_round(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return (q * rows.sign()).reshape(-1)[: x.numel()]
 
 
+def package_round(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """``x`` (flat, float64) stored as the package's 8-bit codes (float32, to nearest) and
+    decoded."""
+    from adan.numeric.codes import mx_decode, mx_encode
+
+    codes, scales = mx_encode(x.float(), signed)
+    return mx_decode(codes, scales, x.shape, signed=signed, dtype=torch.float64)
+
+
 def real_state(steps: int) -> dict[str, torch.Tensor]:
     """Adan's four buffers (flat, float64, all parameters) after ``steps`` steps of the
     digits CNN with float32 state."""
@@ -126,16 +136,21 @@ def real(steps: int) -> None:
     formats: dict[str, tuple[int, torch.Tensor, torch.Tensor] | None] = {
         "power codes, 256 + top": None}
     for block in (32, 64, 128):
-        formats[f"e4m3 / e5m3, {block}"] = (block, mx_grid(4, 3, 127), mx_grid(5, 3, 254))
+        version = " (version 2)" if block == 32 else ""
+        formats[f"e4m3 / e5m3, {block}{version}"] = (block, mx_grid(4, 3, 127),
+                                                     mx_grid(5, 3, 254))
         formats[f"e3m4 / e5m3, {block}"] = (block, mx_grid(3, 4, 127), mx_grid(5, 3, 254))
     print("| format (signed / n, block) | " + " | ".join(buffers)
           + " | m / sqrt(n) | median, m / sqrt(n) |")
     print("|---" * (len(buffers) + 3) + "|")
+    formats["**FP8 E4M3 / e5m3, 32 (version 3, adan.numeric.codes)**"] = None
     for name, spec in formats.items():
         errors, rounded = [], {}
         for key, x in buffers.items():
             signed = key != "exp_avg_sq"
-            if spec is None:
+            if name.startswith("**"):
+                q = package_round(x, signed)
+            elif spec is None:
                 q = power_round(x, power_grid(127, 3) if signed else power_grid(255, 4))
             else:
                 block, sgrid, ugrid = spec
