@@ -39,7 +39,7 @@ STATE_OPTIONS: list[dict[str, Any]] = [{}, {"state_dtype": "bf16", "foreach": Fa
 TOL = dict(rtol=1e-10, atol=1e-12)  # float64; the runs agree to ~1e-16 on this machine
 # Compact state rounds the moments carried between steps (stochastically, with other draws on
 # each rank and in each run): parameters then agree to a fraction of how far they moved. The
-# 8-bit minifloats' 3 mantissa bits spread it more than the power codes did (one element of 40
+# 8-bit codes' 3 mantissa bits spread it more than the power codes did (one element of 40
 # was 6.6 % off, measured).
 TRACK_TOL = {"bf16": 0.02, "int8": 0.1}
 

@@ -1,4 +1,4 @@
-"""Blockwise 8-bit minifloats and bf16 rounding against the NumPy twin (tests/codes.py)."""
+"""Blockwise 8-bit codes and bf16 rounding against the NumPy twin (tests/codes.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from codes import BIAS, MX_BLOCK, block_exponent, code_levels, encode, grid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adan.numeric.codes import mx_code, mx_decode, mx_encode, round_to_bf16
+from adan.numeric.codes import e4m3_bits, mx_code, mx_decode, mx_encode, round_to_bf16
 
 
 def roundtrip(x: torch.Tensor, signed: bool, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,3 +189,31 @@ def test_slow_average_of_a_small_value_is_unbiased():
 
     got, want = slow_ema(5000, minifloat)
     assert abs(got / want - 1) < 2e-3
+
+
+def test_e4m3_by_bits_is_torchs_float8_conversion():
+    """The integer E4M3 encoding (which the C++ kernel and Triton's interpreter repeat, and
+    which devices without float8 types run) is torch's ``float8_e4m3fn`` conversion (to
+    nearest even, saturated at 448, as the GPU's ``cvt.rn.satfinite`` rounds): on random
+    float32 bit patterns of every magnitude, at every code, halfway between codes and one
+    float32 step either side; and the decoding gives torch's values."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2**31 - 1, (1_000_000,), generator=gen).to(torch.int32)
+    x = x.view(torch.float32)
+    values = torch.arange(256).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    values = values[torch.isfinite(values)].unique()
+    edges = torch.cat([values, (values[:-1] + values[1:]) / 2])
+    edges = torch.cat([edges, torch.nextafter(edges, torch.full_like(edges, 1e9)),
+                       torch.nextafter(edges, torch.full_like(edges, -1e9))])
+    x = torch.cat([x[torch.isfinite(x)], edges, torch.tensor([1e30, 3e38, 0.0, -0.0])])
+    x = torch.cat([x, -x])
+    want = x.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+    assert torch.equal(e4m3_bits(x) & 0xFF, want)
+    codes = torch.arange(256).to(torch.uint8).view(torch.int8)
+    decoded = mx_decode(codes, torch.full((9,), 135, dtype=torch.uint8), codes.shape,
+                        signed=True)  # scale 2**0
+    expected = codes.view(torch.float8_e4m3fn).float()
+    assert torch.equal(decoded.nan_to_num(), expected.nan_to_num())
+    nan = expected.isnan()
+    assert torch.equal(decoded.isnan(), nan)
+    assert torch.equal(decoded.signbit()[~nan], expected.signbit()[~nan])  # zeros' too

@@ -25,6 +25,7 @@ __all__ = [
     "META",
     "MX_BLOCK",
     "dequantize_blockwise",
+    "e4m3_bits",
     "mx2_decode",
     "mx_blocks",
     "mx_decode",
@@ -112,6 +113,21 @@ def mx_noise(word: Tensor, index: int) -> Tensor | None:
     return mx_code(index != 2).noise((word >> (10 * index)) & 0x3FF).to(torch.int32)
 
 
+def e4m3_bits(y: Tensor) -> Tensor:
+    """The E4M3 bytes (int32, 0..255) of finite float32 ``y``, rounded to nearest even and
+    saturated at 448: what ``y.to(torch.float8_e4m3fn)`` and a GPU's
+    ``cvt.rn.satfinite.e4m3x2.f32`` give, by integer operations (which every device has, and
+    which the C++ kernel and Triton's interpreter repeat): in E4M3's normal range from the
+    float's bits, below it by adding 2**23 to ``|y| * 2**9`` (a float addition that rounds at
+    E4M3's last subnormal bit)."""
+    bits = y.view(torch.int32)
+    a = bits & 0x7FFFFFFF
+    normal = (a + (0x7FFFF - (120 << 23)) + ((a >> 20) & 1)) >> 20
+    sub = (a.view(torch.float32) * 512.0 + 2.0**23).view(torch.int32) - 0x4B000000
+    mag = torch.where(a >= 0x3C800000, normal, sub).clamp(max=0x7E)
+    return mag | ((bits >> 24) & 0x80)
+
+
 def mx_encode(x: Tensor, signed: bool, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Encode float32 ``x`` as ``(codes, scales)``: a code per element (flat int8 or uint8)
     and a uint8 ``s`` per block (:func:`mx_encode_rows` on :func:`mx_rows`)."""
@@ -146,8 +162,7 @@ def mx_encode_rows(rows: Tensor, signed: bool, noise: Tensor | None = None
         if noise is not None:  # (a NaN's bits take no noise: no integer overflow)
             bits = (y.view(torch.int32) + noise).view(torch.float32)
             y = torch.where(y.abs() >= 2.0**-6, bits, y * 0.0)
-        y = torch.where(finite, y, torch.nan)
-        codes = y.to(torch.float8_e4m3fn).view(torch.int8)
+        codes = torch.where(finite, e4m3_bits(y), code.reserved).to(torch.int8)
     else:
         t = mag * pow2(code.bias - 6 - s)  # exact; then into float32's subnormal range
         y = (t * 2.0**-106).view(torch.int32)
@@ -170,8 +185,9 @@ def mx_decode_rows(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
     times the block's scale, exactly."""
     code = mx_code(signed)
     k = mx_rows(codes.reshape(-1))
-    if signed:
-        value = k.view(torch.float8_e4m3fn).float()
+    if signed:  # the byte moved to the top and back down 4, its sign kept: bit 20 up
+        value = (((k.to(torch.int32) << 24) >> 4) & 0x87FFFFFF).view(torch.float32) * 2.0**120
+        value = torch.where(value.abs() > code.largest, torch.nan, value)  # 0x7F, 0xFF: 480
     else:
         value = (k.to(torch.int16) << 7).view(torch.float16).float()
     s = F.pad(scales.reshape(-1).to(torch.int32), (0, 1), value=code.lowest)  # the extra row

@@ -47,7 +47,7 @@ MX_CODES = 3
 MX2_CODES = 2
 """Version 2: the minifloats of before (two's complement e4m3 and e5m3, decoded only)."""
 BLOCK_SUFFIXES = ("_exp", "_meta")
-"""Suffixes of the block data beside 8-bit buffers: the minifloats' scales, the old power
+"""Suffixes of the block data beside 8-bit buffers: the codes' scales, the old power
 codes' meta rows (loaded only)."""
 
 
@@ -177,7 +177,7 @@ class _BFloat16(StateFormat):
 
 
 class _Int8(StateFormat):
-    """8-bit block minifloats (:mod:`adan.numeric.codes`) shaped like the real view, with a
+    """8-bit block codes (:mod:`adan.numeric.codes`) shaped like the real view, with a
     flat uint8 ``<buffer>_exp`` of one scale per block of 32 and the ``codes`` record."""
 
     name = "int8"
