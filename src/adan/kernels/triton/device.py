@@ -97,7 +97,8 @@ def _st(ptr, x, mask, MASKED: tl.constexpr):
 @triton.jit
 def _load_scales(row, meta_col: tl.constexpr, qrow, qmask, MASKED: tl.constexpr,
                  COMPILED: tl.constexpr):
-    """A tile's scale bytes (int32, 2 where ``qmask`` is off). Compiled, every thread reads
+    """A tile's scale bytes (int32; past a tensor's blocks, where ``qmask`` is off and codes
+    load as 0, 16: a scale either code can have). Compiled, every thread reads
     its rows' bytes by inline PTX, in the rows' own layout, where ``tl.load`` would take a
     layout of the compiler's choosing and move the bytes into the rows' through shared memory
     (two barriers per buffer and tile); the interpreter cannot run PTX."""
@@ -105,14 +106,15 @@ def _load_scales(row, meta_col: tl.constexpr, qrow, qmask, MASKED: tl.constexpr,
         addr = tl.load(row + meta_col) + qrow
         if MASKED:
             return tl.inline_asm_elementwise(
-                "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $2, 0;\n\tmov.u32 $0, 2;\n\t"
+                "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $2, 0;\n\tmov.u32 $0, 16;\n\t"
                 "@p ld.global.u8 $0, [$1];\n\t}", "=r,l,r", [addr, qmask.to(tl.int32)],
                 dtype=tl.int32, is_pure=True, pack=1)
         else:
             return tl.inline_asm_elementwise("ld.global.u8 $0, [$1];", "=r,l", [addr],
                                              dtype=tl.int32, is_pure=True, pack=1)
     else:
-        return tl.load(_col(row, meta_col, tl.uint8, 0) + qrow, mask=qmask, other=2).to(tl.int32)
+        return tl.load(_col(row, meta_col, tl.uint8, 0) + qrow, mask=qmask,
+                       other=16).to(tl.int32)
 
 
 @triton.jit
