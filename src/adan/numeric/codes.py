@@ -46,15 +46,14 @@ class MxCode:
     """One 8-bit code over its block's scale ``2**(s - bias)``: ``s`` the biased float32
     exponent of the block's largest finite magnitude plus ``bump`` (a mantissa above the top
     code's moves the block a binade up, so that nothing saturates), at least ``lowest`` (the
-    scale and its inverse stay normal float32); ``top`` the largest finite code, ``reserved``
-    the code of a non-finite value."""
+    scale and its inverse stay normal float32); ``reserved`` the code of a non-finite
+    value."""
 
-    def __init__(self, bias: int, lowest: int, bump: int, top: int, reserved: int,
-                 largest: float, floor: float, nearest: int, noise_offset: int) -> None:
-        self.bias, self.lowest, self.bump = bias, lowest, bump
-        self.top, self.reserved = top, reserved
+    def __init__(self, bias: int, lowest: int, bump: int, reserved: int, largest: float,
+                 floor: float, nearest: int, noise_offset: int) -> None:
+        self.bias, self.lowest, self.bump, self.reserved = bias, lowest, bump, reserved
         self.largest = largest
-        """The top code's value over the scale."""
+        """The largest finite code's value over the scale."""
         self.floor = floor
         """The largest coding error below the normal range, over the scale: where signed
         buffers rounded stochastically are zero (2**-6), n's subnormal step."""
@@ -71,11 +70,11 @@ class MxCode:
         return (random10 << 10) + self.noise_offset
 
 
-SIGNED_CODE = MxCode(bias=135, lowest=9, bump=0x1FFFFF, top=0x7E, reserved=0x7F,
+SIGNED_CODE = MxCode(bias=135, lowest=9, bump=0x1FFFFF, reserved=0x7F,
                      largest=448.0, floor=2.0**-6, nearest=0, noise_offset=0x200 - 0x80000)
 """m, v, prev: FP8 E4M3 over ``2**(s - 135)``: subnormals ``k * 2**-9``, then 8 codes per
 binade up to 448 (the top binade [256, 512) holds the block's largest); 0x7F NaN."""
-UNSIGNED_CODE = MxCode(bias=142, lowest=16, bump=0xFFFFF, top=0xF7, reserved=0xF8,
+UNSIGNED_CODE = MxCode(bias=142, lowest=16, bump=0xFFFFF, reserved=0xF8,
                        largest=61440.0, floor=2.0**-17, nearest=0x80000, noise_offset=0x200)
 """n: e5m3, a float16's top byte, over ``2**(s - 142)``: subnormals ``k * 2**-17``, then 8
 codes per binade up to 61440 (top binade [2**15, 2**16)); 0xF8 (float16 +inf) +inf."""
