@@ -83,10 +83,8 @@ def convert_state(state: dict[str, Any], param: Tensor, fmt: StateFormat) -> Non
     if "exp_avg" not in state or fmt.matches(state, param):
         return
     shard = local(param)
+    view = {k: local(v) for k, v in state.items()}  # as it was: the loop rewrites ``state``
     for key, signed in BUFFERS:
-        view = {k: local(v) for k, v in state.items() if k.startswith(key)}
-        if CODES_KEY in state:
-            view[CODES_KEY] = state[CODES_KEY]
         value = decode(view, key, signed, shard, torch.float64)
         for suffix in BLOCK_SUFFIXES:
             state.pop(key + suffix, None)
