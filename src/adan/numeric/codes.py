@@ -209,7 +209,7 @@ def mx2_decode(codes: Tensor, scales: Tensor, shape: torch.Size | tuple[int, ...
     value = bits.view(torch.float32) * 2.0**offset
     value = torch.where(k == reserved, special, value)
     s = F.pad(scales.reshape(-1).to(torch.int32), (0, 1), value=2)
-    value = value * ((s - 1) << 23).view(torch.float32)[:, None]  # * 2**(s - 128)
+    value = value * pow2(s - 128)[:, None]
     return value.reshape(-1)[: codes.numel()].view(shape).to(dtype)
 
 

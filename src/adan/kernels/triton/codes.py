@@ -48,6 +48,7 @@ _S_BIAS: tl.constexpr = tl.constexpr(SIGNED_CODE.bias)
 _S_LOWEST: tl.constexpr = tl.constexpr(SIGNED_CODE.lowest)
 _S_BUMP: tl.constexpr = tl.constexpr(SIGNED_CODE.bump)
 _S_RESERVED: tl.constexpr = tl.constexpr(SIGNED_CODE.reserved)
+_S_LARGEST: tl.constexpr = tl.constexpr(SIGNED_CODE.largest)
 _S_NOISE_OFFSET: tl.constexpr = tl.constexpr(SIGNED_CODE.noise_offset)
 _U_BIAS: tl.constexpr = tl.constexpr(UNSIGNED_CODE.bias)
 _U_LOWEST: tl.constexpr = tl.constexpr(UNSIGNED_CODE.lowest)
@@ -126,10 +127,10 @@ def mx_decode(k, s, SIGNED: tl.constexpr, COMPILED: tl.constexpr):
         if COMPILED:
             value = k.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         else:
-            kk = k.to(tl.int32) & 0xFF
-            mag = kk & 0x7F
-            value = ((mag << 20) | ((kk & 0x80) << 24)).to(tl.float32, bitcast=True) * 2.0**120
-            value = tl.where(mag == _S_RESERVED, float("nan"), value)
+            # as adan.numeric.codes decodes: & 0x87FFFFFF, written as an int32
+            bits = ((k.to(tl.int32) << 24) >> 4) & -0x78000001
+            value = bits.to(tl.float32, bitcast=True) * 2.0**120
+            value = tl.where(tl.abs(value) > _S_LARGEST, float("nan"), value)  # 0x7F: 480
         return value * _pow2(s - _S_BIAS)[:, None]
     else:
         value = (k.to(tl.int16) << 7).to(tl.float16, bitcast=True).to(tl.float32)
